@@ -1,0 +1,115 @@
+"""SentencePiece tokenizer: train on a sample of the cleaned corpus, or load a `.model` file.
+
+Trained models are lossless for source code: identity normalisation, no dummy prefix, no
+whitespace collapsing, whitespace-only pieces allowed, byte fallback for anything unseen
+(newlines and indentation survive `decode(encode(text))` exactly).
+
+Special tokens (fixed ids so every stage agrees):
+    0 <pad>            padding
+    1 <unk>            unknown (unused with byte_fallback)
+    2 <|endoftext|>    end of document (EOD), appended after every document when packing
+    <|system|> <|user|> <|assistant|> <|end|>   chat role markers (see data/sft.py)
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+import torch
+
+from mtnlg_ray.errors import UserError
+from mtnlg_ray.fileio import file_sha256
+
+PAD, UNK, EOD = "<pad>", "<unk>", "<|endoftext|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with the helpers the rest of the system uses."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: tokenizer model not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as err:
+            raise UserError(f"{self.path}: not a SentencePiece model ({err})") from None
+        self.sha256 = file_sha256(self.path)
+        self.vocab_size = self.sp.get_piece_size()
+        self.eod_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id()
+
+    def token_id(self, piece: str) -> int:
+        """The id of a special piece; an error if this tokenizer lacks it."""
+        i = self.sp.piece_to_id(piece)
+        if i == self.sp.unk_id() and piece != UNK:
+            raise UserError(f"{self.path}: tokenizer has no {piece!r} token")
+        return i
+
+    def encode(self, text: str, return_tensors: str | None = None):
+        """Token ids of `text` (no EOD added); return_tensors="pt" gives a (1, T) LongTensor."""
+        ids = self.sp.encode(text)
+        return torch.tensor([ids], dtype=torch.long) if return_tensors == "pt" else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids) -> str | list[str]:
+        """Text of a list of ids or a 1-D tensor; a 2-D tensor / list of lists gives a list of texts."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], list):
+            return [self.decode(row) for row in ids]
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+
+def train_tokenizer(
+    docs: Iterable[str],
+    out_path: str | Path,
+    vocab_size: int = 4096,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    max_sentence_length: int = 8192,
+) -> Tokenizer:
+    """Train a SentencePiece model on `docs` (each a sentence for the trainer), write `out_path`."""
+    docs = [d[:max_sentence_length] for d in docs if d]
+    if not docs:
+        raise UserError("tokenizer: no documents to train on (the cleaned corpus is empty)")
+    buf = io.BytesIO()
+    kwargs = dict(
+        sentence_iterator=iter(docs),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        pad_id=0, unk_id=1, bos_id=-1, eos_id=2,
+        pad_piece=PAD, unk_piece=UNK, eos_piece=EOD,
+        user_defined_symbols=list(ROLE_TOKENS),
+        max_sentence_length=max_sentence_length,
+        hard_vocab_limit=model_type != "char",
+        minloglevel=2,
+    )
+    if model_type == "char":
+        kwargs.pop("vocab_size")
+    try:
+        spm.SentencePieceTrainer.train(**kwargs)
+    except RuntimeError as err:
+        raise UserError(f"tokenizer: SentencePiece training failed: {str(err).splitlines()[-1]}") from None
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(out)
+    return Tokenizer(out)

@@ -1,0 +1,114 @@
+"""Incremental decoding with the KV cache: greedy, or sampling with temperature / top-k / top-p.
+
+The prompt is prefilled once; every later step feeds one token per row, so a token's cost
+follows the model size plus its attention over the cached prefix instead of recomputing the
+whole sequence. Rows of different prompt lengths are prefilled separately into their own cache
+rows and then decoded together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtnlg_ray.model.kv_cache import KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Keep the top-k logits and the smallest set whose probability reaches top_p; -inf the rest.
+
+    logits: (B, V), already divided by the temperature. At least one token always survives.
+    """
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already >= p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V). temperature 0 = greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+):
+    """Continue prompts with incremental decoding.
+
+    input_ids: a (B, T) tensor, or a list of B token-id sequences of any lengths.
+    Returns the same kind: a (B, T + n) tensor (rows that stopped at `eos_id` are padded with
+    `pad_id`, default eos), or a list of lists (prompt + generated, ending at eos if produced).
+    Decoding also stops at the model's context length.
+    """
+    device = next(model.parameters()).device
+    as_tensor = isinstance(input_ids, torch.Tensor)
+    prompts = [list(map(int, row)) for row in (input_ids.tolist() if as_tensor else input_ids)]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cfg = model.config
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    if longest > cfg.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens exceeds max_seq_len={cfg.max_seq_len}")
+    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)
+    was_training = model.training
+    model.eval()
+    cache = KVCache.for_model(model, B, max_len=longest + max(max_new_tokens, 0))
+
+    # Prefill: all rows at once when they have one length, else row by row into their own rows.
+    if all(len(p) == longest for p in prompts):
+        last = model(torch.tensor(prompts, device=device), kv_cache=cache)[:, -1]
+    else:
+        last = torch.cat([model(torch.tensor([p], device=device), cache, [i])[:, -1] for i, p in enumerate(prompts)])
+
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(last[:, : cfg.vocab_size], temperature, top_k, top_p, generator)  # (B,)
+        active = (~done).nonzero().squeeze(-1)
+        for i in active.tolist():
+            out[i].append(int(nxt[i]))
+        if eos_id is not None:
+            done |= nxt == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if bool(done.any()):  # decode only the rows still going; finished rows stay as they are
+            going = (~done).nonzero().squeeze(-1)
+            logits = model(nxt[going][:, None], kv_cache=cache, rows=going)[:, -1]
+            last = torch.zeros(B, logits.shape[-1], device=device, dtype=logits.dtype)
+            last[going] = logits
+        else:
+            last = model(nxt[:, None], kv_cache=cache)[:, -1]
+    model.train(was_training)
+
+    if not as_tensor:
+        return [p + o for p, o in zip(prompts, out)]
+    fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    n = max(len(o) for o in out)
+    rows = [p + o + [fill] * (n - len(o)) for p, o in zip(prompts, out)]
+    return torch.tensor(rows, device=device)
