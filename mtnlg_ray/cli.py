@@ -22,27 +22,31 @@ def _job(args, job_name: str):
 
 
 def cmd_preprocess(args):
+    job = _job(args, "PreprocessJob")  # validate before importing Ray and torch
     from mtnlg_ray.data.shards import run_preprocess
 
-    run_preprocess(_job(args, "PreprocessJob"))
+    run_preprocess(job)
 
 
 def cmd_pretrain(args):
+    job = _job(args, "PretrainJob")  # validate before importing Ray and torch
     from mtnlg_ray.train.trainer import run_pretrain
 
-    run_pretrain(_job(args, "PretrainJob"))
+    run_pretrain(job)
 
 
 def cmd_finetune(args):
+    job = _job(args, "FinetuneJob")  # validate before importing Ray and torch
     from mtnlg_ray.train.finetune import run_finetune
 
-    run_finetune(_job(args, "FinetuneJob"))
+    run_finetune(job)
 
 
 def cmd_tune(args):
+    job = _job(args, "TuneJob")  # validate before importing Ray and torch
     from mtnlg_ray.train.tune import run_tune
 
-    run_tune(_job(args, "TuneJob"))
+    run_tune(job)
 
 
 def cmd_export(args):

@@ -1,0 +1,50 @@
+"""The one loader and the short Python API."""
+
+import pytest
+import torch
+
+import mtnlg_ray
+from mtnlg_ray.api import export, generate_text, load_model
+from mtnlg_ray.config import ModelConfig
+from mtnlg_ray.errors import UserError
+from mtnlg_ray.model.checkpoint import save_checkpoint
+from mtnlg_ray.model.gpt import GPT
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size)
+    return save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
+
+
+def test_from_pretrained_generate_decode(ckpt):
+    tokenizer, model = mtnlg_ray.from_pretrained(ckpt)
+    ids = tokenizer.encode("def heappush(heap, item):", return_tensors="pt")
+    out = model.generate(ids, max_new_tokens=8)
+    assert out.shape == (1, ids.shape[1] + 8)
+    assert tokenizer.decode(out[0]).startswith("def heappush(heap, item):")
+    assert generate_text(ckpt, "def heappush(heap, item):", max_tokens=8) == tokenizer.decode(out[0])
+
+
+def test_export_hf_and_back_keeps_weights(ckpt, tmp_path):
+    hf = export(ckpt, tmp_path / "hf", fmt="hf")
+    assert (hf / "tokenizer.model").is_file()
+    native = export(hf, tmp_path / "native")
+    a, b = load_model(ckpt), load_model(native)
+    ids = torch.randint(0, 500, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(a.model(ids)[..., :512], b.model(ids)[..., :512], atol=1e-6)
+    assert b.tokenizer.sha256 == a.tokenizer.sha256
+
+
+def test_vocab_mismatch_is_refused(tmp_path, tiny_tokenizer):
+    cfg = ModelConfig(preset="debug", vocab_size=1000)
+    path = save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "bad", tiny_tokenizer.path)
+    with pytest.raises(UserError, match="tokenizer has 512 tokens but the model's vocab_size is 1000"):
+        load_model(path)
+
+
+def test_unknown_path(tmp_path):
+    with pytest.raises(UserError, match="no such checkpoint"):
+        load_model(tmp_path / "nope")
