@@ -249,11 +249,17 @@ class PretrainJob(Section):
 
 
 # ----------------------------------------------------------------------------------- fine-tuning
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "out_proj", "up_proj", "down_proj"]
+
+
 class LoraConfig(Section):
+    """LoRA adapters (model/lora.py): base weights frozen, W + alpha/rank * B @ A learned."""
+
     rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    alpha: float = Field(16.0, gt=0, description="update scale is alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[LoraTarget] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+                                             min_length=1, description="the model's own linear module names")
 
 
 class SftDataConfig(Section):

@@ -149,6 +149,8 @@ class GPT(nn.Module):
                 nn.init.ones_(mod.weight)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
+            if mod is not self and hasattr(mod, "init_weights"):
+                mod.init_weights()  # modules with their own extra parameters (LoRA adapters, model/lora.py)
         if self.config.position == "rotary":
             cos, sin = rotary_tables(self.config, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
