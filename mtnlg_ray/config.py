@@ -226,7 +226,10 @@ class ScalingSection(Section):
     gpus_per_worker: float = Field(0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1)
-    storage_path: str = "runs"
+    storage_path: str = Field("runs", description="run directory root: a local path, or s3:// gs:// ... "
+                              "(on a multi-node cluster it must be shared: see train/storage.py)")
+    shared_storage: bool = Field(False, description="declare that the local storage_path is the same shared "
+                                 "mount on every node (when it is not a detected network filesystem)")
     name: str = "pretrain"
 
     @field_validator("num_workers")
