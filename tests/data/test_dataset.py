@@ -1,0 +1,134 @@
+"""Blending, deterministic order, resume and refusals of data/dataset.py, on real Ray Data."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from mtnlg_ray.config import DataConfig, DatasetSpec
+from mtnlg_ray.data.dataset import blend_index, iter_batches, open_datasets
+from mtnlg_ray.data.tokenizer import train_tokenizer
+from mtnlg_ray.errors import UserError
+
+
+def _cfg(*specs, seed=1234):
+    return DataConfig(datasets=[DatasetSpec(path=str(p), weight=w) for p, w in specs], seed=seed)
+
+
+def _rows(ds) -> list[tuple[int, int]]:
+    """(marker, row number) of every row, in order."""
+    return [(int(r[0]), int(r[1])) for b in iter_batches(ds, 1) for r in b["input_ids"].tolist()]
+
+
+@pytest.mark.parametrize("weights", [[3, 1], [0.5, 0.3, 0.2], [1, 1, 1, 5]])
+def test_blend_index_shares_every_prefix(weights):
+    n = 2000
+    owner, sample = blend_index(weights, n)
+    w = np.asarray(weights) / sum(weights)
+    counts = np.stack([np.cumsum(owner == d) for d in range(len(w))], axis=1)  # (n, D) draws after each prefix
+    ideal = np.arange(1, n + 1)[:, None] * w[None, :]
+    assert np.abs(counts - ideal).max() < 1.5
+    for d in range(len(w)):  # samples of each dataset are numbered 0, 1, 2, ... in order
+        assert (sample[owner == d] == np.arange((owner == d).sum())).all()
+
+
+def test_blend_proportions_and_repeats(ray_session, make_dataset):
+    small = make_dataset("small", 1, n_train=40)
+    big = make_dataset("big", 2, n_train=200, n_val=16)
+    bundle = open_datasets(_cfg((small, 1.0), (big, 1.0)))
+    assert bundle.train_rows == 240 and bundle.seq_len == 8
+    rows = _rows(bundle.train)
+    assert len(rows) == 240
+    by_marker = Counter(m for m, _ in rows)
+    assert abs(by_marker[1] - 120) <= 1 and abs(by_marker[2] - 120) <= 1
+    # the small dataset is repeated: 3 full epochs, every row exactly 3 times
+    assert set(Counter(r for m, r in rows if m == 1).values()) == {3}
+    # the big one is cut short: 120 distinct rows
+    assert len({r for m, r in rows if m == 2}) == by_marker[2]
+    # val: only the dataset that has val rows, each once
+    assert sorted(_rows(bundle.val)) == sorted((2, -r - 1) for r in range(16))
+    assert bundle.tokenizer_path == small / "tokenizer.model"
+
+
+def test_order_deterministic_for_seed_and_split(ray_session, make_dataset):
+    a = make_dataset("a", 1, n_train=300)
+    b = make_dataset("b", 2, n_train=300)
+    first = _rows(open_datasets(_cfg((a, 2.0), (b, 1.0), seed=7)).train)
+    assert first == _rows(open_datasets(_cfg((a, 2.0), (b, 1.0), seed=7)).train)
+    assert first != _rows(open_datasets(_cfg((a, 2.0), (b, 1.0), seed=8)).train)
+
+    def consume_both():
+        """Both ranks of streaming_split(2, equal=True), read concurrently as Train workers do."""
+        out = [None, None]
+        ds = open_datasets(_cfg((a, 2.0), (b, 1.0), seed=7)).train
+        its = ds.streaming_split(2, equal=True)
+
+        def run(i):
+            out[i] = [tuple(r[:2]) for bt in iter_batches(its[i], 16) for r in bt["input_ids"].tolist()]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        return out
+
+    one, two = consume_both(), consume_both()
+    assert one == two
+    assert len(one[0]) == len(one[1]) > 0
+    assert not Counter(one[0] + one[1]) - Counter(first)  # the ranks share out the rows of one pass
+
+
+def test_iter_batches_resume_and_drop_last(ray_session, make_dataset):
+    ds = open_datasets(_cfg((make_dataset("a", 1, n_train=100), 1.0))).train
+    full = list(iter_batches(ds, 16))
+    assert len(full) == 100 // 16  # last 4 rows dropped
+    b0 = full[0]["input_ids"]
+    assert b0.dtype == torch.long and b0.shape == (16, 9) and set(full[0]) == {"input_ids"}
+    resumed = list(iter_batches(ds, 16, skip_batches=3))
+    assert len(resumed) == len(full) - 3
+    for x, y in zip(resumed, full[3:]):
+        assert torch.equal(x["input_ids"], y["input_ids"])
+
+
+def test_labels_column_carried_through(ray_session, make_dataset):
+    ds = open_datasets(_cfg((make_dataset("sft", 1, n_train=32, labels=True), 1.0))).train
+    batch = next(iter_batches(ds, 8))
+    assert set(batch) == {"input_ids", "labels"}
+    assert batch["labels"].shape == batch["input_ids"].shape == (8, 9)
+    assert (batch["labels"][:, 0] == -100).all() and torch.equal(batch["labels"][:, 1:], batch["input_ids"][:, 1:])
+
+
+def test_refuses_other_tokenizer_naming_both_paths(make_dataset, tmp_path):
+    other = train_tokenizer(["zzz yyy xxx www " * 20 + str(i) for i in range(50)], tmp_path / "o.model", vocab_size=290)
+    a = make_dataset("a", 1, n_train=8)
+    b = make_dataset("b", 2, n_train=8, tokenizer=other)
+    with pytest.raises(UserError, match="different tokenizers") as err:
+        open_datasets(_cfg((a, 1.0), (b, 1.0)))
+    assert str(a) in str(err.value) and str(b) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_refuses_unfinished_and_inconsistent_dirs(make_dataset, tmp_path):
+    a = make_dataset("a", 1, n_train=8)
+    (a / "manifest.json").unlink()
+    with pytest.raises(UserError, match="no manifest.json"):
+        open_datasets(_cfg((a, 1.0)))
+    with pytest.raises(UserError, match="not found"):
+        open_datasets(_cfg((tmp_path / "nope", 1.0)))
+    b = make_dataset("b", 1, n_train=8)
+    m = json.loads((b / "manifest.json").read_text())
+    m["splits"]["train"]["rows"] = 9
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="manifest.json says 9"):
+        open_datasets(_cfg((b, 1.0)))
+    c, d = make_dataset("c", 1, n_train=8), make_dataset("d", 1, n_train=8, seq_len=4)
+    with pytest.raises(UserError, match="different seq_len"):
+        open_datasets(_cfg((c, 1.0), (d, 1.0)))
+    e, f = make_dataset("e", 1, n_train=8), make_dataset("f", 1, n_train=8, labels=True)
+    with pytest.raises(UserError, match="different columns"):
+        open_datasets(_cfg((e, 1.0), (f, 1.0)))
