@@ -82,9 +82,10 @@ def generate(
 
     # Prefill: all rows at once when they have one length, else row by row into their own rows.
     if all(len(p) == longest for p in prompts):
-        last = model(torch.tensor(prompts, device=device), kv_cache=cache)[:, -1]
+        last = model(torch.tensor(prompts, device=device), kv_cache=cache, last_only=True)[:, -1]
     else:
-        last = torch.cat([model(torch.tensor([p], device=device), cache, [i])[:, -1] for i, p in enumerate(prompts)])
+        last = torch.cat([model(torch.tensor([p], device=device), cache, [i], last_only=True)[:, -1]
+                          for i, p in enumerate(prompts)])
 
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -175,11 +175,13 @@ class GPT(nn.Module):
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
         return CacheStep(cache, rows, positions, length, mask, causal)
 
-    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, rows=None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, padded_vocab).
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, rows=None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, padded_vocab), or (B, 1, padded_vocab) with `last_only`.
 
         Without a cache: plain causal attention over the T tokens (training). With a cache:
         the tokens continue rows `rows` of the cache (None: rows 0..B-1) and those rows advance.
+        `last_only` skips the LM head for all but the last position (a prompt prefill needs only it).
         """
         B, T = input_ids.shape[:2]
         if rows is not None:
@@ -205,6 +207,8 @@ class GPT(nn.Module):
                 x = block(x, rope, step, int(key))
         if kv_cache is not None:
             kv_cache.advance(rows, B, T)
+        if last_only:
+            x = x[:, -1:]
         if self.ln_f is not None:
             x = self.ln_f(x)
         return self.lm_head(x) if self.lm_head is not None else x
