@@ -1,0 +1,230 @@
+"""Continuous batching engine, without Ray: batched output == each request alone, joins mid-flight,
+seeded sampling under different batch mixes, stop strings, cancellation, the queue bound, a dead loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from mtnlg_ray.model.generate import generate
+from mtnlg_ray.serve.engine import AsyncEngine, Engine, EngineDead, QueueFull
+from mtnlg_ray.serve.sampling import SamplingParams
+
+GREEDY = dict(temperature=0.0)
+
+
+def prompts_of(tok, texts):
+    return [tok.encode(t) for t in texts]
+
+
+def run_until_done(engine, schedule, max_steps=2000):
+    """Step `engine`; schedule maps step number -> [(key, prompt, params)] added before that step.
+    Returns ({key: [tokens]}, {key: finish_reason}, [decode batch sizes])."""
+    ids, tokens, finish = {}, {}, {}
+    for n in range(max_steps):
+        for key, prompt, params in schedule.get(n, []):
+            ids[engine.add(prompt, params)] = key
+            tokens[key] = []
+        if not engine.has_work and n > max(schedule):
+            return tokens, finish
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens[ids[out.request_id]].append(out.token_id)
+            if out.finished:
+                finish[ids[out.request_id]] = out.finish_reason
+    raise AssertionError("engine did not finish")
+
+
+def test_batched_greedy_equals_each_request_alone_with_mid_flight_joins(tiny):
+    model, tok = tiny
+    texts = ["def f(x):\n    return", "import os", "class Wrapper:\n    def __init__(self, width=70,",
+             "# a comment", "for i in range(10):\n", "x"]
+    prompts = prompts_of(tok, texts)
+    max_tokens = [30, 12, 25, 40, 7, 18]
+    batches = []
+    engine = Engine(model, max_slots=3, max_waiting=8, on_step=lambda p, b: batches.append(b))
+    # Requests arrive while others are decoding; with 3 rows, later ones also wait for a free row.
+    schedule = {0: [(0, prompts[0], None)], 3: [(1, prompts[1], None), (2, prompts[2], None)],
+                5: [(3, prompts[3], None)], 9: [(4, prompts[4], None), (5, prompts[5], None)]}
+    schedule = {n: [(k, p, SamplingParams(max_tokens=max_tokens[k], **GREEDY)) for k, p, _ in reqs]
+                for n, reqs in schedule.items()}
+    got, finish = run_until_done(engine, schedule)
+    for k, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], max_tokens[k])[0][len(prompt):]
+        assert got[k] == alone, f"request {k} differs when batched"
+        assert finish[k] == "length"
+    assert max(batches) == 3  # rows really were decoded together
+    assert engine.num_running == 0 and sorted(engine.free) == [0, 1, 2]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
+    model, tok = tiny
+    target = tok.encode("def main():\n")
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_k=50, top_p=0.95, seed=1234,
+                            presence_penalty=0.3, frequency_penalty=0.2, repetition_penalty=1.1)
+    alone, _ = run_until_done(Engine(model, max_slots=4), {0: [("t", target, params)]})
+
+    others = [SamplingParams(max_tokens=m, temperature=1.0, seed=s) for m, s in ((30, 1), (9, None), (40, 99))]
+    mixes = [
+        {0: [("a", tok.encode("import sys"), others[0]), ("t", target, params)]},
+        {0: [("a", tok.encode("x = 1"), others[1])], 2: [("b", tok.encode("if"), others[2]), ("t", target, params)],
+         6: [("c", tok.encode("while True:"), others[0])]},
+    ]
+    for mix in mixes:
+        got, _ = run_until_done(Engine(model, max_slots=4), mix)
+        assert got["t"] == alone["t"]
+    other_seed = SamplingParams(**{**params.__dict__, "seed": 4321})
+    different, _ = run_until_done(Engine(model, max_slots=4), {0: [("t", target, other_seed)]})
+    assert different["t"] != alone["t"]
+
+
+def test_stop_string_spanning_token_boundary(tiny):
+    model, tok = tiny
+    prompt = tok.encode("def f(x):")
+    free_run, _ = run_until_done(Engine(model), {0: [("r", prompt, SamplingParams(max_tokens=40, **GREEDY))]})
+    ids = free_run["r"]
+    pieces = [tok.decode([t]) for t in ids]
+    # Pick a boundary between two tokens that both decode to text; the stop string straddles it.
+    i = next(i for i in range(2, len(ids) - 1) if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1])
+    stop = pieces[i][-1] + pieces[i + 1][0]
+    full = tok.decode(ids)
+    expected = full[: full.index(stop)]
+    engine = Engine(model, decode=tok.decode)
+    rid = engine.add(prompt, SamplingParams(max_tokens=40, stop=(stop,), **GREEDY))
+    text, outs = "", []
+    while engine.has_work:
+        outs += [o for o in engine.step() if o.request_id == rid]
+        text = "".join(o.text for o in outs)
+        assert stop not in text  # never emitted, not even transiently
+    assert outs[-1].finish_reason == "stop"
+    assert text == expected
+
+
+def test_stop_token_and_context_limit(tiny):
+    model, tok = tiny
+    prompt = tok.encode("import os")
+    ref, _ = run_until_done(Engine(model), {0: [("r", prompt, SamplingParams(max_tokens=10, **GREEDY))]})
+    stop_id = ref["r"][4]
+    first = ref["r"].index(stop_id)
+    got, finish = run_until_done(Engine(model), {0: [("r", prompt, SamplingParams(
+        max_tokens=10, stop_token_ids=(stop_id,), **GREEDY))]})
+    assert got["r"] == ref["r"][: first + 1] and finish["r"] == "stop"
+    # A generation that fills the context ends with "length" exactly at the context size.
+    engine = Engine(model, max_context=16)
+    got, finish = run_until_done(engine, {0: [("r", prompt, SamplingParams(max_tokens=100, **GREEDY))]})
+    assert len(prompt) + len(got["r"]) == 16 and finish["r"] == "length"
+    with pytest.raises(ValueError, match="the prompt has 16 tokens but the context is 16 tokens"):
+        engine.add(list(range(3, 19)), SamplingParams())
+
+
+def test_logprobs_and_prompt_logprobs(tiny):
+    model, tok = tiny
+    prompt = tok.encode("return value")
+    engine = Engine(model)
+    engine.add(prompt, SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=True, **GREEDY))
+    outs = []
+    while engine.has_work:
+        outs += engine.step()
+    assert len(outs[0].prompt_logprobs) == len(prompt) and outs[0].prompt_logprobs[0] is None
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]))[0, :, : model.config.vocab_size].log_softmax(-1)
+    lp1, top1 = outs[0].prompt_logprobs[1]
+    assert lp1 == pytest.approx(float(full[0, prompt[1]]), abs=1e-4) and len(top1) == 2
+    for o in outs:  # greedy: the chosen token is the most likely one
+        chosen, top = o.logprob
+        assert top[0][0] == o.token_id and chosen == pytest.approx(top[0][1])
+
+
+def test_abort_frees_the_row_at_once(tiny):
+    model, tok = tiny
+    engine = Engine(model, max_slots=2, max_waiting=1)
+    a = engine.add(tok.encode("a = 1"), SamplingParams(max_tokens=50))
+    engine.add(tok.encode("b = 2"), SamplingParams(max_tokens=50))
+    c = engine.add(tok.encode("c = 3"), SamplingParams(max_tokens=50))
+    engine.step()
+    slot_a = next(s for s, r in engine.running.items() if r.id == a)
+    assert engine.num_running == 2 and engine.num_waiting == 1 and int(engine.cache.lengths[slot_a]) > 0
+    out = engine.abort(a)
+    assert out.finish_reason == "abort"
+    assert engine.free == [slot_a] and int(engine.cache.lengths[slot_a]) == 0
+    engine.step()
+    assert engine.running[slot_a].id == c  # the waiting request took the freed row
+    assert engine.abort("no-such-request") is None
+
+
+def test_queue_bound(tiny):
+    model, tok = tiny
+    engine = Engine(model, max_slots=2, max_waiting=2)
+    for _ in range(4):
+        engine.add(tok.encode("x"), SamplingParams(max_tokens=2))
+    with pytest.raises(QueueFull):
+        engine.add(tok.encode("x"), SamplingParams(max_tokens=2))
+    engine.step()  # two admitted, two still waiting: the bound counts both
+    with pytest.raises(QueueFull):
+        engine.add(tok.encode("x"), SamplingParams(max_tokens=2))
+    while engine.has_work:
+        engine.step()
+    engine.add(tok.encode("x"), SamplingParams(max_tokens=2))
+
+
+def test_async_engine_streams_cancels_and_bounds(tiny):
+    model, tok = tiny
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, max_slots=2, max_waiting=1, decode=tok.decode))
+        group = aeng.submit([(tok.encode("def"), SamplingParams(max_tokens=5, **GREEDY)),
+                             (tok.encode("class"), SamplingParams(max_tokens=8, **GREEDY))])
+        seen = {0: [], 1: []}
+        async for i, out in group:
+            seen[i].append(out)
+        assert [len(seen[0]), len(seen[1])] == [5, 8] and seen[1][-1].finish_reason == "length"
+        assert aeng.in_flight == 0
+
+        long = aeng.submit([(tok.encode("x"), SamplingParams(max_tokens=200))] * 3)  # 2 rows + 1 waiting
+        with pytest.raises(QueueFull):
+            aeng.submit([(tok.encode("y"), SamplingParams(max_tokens=1))])
+        async for _ in long:
+            break  # the first token arrived; the client goes away
+        long.cancel()
+        assert aeng.in_flight == 0
+        for _ in range(200):  # the step thread frees the rows at its next step
+            if aeng.engine.num_running == 0 and aeng.engine.num_waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert aeng.engine.num_running == 0 and sorted(aeng.engine.free) == [0, 1]
+        aeng.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+class BrokenModel(torch.nn.Module):
+    """A GPT that fails on its third forward (as a GPU fault would)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.calls = model, model.config, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("device lost")
+        return self.inner(*args, **kwargs)
+
+
+def test_dead_step_loop_fails_requests_and_health(tiny):
+    model, tok = tiny
+
+    async def main():
+        aeng = AsyncEngine(Engine(BrokenModel(model), max_slots=2))
+        aeng.check_health()
+        group = aeng.submit([(tok.encode("a"), SamplingParams(max_tokens=50))])
+        outs = [o async for _, o in group]
+        assert outs[-1].finish_reason == "error" and "device lost" in outs[-1].error
+        with pytest.raises(EngineDead, match="device lost"):
+            aeng.check_health()
+        with pytest.raises(EngineDead):
+            aeng.submit([(tok.encode("b"), SamplingParams(max_tokens=1))])
+
+    asyncio.run(asyncio.wait_for(main(), 60))
