@@ -1,0 +1,143 @@
+"""SFT data: loss masks (no gradient from prompts), the shared chat template, packing, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mtnlg_ray.config import ModelConfig, SftDataConfig
+from mtnlg_ray.data import chat, sft
+from mtnlg_ray.data.code_task import function_examples
+from mtnlg_ray.data.dataset import iter_batches, open_datasets
+from mtnlg_ray.config import DataConfig, DatasetSpec
+from mtnlg_ray.errors import UserError
+from mtnlg_ray.model.gpt import GPT, lm_loss
+
+CHAT = {"messages": [{"role": "system", "content": "be terse"}, {"role": "user", "content": "alpha beta"},
+                     {"role": "assistant", "content": "gamma delta"}]}
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def rows(directory, split="train"):
+    return pq.read_table(directory / split).to_pylist()
+
+
+def test_chat_template_ids_are_the_servers(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids, labels = chat.encode_chat(tok, CHAT["messages"])
+    t = tok.token_id
+    expected = ([t("<|system|>")] + tok.encode("be terse") + [t("<|end|>")] + [t("<|user|>")] + tok.encode("alpha beta")
+                + [t("<|end|>")] + [t("<|assistant|>")] + tok.encode("gamma delta") + [t("<|end|>")])
+    assert ids == expected
+    n_reply = len(tok.encode("gamma delta")) + 1
+    assert labels == [-100] * (len(ids) - n_reply) + ids[-n_reply:]  # only the reply and its <|end|> are learned
+    # serving renders the same prefix and asks for the assistant turn
+    prompt, _ = chat.encode_chat(tok, CHAT["messages"][:2], add_generation_prompt=True)
+    assert prompt == ids[: len(prompt)] and prompt[-1] == t("<|assistant|>")
+    assert sft.encode_chat is chat.encode_chat  # training uses the very function the server uses
+
+
+def test_pack_rows_keeps_examples_whole():
+    examples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [-100, -100, 8, 9])]
+    packed = list(sft.pack_rows(examples, width=6, pad_id=0, packing=True))
+    assert packed == [([1, 2, 3, 4, 5, 0], [-100, 2, 3, -100, 5, -100]), ([6, 7, 8, 9, 0, 0], [-100, -100, 8, 9, -100, -100])]
+    padded = list(sft.pack_rows(examples, width=6, pad_id=0, packing=False))
+    assert [r[0] for r in padded] == [[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0], [6, 7, 8, 9, 0, 0]]
+
+
+def test_dataset_dir_masks_prompts_and_they_give_no_gradient(ray_session, tiny_tokenizer, tmp_path):
+    lines = [CHAT] + [{"prompt": f"alpha {w}", "response": f"beta {w} gamma"} for w in ("pi rho", "tau", "phi chi psi")] * 5
+    src = write_jsonl(tmp_path / "train.jsonl", lines)
+    val = write_jsonl(tmp_path / "val.jsonl", lines[:3])
+    cfg = SftDataConfig(train_paths=[str(src)], val_paths=[str(val)], seq_len=48, packing=True)
+    manifest = sft.prepare_sft(cfg, tiny_tokenizer.path, tmp_path / "ds")
+    assert manifest["sft"]["lines"] == 19 and manifest["splits"]["train"]["examples"] == 16
+    assert manifest["splits"]["val"]["examples"] == 3 and manifest["columns"] == ["input_ids", "labels"]
+    train = rows(tmp_path / "ds")
+    assert all(len(r["input_ids"]) == len(r["labels"]) == 49 for r in train)
+    # every example is present whole: the chat's ids appear in some row with its labels
+    ids, labels = chat.encode_chat(tiny_tokenizer, CHAT["messages"])
+    found = [r for r in train if any(r["input_ids"][i:i + len(ids)] == ids and r["labels"][i:i + len(ids)] == labels
+                                     for i in range(49 - len(ids) + 1))]
+    assert len(found) == 1
+
+    # the trainer's reader carries labels; prompt positions get exactly zero gradient
+    bundle = open_datasets(DataConfig(datasets=[DatasetSpec(path=str(tmp_path / "ds"))]))
+    batch = next(iter_batches(bundle.train, 4))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size))
+    x, y = batch["input_ids"][:, :-1], batch["labels"][:, 1:]
+    logits = model(x)
+    logits.retain_grad()
+    lm_loss(logits, y).backward()
+    grad = logits.grad.abs().sum(-1)  # (B, T)
+    masked = y == -100
+    assert masked.any() and (~masked).any()
+    assert (grad[masked] == 0).all() and (grad[~masked] > 0).all()
+
+
+def test_bad_lines_are_reported_with_file_and_line_and_skipped_or_refused(ray_session, tiny_tokenizer, tmp_path, caplog):
+    good = [{"prompt": "alpha", "response": "beta"}] * 16
+    bad = ['{"prompt": "alpha"}', '{"messages": [{"role": "robot", "content": "x"}]}',
+           '{"prompt": "alpha", "response": "  "}', "not json"]
+    src = write_jsonl(tmp_path / "mixed.jsonl", good[:8] + bad + good[8:])
+    cfg = SftDataConfig(train_paths=[str(src)], seq_len=32, val_fraction=0.0, max_bad_fraction=0.25)
+    manifest = sft.prepare_sft(cfg, tiny_tokenizer.path, tmp_path / "ok")
+    report = manifest["sft"]
+    assert report["bad"] == 4 and manifest["splits"]["train"]["examples"] == 16
+    assert report["bad_lines"][0] == f'{src}:9: missing field "response" (expected {{"prompt", "response"}} or {{"messages"}})'
+    assert "unknown role 'robot'" in report["bad_lines"][1] and f"{src}:10:" in report["bad_lines"][1]
+    assert report["bad_lines"][2] == f"{src}:11: empty response"
+    assert f"{src}:12:" in report["bad_lines"][3]
+    assert f"{src}:9: missing field" in caplog.text
+
+    with pytest.raises(UserError, match=rf"{src}:9: missing field .*4 of 20 lines bad, more than sft.max_bad_fraction=0.1"):
+        sft.prepare_sft(cfg.model_copy(update={"max_bad_fraction": 0.1}), tiny_tokenizer.path, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))  # nothing half-written
+    with pytest.raises(UserError, match="sft.train_paths: .*missing.jsonl: no such file"):
+        sft.prepare_sft(SftDataConfig(train_paths=[str(tmp_path / "missing.jsonl")]), tiny_tokenizer.path, tmp_path / "x")
+
+
+def test_overlong_examples_truncated_or_dropped_and_counted(ray_session, tiny_tokenizer, tmp_path):
+    long = {"prompt": "alpha", "response": " ".join(["beta gamma"] * 40)}
+    too_long_prompt = {"prompt": " ".join(["delta"] * 80), "response": "zeta"}
+    src = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "alpha", "response": "beta"}] * 4 + [long, too_long_prompt])
+    cfg = SftDataConfig(train_paths=[str(src)], seq_len=16, packing=False, val_fraction=0.0)
+    m = sft.prepare_sft(cfg, tiny_tokenizer.path, tmp_path / "trunc")
+    assert (m["sft"]["truncated"], m["sft"]["overlong_dropped"]) == (1, 1)  # a prompt filling the row is dropped
+    assert m["splits"]["train"]["rows"] == 5
+    ids, _ = chat.encode_prompt_response(tiny_tokenizer, long["prompt"], long["response"])
+    assert ids[:17] in [r["input_ids"] for r in rows(tmp_path / "trunc")]
+    m = sft.prepare_sft(cfg.model_copy(update={"overlong": "drop"}), tiny_tokenizer.path, tmp_path / "drop")
+    assert (m["sft"]["truncated"], m["sft"]["overlong_dropped"], m["splits"]["train"]["rows"]) == (0, 2, 4)
+
+
+def test_code_task_pairs_signature_and_docstring_with_body():
+    source = '''
+import functools
+
+class Box:
+    @functools.cache
+    def area(self, scale=1):
+        """Area of the box,
+        scaled."""
+        w = self.w * scale
+        return w * self.h
+
+def undocumented(x):
+    return x
+
+def only_doc():
+    """Nothing else."""
+'''
+    (line, prompt, response), = function_examples(source)
+    assert line == 6
+    assert prompt == 'def area(self, scale=1):\n    """Area of the box,\n    scaled."""'
+    assert response == "    w = self.w * scale\n    return w * self.h"
