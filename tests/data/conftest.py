@@ -1,8 +1,10 @@
-"""Fixtures for the data tests: a tiny trained tokenizer and a writer of small dataset directories."""
+"""Fixtures for the data tests: a writer of small dataset directories.
+
+Uses the session `tiny_tokenizer` of tests/conftest.py.
+"""
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 
@@ -11,22 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mtnlg_ray.data.shards import write_manifest
-from mtnlg_ray.data.tokenizer import Tokenizer, train_tokenizer
-
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega def return class import for while if else try except yield lambda").split()
-
-
-def random_text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory) -> Tokenizer:
-    rng = random.Random(0)
-    docs = [random_text(rng, 60) + "\n    x = 1\n" for _ in range(200)]
-    return train_tokenizer(docs, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=300)
-
+from mtnlg_ray.data.tokenizer import Tokenizer
 
 def write_dataset(root: Path, tokenizer: Tokenizer, marker: int, n_train: int, n_val: int = 0, seq_len: int = 8,
                  labels: bool = False, rows_per_file: int = 32, row_group_size: int = 8) -> Path:
