@@ -1,0 +1,93 @@
+"""FSDP2 and DDP over 2 gloo processes against one plain process (mtnlg_ray/parallel/fsdp.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtnlg_ray.config import ParallelConfig
+from mtnlg_ray.parallel import build_mesh, parallelize
+from mtnlg_ray.parallel.fsdp import compute_dtype
+from parallel_harness import assert_close_rel, assert_same_weights, batch, full_state, one_step, reference_step, run_workers, tiny_model
+
+MODEL = dict(activation_checkpointing=True)  # checkpointed blocks must give the same gradients
+
+
+def _data_parallel_step(rank: int, world_size: int, mode: str):
+    """Each dp rank trains on its half of the batch; returns loss, norm and full weights."""
+    from torch.distributed.tensor import DTensor
+
+    cfg = ParallelConfig(data_parallel=mode, precision="fp32")
+    dims = build_mesh(cfg, world_size, "cpu")
+    model = parallelize(tiny_model(**MODEL), dims, cfg, torch.device("cpu"), seed=7)
+    ids, tgt = batch(4)
+    half = slice(2 * dims.dp_rank, 2 * dims.dp_rank + 2)
+    shard_rows = [(p.to_local().shape[0], p.shape[0]) for p in model.parts[0].parameters() if isinstance(p, DTensor)]
+    # gradient accumulation over two micro-batches of one row, syncing only on the last
+    model.set_grad_sync(False)
+    params = [p for part in model.parts for p in part.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    l0 = model.forward_backward(ids[half][:1], tgt[half][:1], loss_scale=0.5)
+    model.set_grad_sync(True)
+    l1 = model.forward_backward(ids[half][1:], tgt[half][1:], loss_scale=0.5)
+    norm = model.clip_grad_norm(0.5)
+    opt.step()
+    loss = (l0 + l1) / 2
+    torch.distributed.all_reduce(loss, group=dims.group("dp"))
+    return float(loss) / 2, norm, full_state(model), shard_rows
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ids, tgt = batch(4)
+    return reference_step(tiny_model(**MODEL), ids, tgt, seed=7)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_data_parallel_step_matches_single_process(mode, reference):
+    loss, norm, _, weights = reference
+    results = run_workers(_data_parallel_step, 2, mode)
+    for r_loss, r_norm, r_weights, shard_rows in results:
+        assert_close_rel(r_loss, loss, what="loss")
+        assert_close_rel(r_norm, norm, what="grad norm")
+        assert_same_weights(r_weights, weights)
+    if mode == "fsdp":  # really sharded: each rank holds half the rows of every parameter
+        assert results[0][3] and all(2 * local == rows for local, rows in results[0][3])
+    else:
+        assert results[0][3] == []
+
+
+def test_single_process_needs_no_process_group_and_matches_plain_gpt():
+    from mtnlg_ray.model.gpt import GPT, lm_loss
+
+    cfg = ParallelConfig()
+    dims = build_mesh(cfg, 1, "cpu")
+    assert dims.mesh is None and (dims.pp, dims.dp, dims.tp) == (1, 1, 1) and dims.is_first_stage and dims.is_last_stage
+    model = parallelize(tiny_model(), dims, cfg, torch.device("cpu"), seed=3)
+    torch.manual_seed(3)
+    plain = GPT(tiny_model())
+    assert model.parts[0].lm_head.weight is model.parts[0].tok_emb.weight  # still tied after materialising
+    for (name, a), b in zip(model.parts[0].state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids, tgt = batch(2)
+    tgt[0, :5] = -100
+    loss = model.forward_backward(ids, tgt, loss_scale=1.0)
+    assert loss.requires_grad is False
+    # -100 targets are ignored: the mean runs over the counted tokens only
+    logits = plain(ids)
+    keep = tgt != -100
+    want = torch.nn.functional.cross_entropy(logits[keep], tgt[keep])
+    assert_close_rel(loss, want, 1e-6, "loss")
+    assert_close_rel(model.eval_loss(ids, tgt), want, 1e-6, "eval loss")
+    lm_loss(logits, tgt).backward()
+    want_norm = float(torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.1))
+    assert_close_rel(model.clip_grad_norm(0.1), want_norm, 1e-6, "grad norm")
+    for (name, p), q in zip(model.parts[0].named_parameters(), plain.parameters()):
+        assert_close_rel(p.grad, q.grad, 1e-5, name)  # clipped identically
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_on_cuda():
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert compute_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert compute_dtype("fp32", torch.device("cuda")) == torch.float32
