@@ -15,21 +15,24 @@ from typing import NamedTuple
 import torch
 
 from mtnlg_ray.config import ModelConfig
+from mtnlg_ray.data.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
 from mtnlg_ray.errors import UserError
-from mtnlg_ray.model.checkpoint import TOKENIZER, build_model, is_native_checkpoint, load_state
+from mtnlg_ray.model.checkpoint import build_model, is_native_checkpoint, load_state
 from mtnlg_ray.model.convert import is_hf_gpt2_dir, load_hf_gpt2
 from mtnlg_ray.model.gpt import GPT
 
 
 class Loaded(NamedTuple):
     model: GPT
-    tokenizer: object | None  # data.tokenizer.Tokenizer, or None when the source has none
+    tokenizer: object | None  # Tokenizer (SentencePiece) or GPT2BPETokenizer; None when the source has none
     config: ModelConfig
     meta: dict  # the checkpoint's config.json (native), or {"source": "hf_gpt2"|"run", ...}
 
 
 def load_state_any(path: str | Path, step: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None, dict]:
-    """(model config, full tensors, tokenizer.model path or None, metadata) from any supported source.
+    """(model config, full tensors, tokenizer source or None, metadata) from any supported source.
+
+    The tokenizer source is a tokenizer.model file or a directory with GPT-2's vocab.json + merges.txt.
 
     `step` picks a checkpoint of a run directory (default: its latest valid one)."""
     p = Path(path)
@@ -37,12 +40,10 @@ def load_state_any(path: str | Path, step: int | None = None) -> tuple[ModelConf
         raise UserError(f"{p}: no such checkpoint, run directory or GPT-2 directory")
     if is_native_checkpoint(p):
         cfg, tensors, meta = load_state(p)
-        tok = p / TOKENIZER
-        return cfg, tensors, tok if tok.is_file() else None, meta
+        return cfg, tensors, find_tokenizer(p), meta
     if is_hf_gpt2_dir(p):
         cfg, tensors = load_hf_gpt2(p)
-        tok = p / TOKENIZER
-        return cfg, tensors, tok if tok.is_file() else None, {"source": "hf_gpt2"}
+        return cfg, tensors, find_tokenizer(p), {"source": "hf_gpt2"}
     from mtnlg_ray.train.checkpoint import load_run_state  # Ray Train run directory
 
     return load_run_state(p, step=step)
@@ -53,9 +54,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model = build_model(cfg, tensors, str(path), device, dtype)
     tokenizer = None
     if tok_path is not None:
-        from mtnlg_ray.data.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer(tok_path)
+        tokenizer = load_tokenizer(tok_path)
         if tokenizer.vocab_size != cfg.vocab_size:
             raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
                             f"vocab_size is {cfg.vocab_size}")
@@ -80,17 +79,13 @@ def export(source: str | Path, out: str | Path, fmt: str = "native", step: int |
     cfg, tensors, tok_path, meta = load_state_any(source, step=step)
     tok_path = Path(tokenizer) if tokenizer is not None else tok_path
     if tok_path is not None:
-        from mtnlg_ray.data.tokenizer import Tokenizer
-
-        n = Tokenizer(tok_path).vocab_size
+        n = load_tokenizer(tok_path).vocab_size
         if n != cfg.vocab_size:
             raise UserError(f"{tok_path}: tokenizer has {n} tokens but the model's vocab_size is {cfg.vocab_size}")
     if fmt == "hf":
         out_path = save_hf_gpt2(cfg, tensors, out)
         if tok_path is not None:
-            import shutil
-
-            shutil.copyfile(tok_path, out_path / TOKENIZER)
+            copy_tokenizer(tok_path, out_path)
         return out_path
     extra = {k: v for k, v in meta.items() if k not in ("format_version", "model")}
     return save_checkpoint(tensors, cfg, out, tokenizer_path=tok_path, extra={"exported_from": str(source), **extra})

@@ -48,3 +48,23 @@ def test_vocab_mismatch_is_refused(tmp_path, tiny_tokenizer):
 def test_unknown_path(tmp_path):
     with pytest.raises(UserError, match="no such checkpoint"):
         load_model(tmp_path / "nope")
+
+
+def test_from_pretrained_gpt2_directory_with_its_tokenizer(tmp_path):
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mtnlg_ray.data.gpt2_bpe import GPT2BPETokenizer, bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    tokenizer, model = mtnlg_ray.from_pretrained(tmp_path)
+    assert isinstance(tokenizer, GPT2BPETokenizer) and tokenizer.eod_id == 256
+    out = model.generate(tokenizer.encode("hello", return_tensors="pt"), max_new_tokens=4)
+    assert tokenizer.decode(out[0]).startswith("hello")

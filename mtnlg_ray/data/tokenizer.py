@@ -113,3 +113,36 @@ def train_tokenizer(
     tmp.write_bytes(buf.getvalue())
     tmp.replace(out)
     return Tokenizer(out)
+
+
+def find_tokenizer(directory: str | Path) -> Path | None:
+    """The tokenizer inside a checkpoint or model directory: tokenizer.model (SentencePiece), or the
+    directory itself when it holds GPT-2's vocab.json + merges.txt; None when there is none."""
+    d = Path(directory)
+    if (d / "tokenizer.model").is_file():
+        return d / "tokenizer.model"
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        return d
+    return None
+
+
+def load_tokenizer(source: str | Path):
+    """A Tokenizer for a `.model` file, or a GPT2BPETokenizer for a directory with vocab.json + merges.txt."""
+    p = Path(source)
+    if p.is_dir():
+        from mtnlg_ray.data.gpt2_bpe import GPT2BPETokenizer
+
+        return GPT2BPETokenizer(p)
+    return Tokenizer(p)
+
+
+def copy_tokenizer(source: str | Path, out_dir: str | Path) -> None:
+    """Copy a tokenizer (as found by `find_tokenizer`) into a checkpoint directory."""
+    import shutil
+
+    src, out = Path(source), Path(out_dir)
+    if src.is_dir():
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(src / name, out / name)
+    else:
+        shutil.copyfile(src, out / "tokenizer.model")

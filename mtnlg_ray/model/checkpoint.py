@@ -2,7 +2,7 @@
 
     config.json        {"format_version": 1, "model": {...ModelConfig...}, ...extra metadata}
     model.safetensors  full, unsharded weights (no pickle); a tied lm_head is stored once
-    tokenizer.model    the SentencePiece model, when there is one
+    tokenizer.model    the SentencePiece model, when there is one (or GPT-2's vocab.json + merges.txt)
     manifest.json      {"format_version": 1, "files": {name: sha256}}, checked on load
 
 Writes go to a temporary sibling directory that is renamed into place when complete, so an
@@ -12,7 +12,6 @@ interrupted save never leaves a directory that looks finished.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -74,7 +73,9 @@ def save_checkpoint(
         meta = {"format_version": FORMAT_VERSION, "model": config.model_dump(mode="json"), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+            from mtnlg_ray.data.tokenizer import copy_tokenizer
+
+            copy_tokenizer(tokenizer_path, tmp)
         write_manifest(tmp)
     return Path(out_dir)
 
