@@ -1,0 +1,161 @@
+"""The main job end to end (`mtnlg quickstart`, `make demo`): raw text to a served model.
+
+    1 preprocess  the built-in corpus (stdlib sources): cleaning report, tokenizer, Parquet shards
+    2 pretrain    a small GPT with two Ray Train workers (FSDP2)
+    3 finetune    the code recipe (docstring + signature -> body pairs from the stdlib)
+    4 export      the fine-tuned run -> a consolidated checkpoint
+    5 serve       Ray Serve deployment, OpenAI-style requests (one streamed), then shut down
+
+Every stage is the same library call its own command makes, with the shipped configs under
+`jobs/configs/` plus the overrides printed at the end, so each stage can be rerun alone.
+Outputs stay in the work directory: data/, runs/pretrain, runs/finetune, export/, *.png, timings.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+from mtnlg_ray.config import FinetuneJob, PreprocessJob, PretrainJob, ServeJob, load_job
+
+CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\n\n\ndef list_python_files(directory):\n",
+    "class Stack:\n    def __init__(self):\n",
+]
+
+
+def _stage(n: int, name: str, what: str) -> float:
+    print(f"\n=== [{n}/5] {name}: {what}", flush=True)
+    return time.perf_counter()
+
+
+def _post(url: str, body: dict, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _stream(url: str, body: dict, timeout: float = 120):
+    """Yield the text of each SSE chunk of a streamed completion."""
+    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])["choices"][0]["text"]
+
+
+def _jobs(work: Path, quick: bool):
+    """The four job configs of the quickstart: shipped YAMLs + the overrides that place outputs in `work`."""
+    runs = work / "runs"
+    pre_set = [f"output_dir={work / 'data'}"] + (["corpus.max_files=60", "tokenizer.vocab_size=1024"] if quick else [])
+    pt_set = [f"data.datasets=[{{path: {work / 'data'}}}]", f"scaling.storage_path={runs}", "scaling.name=pretrain"]
+    pt_set += ["train.max_steps=12", "train.eval_interval=6", "train.log_interval=3", "checkpoint.interval=6"] if quick else []
+    ft_set = [f"init_from={runs / 'pretrain'}", f"output_dir={work / 'sft_data'}", f"scaling.storage_path={runs}",
+              "scaling.name=finetune"]
+    ft_set += ["train.max_steps=6", "train.eval_interval=3", "train.log_interval=3", "checkpoint.interval=3",
+               "sft.max_examples=200"] if quick else []
+    return {
+        "preprocess": (CONFIGS / "preprocess" / "stdlib.yaml", PreprocessJob, pre_set),
+        "pretrain": (CONFIGS / "pretrain" / "quickstart.yaml", PretrainJob, pt_set),
+        "finetune": (CONFIGS / "finetune" / "code.yaml", FinetuneJob, ft_set),
+    }
+
+
+def _command(sub: str, path: Path, sets: list[str]) -> str:
+    return f"mtnlg {sub} {path.relative_to(CONFIGS.parent.parent)} " + " ".join(f"--set '{s}'" for s in sets)
+
+
+def _copy_plots(run_dir: Path, work: Path, prefix: str) -> list[Path]:
+    out = []
+    for png in sorted(run_dir.glob("*.png")):
+        dst = work / f"{prefix}_{png.name}"
+        shutil.copyfile(png, dst)
+        out.append(dst)
+    return out
+
+
+def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
+    """Run all five stages; returns {"timings": {...}, "samples": [...], "paths": {...}}."""
+    from mtnlg_ray.api import export
+    from mtnlg_ray.data.shards import run_preprocess
+    from mtnlg_ray.serve.app import deploy, shutdown
+    from mtnlg_ray.train.finetune import run_finetune
+    from mtnlg_ray.train.trainer import ensure_ray, run_pretrain
+
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    jobs = _jobs(work, quick)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    ensure_ray()
+
+    t = _stage(1, "preprocess", "clean + dedup the stdlib sources, train a tokenizer, write shards")
+    path, cls, sets = jobs["preprocess"]
+    data_dir = run_preprocess(load_job(path, cls, sets))
+    timings["preprocess"] = time.perf_counter() - t
+
+    t = _stage(2, "pretrain", "two Ray Train workers, FSDP2")
+    path, cls, sets = jobs["pretrain"]
+    run_pretrain(load_job(path, cls, sets))
+    pre_run = work / "runs" / "pretrain"
+    plots = _copy_plots(pre_run, work, "pretrain")
+    timings["pretrain"] = time.perf_counter() - t
+
+    t = _stage(3, "finetune", "code recipe: docstring + signature -> function body")
+    path, cls, sets = jobs["finetune"]
+    run_finetune(load_job(path, cls, sets))
+    ft_run = work / "runs" / "finetune"
+    plots += _copy_plots(ft_run, work, "finetune")
+    timings["finetune"] = time.perf_counter() - t
+
+    t = _stage(4, "export", "consolidate the fine-tuned run into one checkpoint")
+    ckpt = export(ft_run, work / "export")
+    print(f"checkpoint: {ckpt}")
+    timings["export"] = time.perf_counter() - t
+
+    t = _stage(5, "serve", "Ray Serve + OpenAI-compatible HTTP, continuous batching")
+    serve_job = ServeJob.model_validate({"serve": {"checkpoint": str(ckpt), "num_cpus": 0.5}})
+    base = deploy(serve_job)
+    samples = []
+    try:
+        for prompt in PROMPTS[:2]:
+            body = {"model": serve_job.serve.model_name, "prompt": prompt, "max_tokens": 48, "temperature": 0.7,
+                    "top_p": 0.95, "seed": 0}
+            reply = _post(f"{base}/v1/completions", body)
+            samples.append({"prompt": prompt, "completion": reply["choices"][0]["text"], "stream": False})
+            print(f"--- POST /v1/completions\n{prompt}{samples[-1]['completion']}\n", flush=True)
+        print(f"--- POST /v1/completions (stream=true)\n{PROMPTS[2]}", end="", flush=True)
+        body = {"model": serve_job.serve.model_name, "prompt": PROMPTS[2], "max_tokens": 48, "temperature": 0.7,
+                "top_p": 0.95, "seed": 0}
+        pieces = []
+        for piece in _stream(f"{base}/v1/completions", body):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        samples.append({"prompt": PROMPTS[2], "completion": "".join(pieces), "stream": True})
+    finally:
+        shutdown()
+    timings["serve"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+
+    paths = {"dataset": str(data_dir), "pretrain_run": str(pre_run), "finetune_run": str(ft_run),
+             "checkpoint": str(ckpt), "plots": [str(p) for p in plots]}
+    (work / "timings.json").write_text(json.dumps({"timings": timings, "samples": samples, "paths": paths}, indent=2))
+    print("\n=== done: seconds per stage")
+    for name, secs in timings.items():
+        print(f"  {name:<11} {secs:7.1f}")
+    print(f"\nOutputs in {work}:\n  dataset      {data_dir}  (manifest.json has the cleaning report)\n"
+          f"  runs         {pre_run}, {ft_run}  (metrics.jsonl, checkpoints)\n  checkpoint   {ckpt}\n"
+          f"  loss curves  {', '.join(p.name for p in plots)}")
+    print("\nContinue with:")
+    for sub, key in (("preprocess", "preprocess"), ("pretrain", "pretrain"), ("finetune", "finetune")):
+        print(f"  {_command(sub, jobs[key][0], jobs[key][2])}")
+    print(f"  mtnlg generate {ckpt} --prompt 'def parse(line):' --max-tokens 64 --temperature 0.7\n"
+          f"  mtnlg serve {ckpt} --port 8000\n  mtnlg plot {pre_run}")
+    return {"timings": timings, "samples": samples, "paths": paths}
