@@ -120,16 +120,27 @@ def reference_step(model_cfg: ModelConfig, input_ids, targets, seed: int = 0):
 
 
 def assert_close_rel(got: float | torch.Tensor, want: float | torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
-    """|got - want| <= rel * max|want| (a tensor is compared on its largest entry)."""
+    """||got - want|| <= rel * ||want|| (L2 over all entries; plain relative error for scalars).
+
+    The norm, not each entry: after an Adam step an entry whose gradient is a near-cancellation
+    (~1e-10) moves by lr * g / (|g| + eps), which turns a 1e-7 difference in summation order into
+    a visible one for that single entry; the tensor as a whole still agrees to ~1e-7."""
     got = torch.as_tensor(got).detach().to(torch.float64)
     want = torch.as_tensor(want).detach().to(torch.float64)
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = float((got - want).abs().max())
-    scale = float(want.abs().max())
-    assert err <= rel * scale, f"{what}: max abs difference {err:.3g} exceeds {rel} x {scale:.3g}"
+    err, scale = float((got - want).norm()), float(want.norm())
+    assert err <= rel * scale, f"{what}: |difference| {err:.3g} exceeds {rel} x |reference| {scale:.3g}"
 
 
 def assert_same_weights(got: dict, want: dict, rel: float = 1e-5) -> None:
+    """Every tensor within `rel` of the reference, except the key-projection bias: softmax is
+    invariant to adding q.b_k to every score, so its gradient is exactly zero in exact arithmetic
+    and what Adam makes of it is normalised rounding noise, different for every reduction order.
+    When the reference took no real step there (a real update has size ~lr; with rotary positions
+    the bias does get a gradient), we check that neither side did."""
     assert sorted(got) == sorted(want), f"parameter names differ: {sorted(set(got) ^ set(want))[:5]}"
     for name in want:
+        if name.endswith("attn.k_proj.bias") and float(want[name].abs().max()) < 0.01 * LR:
+            assert float(got[name].abs().max()) < 0.01 * LR, f"{name}: moved by {float(got[name].abs().max()):.3g}"
+            continue
         assert_close_rel(got[name], want[name], rel, name)
