@@ -1,0 +1,314 @@
+"""The function Ray Train runs on every worker: `train_loop(config)`.
+
+    job   <- config (re-validated: PretrainJob or FinetuneJob, by config["kind"])
+    model <- parallelize(GPT on meta, mesh from job.parallel); AdamW per part
+    state <- the newest valid checkpoint (model, optimizer, step, data position, RNG), if any
+    each step: global batch = accumulation x micro_batch x dp  (ramp-up: Megatron's schedule)
+               lr from tokens consumed; clip; AdamW; metrics; eval; checkpoint; ray.train.report
+
+Data: every rank reads the SAME stream. The train dataset is handed to every worker unsplit
+(`DataConfig(datasets_to_split=[])`, order preserved), and the stream is cut into micro-batches
+of `micro_batch_size` rows; each micro-step takes the next dp of them and dp rank r keeps the
+r-th. So the ranks of one tp/pp group (same dp rank) see the same rows, and the rows of step s
+depend only on the consumed samples, not on the number of workers: a resumed, restarted or
+resized run trains on exactly the same tokens in the same order (Megatron's consumed-samples
+sampler does the same over an indexed dataset). The cost is that each rank reads dp x the rows it
+trains on, which is small next to the compute (a row of 2049 int32 ids is 8 KiB).
+
+Every rank calls `ray.train.report` at the same steps (it is a barrier): each log interval,
+each evaluation and each checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, validate
+from mtnlg_ray.data.dataset import iter_batches
+from mtnlg_ray.errors import UserError
+from mtnlg_ray.train import checkpoint as ckpt
+from mtnlg_ray.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops
+from mtnlg_ray.train.optim import Optimizers
+from mtnlg_ray.train.schedule import global_batch_at, lr_at, planned_tokens
+
+log = logging.getLogger(__name__)
+JOBS = {"pretrain": PretrainJob, "finetune": FinetuneJob}
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs beyond weights: the LR schedule and the data position follow from it."""
+
+    step: int = 0
+    consumed_samples: int = 0  # sequences trained on (all ranks together)
+    epoch: int = 0  # passes over the train stream started
+    samples_in_epoch: int = 0  # stream rows consumed in the current pass
+
+
+class TokenStream:
+    """The global stream of micro-batches (epochs repeat it); `next()` returns this dp rank's one."""
+
+    def __init__(self, shard, micro_batch: int, dp: int, dp_rank: int, state: TrainState):
+        self.shard, self.mb, self.dp, self.dp_rank, self.state = shard, micro_batch, dp, dp_rank, state
+        self._it = None
+        self.wait_s = 0.0  # seconds spent waiting for data since the last reset
+
+    def _pull(self) -> dict[str, torch.Tensor]:
+        st = self.state
+        while True:
+            if self._it is None:
+                if st.samples_in_epoch % self.mb:
+                    log.warning("resume: %d rows into the pass is not a multiple of micro_batch_size=%d; "
+                                "skipping %d whole batches", st.samples_in_epoch, self.mb, st.samples_in_epoch // self.mb)
+                skip = st.samples_in_epoch // self.mb
+                st.samples_in_epoch = skip * self.mb
+                self._it = iter_batches(self.shard, self.mb, skip_batches=skip)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if st.samples_in_epoch == 0:
+                    raise UserError(f"the train split has fewer rows than micro_batch_size={self.mb}") from None
+                st.epoch, st.samples_in_epoch, self._it = st.epoch + 1, 0, None
+                continue
+            st.samples_in_epoch += self.mb
+            return batch
+
+    def next(self, hasher) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        mine = None
+        for r in range(self.dp):
+            batch = self._pull()
+            hasher.update(batch["input_ids"].numpy().tobytes())
+            if r == self.dp_rank:
+                mine = batch
+        self.wait_s += time.perf_counter() - t0
+        return mine
+
+
+def inputs_targets(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of T+1 ids -> inputs (B, T) and next-token targets (B, T); "labels" (-100 = masked) win."""
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True) if "labels" in batch else ids
+    return ids[:, :-1], labels[:, 1:]
+
+
+# --------------------------------------------------------------------------------------- setup
+def setup_model(job, model_cfg: ModelConfig, device: torch.device):
+    """(ParallelDims, Parallelized, Optimizers) for this worker's share of the model."""
+    from mtnlg_ray.parallel import build_mesh, parallelize
+
+    world = ray.train.get_context().get_world_size()
+    dims = build_mesh(job.parallel, world, device.type, model_cfg)
+    init_state, transform = None, None
+    if getattr(job, "init_from", None):
+        from mtnlg_ray.api import load_state_any
+
+        _, init_state, _, _ = load_state_any(job.init_from)
+    if getattr(job, "lora", None) is not None:
+        from mtnlg_ray.model.lora import apply_lora
+
+        def transform(m):
+            return apply_lora(m, job.lora)
+    model = parallelize(model_cfg, dims, job.parallel, device, init_state=init_state, seed=job.train.seed,
+                        model_transform=transform)
+    del init_state
+    return dims, model, Optimizers(model.parts, job.optim)
+
+
+def load_eval_set(shard, micro_batch: int, batches: int) -> list[dict[str, torch.Tensor]]:
+    """The first `batches` micro-batches of the validation stream, kept in memory (same on every rank)."""
+    out = []
+    if shard is not None:
+        for batch in iter_batches(shard, micro_batch):
+            out.append(batch)
+            if len(out) == batches:
+                break
+    return out
+
+
+def world_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean over all ranks (tp/pp replicas hold equal values, so this is the mean over dp)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def evaluate(model, eval_set: list[dict], dims, device: torch.device) -> float:
+    """Token-weighted mean loss over the eval set; dp rank r takes batches r, r+dp, ... Every rank
+    runs the same number of forwards (collectives inside); padding batches get weight 0."""
+    per_rank = math.ceil(len(eval_set) / dims.dp)
+    loss_sum = tokens = 0.0
+    for i in range(per_rank):
+        idx = i * dims.dp + dims.dp_rank
+        inp, tgt = inputs_targets(eval_set[min(idx, len(eval_set) - 1)], device)
+        loss = float(model.eval_loss(inp, tgt))
+        if idx < len(eval_set):
+            n = float((tgt != -100).sum())
+            loss_sum += loss * n
+            tokens += n
+    loss_sum, tokens = world_mean([loss_sum, tokens], device)
+    return loss_sum / max(tokens, 1.0)
+
+
+def peak_flops_total(job, device: torch.device) -> float:
+    """Peak FLOP/s of all devices of the run: train.peak_flops x world, or each rank's measured matmul."""
+    world = ray.train.get_context().get_world_size()
+    if job.train.peak_flops:
+        return job.train.peak_flops * world
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dist.is_initialized() and world > 1:
+        dist.barrier()  # measure together: on a shared CPU each rank then gets its own share
+    return world_mean([measure_matmul_flops(device, dtype, seconds=0.3)], device)[0] * world
+
+
+# ----------------------------------------------------------------------------------- the loop
+def train_loop(config: dict) -> None:
+    job = validate(JOBS[config["kind"]], config["job"], f"{config['kind']} job (worker)")
+    run = config["run"]
+    model_cfg = validate(ModelConfig, run["model"], "run.model (worker)")
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
+    dims, model, optimizers = setup_model(job, model_cfg, device)
+    tc, seq_len = job.train, run["seq_len"]
+    mb, dp = tc.micro_batch_size, dims.dp
+    metrics_log = MetricsLog(run["metrics_dir"]) if rank == 0 else None
+
+    state = resume(model, optimizers, metrics_log)
+    torch.manual_seed(tc.seed + 1000 * dims.dp_rank + dims.pp_rank + 7919 * state.step)  # dropout; same over tp
+    stream = TokenStream(ray.train.get_dataset_shard("train"), mb, dp, dims.dp_rank, state)
+    val_shard = ray.train.get_dataset_shard("val") if run["has_val"] else None
+    eval_set = load_eval_set(val_shard, mb, tc.eval_batches)
+
+    total_tokens = planned_tokens(tc, seq_len)
+    fpt = flops_per_token(model_cfg, seq_len)
+    peak = peak_flops_total(job, device)
+    config_json = {"model": model_cfg.model_dump(mode="json"), "kind": config["kind"], "job": config["job"]}
+    window = {"tokens": 0, "time": 0.0, "wait": 0.0}
+
+    while state.step < tc.max_steps:
+        batch_size = global_batch_at(state.consumed_samples, tc.global_batch_size, tc.rampup)
+        accum = batch_size // (mb * dp)
+        lr = lr_at((state.consumed_samples + batch_size) * seq_len, job.optim, total_tokens)
+        t0 = time.perf_counter()
+        stream.wait_s = 0.0
+        hasher = hashlib.sha256()
+        losses = []
+        for i in range(accum):
+            inp, tgt = inputs_targets(stream.next(hasher), device)
+            model.set_grad_sync(i == accum - 1)
+            losses.append(model.forward_backward(inp, tgt, loss_scale=1.0 / accum))
+        grad_norm = model.clip_grad_norm(job.optim.grad_clip)
+        optimizers.set_lr(lr)
+        optimizers.step()
+        loss = world_mean([float(torch.stack(losses).float().mean())], device)[0]
+        step_time = time.perf_counter() - t0
+        state.step += 1
+        state.consumed_samples += batch_size
+
+        window["tokens"] += batch_size * seq_len
+        window["time"] += step_time
+        window["wait"] += stream.wait_s
+        record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "batch_size": batch_size,
+                  "accumulation": accum, "tokens": state.consumed_samples * seq_len, "epoch": state.epoch,
+                  "world_size": dims.world_size, "tokens_sha": hasher.hexdigest()[:16]}
+        last = state.step == tc.max_steps
+        do_log = state.step % tc.log_interval == 0 or last
+        do_eval = bool(eval_set) and (state.step % tc.eval_interval == 0 or last)
+        do_ckpt = state.step % job.checkpoint.interval == 0 or last
+        if do_log:
+            tps = window["tokens"] / max(window["time"], 1e-9)
+            record.update(tokens_per_s=tps, mfu=fpt * tps / peak, data_wait=window["wait"] / max(window["time"], 1e-9))
+            window = {"tokens": 0, "time": 0.0, "wait": 0.0}
+        if do_eval:
+            record["val_loss"] = evaluate(model, eval_set, dims, device)
+            record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+        if metrics_log is not None:
+            metrics_log.write(record)
+            if do_log:
+                print(_progress_line(record, tc.max_steps), flush=True)
+        if do_log or do_eval or do_ckpt:
+            report(record, state, do_ckpt, model, optimizers, config_json, run, metrics_log)
+        if tc.kill_at_step == state.step and rank == 0:
+            _kill_once(Path(run["metrics_dir"]), state.step)
+
+
+def _progress_line(r: dict, max_steps: int) -> str:
+    line = f"step {r['step']}/{max_steps}  loss {r['loss']:.4f}  lr {r['lr']:.3g}  grad_norm {r['grad_norm']:.3f}"
+    if "tokens_per_s" in r:
+        line += f"  {r['tokens_per_s']:,.0f} tok/s  mfu {r['mfu']:.1%}  data_wait {r['data_wait']:.1%}"
+    if "val_loss" in r:
+        line += f"  val_loss {r['val_loss']:.4f}  val_ppl {r['val_ppl']:.2f}"
+    return line
+
+
+def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimizers, config_json: dict,
+           run: dict, metrics_log: MetricsLog | None) -> None:
+    """ray.train.report on every rank; with a checkpoint, each rank's shard goes with it."""
+    if not with_checkpoint:
+        ray.train.report(record)
+        return
+    trainer_state = {**asdict(state), "tokens": state.consumed_samples * run["seq_len"],
+                     "micro_batch_size": config_json["job"]["train"]["micro_batch_size"], "time": time.time()}
+    local = ckpt.save(model.parts, optimizers, trainer_state, config_json, run["tokenizer_path"])
+    if metrics_log is not None and metrics_log.path.is_file():
+        shutil.copyfile(metrics_log.path, local / METRICS_FILE)  # the run's history travels with it
+        _add_to_manifest(local, METRICS_FILE)
+    try:
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=ckpt.checkpoint_dir_name(state.step))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _add_to_manifest(directory: Path, name: str) -> None:
+    mpath = directory / ckpt.MANIFEST
+    manifest = json.loads(mpath.read_text())
+    from mtnlg_ray.fileio import file_sha256
+
+    manifest["files"][name] = file_sha256(directory / name)
+    mpath.write_text(json.dumps(manifest, indent=2))
+
+
+def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None) -> TrainState:
+    """Load the newest valid checkpoint Ray knows of (or an older one when it is corrupted)."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return TrainState()
+    path, skipped = ckpt.resolve_resume(Path(latest.path))
+    for problem in skipped:
+        log.warning("skipping a corrupted checkpoint: %s", problem)
+        if metrics_log is not None:
+            metrics_log.write({"event": "checkpoint_skipped", "reason": problem, "time": time.time()})
+    if path is None:
+        raise UserError(f"{Path(latest.path).parent}: no valid checkpoint to resume from ({'; '.join(skipped)})")
+    saved = ckpt.load(path, model.parts, optimizers)
+    state = TrainState(**{k: saved[k] for k in ("step", "consumed_samples", "epoch", "samples_in_epoch")})
+    if metrics_log is not None:
+        metrics_log.write({"event": "resume", "from_step": state.step, "checkpoint": path.name,
+                           "world_size": ray.train.get_context().get_world_size(), "time": time.time()})
+    return state
+
+
+def _kill_once(run_dir: Path, step: int) -> None:
+    """Fault injection (train.kill_at_step): die like a crashed worker, once per run directory."""
+    marker = run_dir / f".killed_at_step_{step}"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)

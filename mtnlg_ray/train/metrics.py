@@ -1,0 +1,106 @@
+"""Training FLOPs, MFU, the machine's matmul peak, and the run's metrics.jsonl.
+
+Model FLOPs per token (PaLM appendix B / nanoGPT's `estimate_mfu`, Megatron-LM's formula without
+recomputation):
+
+    flops_per_token = 6 * N + 12 * L * d * T
+
+N counts the parameters that take part in a matrix multiply: everything except the embedding
+tables, plus the LM head (V_padded x d, the same matrix as the token embedding when tied).
+6N is forward (2N) + backward (4N); 12 L d T is the attention score and value products
+(QK^T and AV: 2 * 2 * T * d per layer per token forward, x3 with backward). Activation
+recomputation is not counted: MFU measures useful model FLOPs.
+
+MFU = flops_per_token * tokens_per_second / (peak FLOP/s of all the devices of the run).
+
+metrics.jsonl (in the run directory, written by rank 0 only) holds one JSON object per line:
+every step appends {"step", "loss", "lr", "grad_norm", "batch_size", "tokens", "tokens_sha", ...}
+and every log interval adds throughput ("tokens_per_s", "mfu", "data_wait"); evaluations add
+"val_loss" and "val_ppl". A resumed run appends {"event": "resume", ...} and then repeats the
+steps after its checkpoint: `read_metrics` keeps the last record of each step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mtnlg_ray.config import ModelConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """N: parameters used in matrix multiplies (no embedding tables; the LM head counted once)."""
+    from mtnlg_ray.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return model.num_params(non_embedding=True) + cfg.padded_vocab_size * cfg.d_model
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                         n: int | None = None, seconds: float = 0.5) -> float:
+    """Achieved FLOP/s of square matmuls on `device` (the practical peak MFU is measured against)."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):  # warm up (kernel selection, thread pool)
+        a @ b
+    sync()
+    iters, start = 0, time.perf_counter()
+    while True:
+        for _ in range(4):
+            a @ b
+        iters += 4
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n ** 3 * iters / elapsed
+
+
+class MetricsLog:
+    """Appends records to `run_dir/metrics.jsonl` (open per write: safe across restarts)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(step records sorted by step, last record of each step kept; event records in file order)."""
+    path = Path(run_dir) / METRICS_FILE
+    steps: dict[int, dict] = {}
+    events: list[dict] = []
+    if not path.is_file():
+        return [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed worker
+        if "event" in rec:
+            events.append(rec)
+        elif "step" in rec:
+            steps[rec["step"]] = rec
+    return [steps[k] for k in sorted(steps)], events

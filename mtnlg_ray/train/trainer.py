@@ -1,0 +1,187 @@
+"""The one place that builds Ray Train objects: `build_trainer(job)` and `run_pretrain(job)`.
+
+    bundle   = open_datasets(job.data)               Ray Data: blended, seeded, order preserved
+    trainer  = TorchTrainer(train_loop, ...)          ScalingConfig: N or (min, max) workers, CPU/GPU each
+                                                      RunConfig: storage_path/name, keep K, max_failures
+    result   = trainer.fit()                          resumes when storage_path/name has checkpoints
+
+Everything that can be refused is refused here, before any worker starts, with one line:
+the parallel layout for every worker count the run may get, the batch sizes against
+micro-batch x dp, the model against the dataset's tokenizer and sequence length, and a layout
+that would leave Ray Data no CPU (its read tasks need one; without it `fit()` hangs silently).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob
+from mtnlg_ray.errors import ConfigError, UserError
+from mtnlg_ray.train.loop import train_loop
+
+log = logging.getLogger(__name__)
+DATA_CPUS = 1.0  # CPUs Ray Data needs beside the workers (one read / map task at a time)
+
+
+def ensure_ray() -> None:
+    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+
+
+def worker_range(job) -> tuple[int, int]:
+    n = job.scaling.num_workers
+    return (n, n) if isinstance(n, int) else tuple(n)
+
+
+def model_config(job, vocab_size: int, seq_len: int, tokenizer: Path) -> ModelConfig:
+    """The model of the run, with vocab_size from the tokenizer (a different explicit one is refused)."""
+    if isinstance(job, FinetuneJob):
+        cfg = _init_model_config(job.init_from)
+        where = f"init_from {job.init_from}"
+    else:
+        cfg, where = job.model, "model.vocab_size"
+    if cfg.vocab_size is None:
+        cfg = cfg.model_copy(update={"vocab_size": vocab_size})
+    elif cfg.vocab_size != vocab_size:
+        raise ConfigError(f"{where}: the model has vocab_size {cfg.vocab_size} but the dataset's tokenizer "
+                          f"{tokenizer} has {vocab_size} tokens")
+    if cfg.max_seq_len < seq_len:
+        raise ConfigError(f"model.max_seq_len: {cfg.max_seq_len} is shorter than the dataset's rows "
+                          f"(seq_len {seq_len})")
+    return ModelConfig.model_validate(cfg.model_dump())
+
+
+def _init_model_config(path: str) -> ModelConfig:
+    """The ModelConfig of a fine-tuning start point, reading as little as possible."""
+    from mtnlg_ray.model.checkpoint import is_native_checkpoint, read_config
+    from mtnlg_ray.model.convert import is_hf_gpt2_dir
+
+    p = Path(path)
+    if is_native_checkpoint(p):
+        return read_config(p)[0]
+    if not is_hf_gpt2_dir(p):
+        from mtnlg_ray.train.checkpoint import pick_checkpoint, read_checkpoint_config
+
+        if p.is_dir():
+            return read_checkpoint_config(pick_checkpoint(p))[0]
+    from mtnlg_ray.api import load_state_any
+
+    return load_state_any(p)[0]
+
+
+def check_scaling(job, model_cfg: ModelConfig) -> None:
+    """Layout and batch checks for every worker count the (elastic) run may get."""
+    from mtnlg_ray.parallel import check_layout
+    from mtnlg_ray.parallel.mesh import resolve_dims
+
+    lo, hi = worker_range(job)
+    tc = job.train
+    for world in range(lo, hi + 1):
+        try:
+            check_layout(model_cfg, job.parallel, world)
+            _, dp, _ = resolve_dims(job.parallel, world)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (scaling.num_workers={job.scaling.num_workers} allows {world} workers)") from None
+        per_step = tc.micro_batch_size * dp
+        sizes = [("train.global_batch_size", tc.global_batch_size)]
+        if tc.rampup is not None:
+            sizes += [("train.rampup.start", tc.rampup.start), ("train.rampup.increment", tc.rampup.increment)]
+        for key, value in sizes:
+            if value % per_step:
+                raise ConfigError(f"{key}: {value} is not a multiple of micro_batch_size x dp = "
+                                  f"{tc.micro_batch_size} x {dp} = {per_step} (with {world} workers)")
+
+
+def scaling_config(job) -> ScalingConfig:
+    s = job.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker or 1
+    workers = s.num_workers if isinstance(s.num_workers, int) else tuple(s.num_workers)
+    return ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                         placement_strategy=s.placement_strategy)
+
+
+def check_data_cpus(job) -> None:
+    """Refuse a layout whose workers take every CPU of the cluster: Ray Data's tasks would never run."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = worker_range(job)[1] * job.scaling.cpus_per_worker
+    if total - need < DATA_CPUS:
+        raise ConfigError(f"scaling.cpus_per_worker: {worker_range(job)[1]} workers x {job.scaling.cpus_per_worker} "
+                          f"CPU leave {total - need:g} of the cluster's {total:g} CPUs to Ray Data, which needs "
+                          f"{DATA_CPUS:g}; lower cpus_per_worker (e.g. 0.5) or num_workers")
+
+
+def run_dir_of(job) -> tuple[str, Path]:
+    """(storage path for RunConfig, local directory for metrics.jsonl / plots)."""
+    from mtnlg_ray.train.storage import check_storage_path, is_uri
+
+    s = job.scaling
+    hi = worker_range(job)[1]
+    need = {"CPU": hi * s.cpus_per_worker, "GPU": hi * ((s.gpus_per_worker or 1) if s.use_gpu else 0)}
+    storage = check_storage_path(s.storage_path, shared=s.shared_storage, need=need)
+    if is_uri(storage):
+        return storage, Path.home() / "mtnlg_runs" / s.name  # metrics also travel inside each checkpoint
+    return storage, Path(storage) / s.name
+
+
+def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None) -> TorchTrainer:
+    """A TorchTrainer running `train_loop` for `job` (datasets: `bundle`, default open_datasets(job.data)).
+    `callbacks`: Ray Train callbacks (fine-tuning's Tune trials pass one that forwards reports to Tune)."""
+    ensure_ray()
+    kind = "finetune" if isinstance(job, FinetuneJob) else "pretrain"
+    if bundle is None:
+        if kind == "finetune":
+            raise UserError("build_trainer: a fine-tuning job needs its DatasetBundle")
+        from mtnlg_ray.data.dataset import open_datasets
+
+        bundle = open_datasets(job.data)
+    model_cfg = model_config(job, bundle.vocab_size, bundle.seq_len, bundle.tokenizer_path)
+    check_scaling(job, model_cfg)
+    check_data_cpus(job)
+    storage, metrics_dir = run_dir_of(job)
+    config = {
+        "kind": kind,
+        "job": job.model_dump(mode="json"),
+        "run": {"model": model_cfg.model_dump(mode="json"), "seq_len": bundle.seq_len,
+                "tokenizer_path": str(Path(bundle.tokenizer_path).resolve()), "has_val": bundle.val is not None,
+                "metrics_dir": str(metrics_dir), "train_rows": bundle.train_rows},
+    }
+    datasets = {"train": bundle.train}
+    if bundle.val is not None:
+        datasets["val"] = bundle.val
+    run_config = RunConfig(
+        name=job.scaling.name, storage_path=storage,
+        checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
+        failure_config=FailureConfig(max_failures=job.scaling.max_failures),
+        callbacks=callbacks,
+    )
+    # Unsplit, in order: every worker reads the whole stream and keeps its dp slice (see loop.py).
+    data_config = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+    return TorchTrainer(train_loop, train_loop_config=config, scaling_config=scaling_config(job),
+                        run_config=run_config, datasets=datasets, dataset_config=data_config)
+
+
+def run_pretrain(job: PretrainJob) -> ray.train.Result:
+    """Train (or resume) `job` on Ray Train; writes metrics.jsonl and loss.png in the run directory."""
+    from mtnlg_ray.train.plot import plot_run
+
+    trainer = build_trainer(job)
+    metrics_dir = Path(trainer.train_loop_config["run"]["metrics_dir"])
+    print(f"run directory: {metrics_dir} (checkpoints, metrics.jsonl, loss.png)", flush=True)
+    result = trainer.fit()
+    for path in plot_run(metrics_dir):
+        print(f"wrote {path}")
+    if result.checkpoint is not None:
+        print(f"latest checkpoint: {result.checkpoint.path}\n"
+              f"export it with: mtnlg export {metrics_dir} --out {metrics_dir}/export")
+    return result

@@ -1,0 +1,56 @@
+"""Every shipped YAML under jobs/configs/ validates against the code: the job model of its
+directory, and for pretraining also the parallel layout and batch sizes at its worker counts."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtnlg_ray import config
+from mtnlg_ray.config import load_job
+
+ROOT = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+CONFIGS = sorted(ROOT.rglob("*.yaml"))
+
+
+def job_class(path: Path):
+    """The job model a config file is for, from its directory (and tune_*.yaml for Ray Tune)."""
+    kind = path.relative_to(ROOT).parts[0]
+    if kind == "finetune" and path.name.startswith("tune"):
+        return config.TuneJob
+    return {"preprocess": config.PreprocessJob, "pretrain": config.PretrainJob,
+            "finetune": config.FinetuneJob, "serve": config.ServeJob}[kind]
+
+
+def test_there_are_configs_for_every_pretraining_scale():
+    names = {p.name for p in (ROOT / "pretrain").glob("*.yaml")}
+    assert {"debug.yaml", "gpt-125m.yaml", "gpt-1.3b.yaml", "mtnlg-530b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_validates(path):
+    data = yaml.safe_load(path.read_text())
+    if "applications" in data:  # a Ray Serve deploy file: each app's args are a ServeJob
+        for app in data["applications"]:
+            config.validate(config.ServeJob, app["args"], path.name)
+        return
+    job = load_job(path, job_class(path))
+    if isinstance(job, config.PretrainJob):
+        from mtnlg_ray.train.trainer import check_scaling
+
+        model = job.model if job.model.vocab_size else job.model.model_copy(update={"vocab_size": 4096})
+        check_scaling(job, config.ModelConfig.model_validate(model.model_dump()))
+
+
+def test_mtnlg_530b_is_the_papers_recipe():
+    from mtnlg_ray.train.schedule import global_batch_at, lr_at
+
+    job = load_job(ROOT / "pretrain" / "mtnlg-530b.yaml", config.PretrainJob)
+    m, p, t, o = job.model, job.parallel, job.train, job.optim
+    assert (m.n_layers, m.d_model, m.n_heads, m.max_seq_len, m.vocab_size) == (105, 20480, 128, 2048, 50257)
+    assert (p.tp, p.pp) == (8, 35) and job.scaling.num_workers // (p.tp * p.pp) == 16
+    assert t.global_batch_size == 1920 and (t.rampup.start, t.rampup.increment) == (32, 32)
+    assert t.rampup.samples * 2048 == pytest.approx(12e9, rel=1e-6)
+    assert global_batch_at(0, 1920, t.rampup) == 32 and global_batch_at(t.rampup.samples, 1920, t.rampup) == 1920
+    assert o.lr == 5e-5 and o.warmup_tokens == 1e9 and o.decay_tokens == 340e9 and o.min_lr_ratio == 0.1
+    assert lr_at(int(340e9), o, 0) == pytest.approx(5e-6)
