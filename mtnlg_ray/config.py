@@ -187,8 +187,15 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    warmup_tokens: int = Field(0, ge=0)
-    decay_tokens: int | None = Field(None, gt=0, description="cosine length; None: the whole run")
+    warmup_tokens: int = Field(0, ge=0, description="linear warmup from 0 to lr over this many tokens")
+    decay_tokens: int | None = Field(None, gt=0, description="tokens at which the cosine reaches min_lr_ratio * lr "
+                                     "(counted from 0, warmup included); None: the whole run")
+
+    @model_validator(mode="after")
+    def _decay_after_warmup(self) -> "OptimConfig":
+        if self.decay_tokens is not None and self.decay_tokens <= self.warmup_tokens:
+            raise ValueError(f"decay_tokens={self.decay_tokens} must exceed warmup_tokens={self.warmup_tokens}")
+        return self
 
 
 class RampupConfig(Section):
@@ -210,6 +217,22 @@ class TrainConfig(Section):
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     peak_flops: float | None = Field(None, gt=0, description="FLOP/s per device for MFU; None: measured")
+    kill_at_step: int | None = Field(None, gt=0, description="fault injection for testing recovery: the rank-0 "
+                                     "worker kills its own process after this step, once per run directory")
+
+    @model_validator(mode="after")
+    def _rampup_fits(self) -> "TrainConfig":
+        r = self.rampup
+        if r is not None:
+            if r.start > self.global_batch_size:
+                raise ValueError(f"rampup.start={r.start} exceeds global_batch_size={self.global_batch_size}")
+            if (self.global_batch_size - r.start) % r.increment:
+                raise ValueError(f"rampup.increment={r.increment} must divide global_batch_size - start = "
+                                 f"{self.global_batch_size - r.start}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide "
+                             f"global_batch_size={self.global_batch_size}")
+        return self
 
 
 class CheckpointConfig(Section):
