@@ -133,7 +133,8 @@ def reference_state(model_cfg: ModelConfig, seed: int, init_state: dict[str, tor
             missing, unexpected = model.load_state_dict(init_state, strict=False)
         except RuntimeError as err:  # shape mismatch
             raise UserError(f"initial weights do not fit the model: {str(err).splitlines()[-1].strip()}") from None
-        missing = [k for k in missing if k in base]
+        tied = {"lm_head.weight"} if model_cfg.tie_embeddings else set()  # stored once, as tok_emb.weight
+        missing = [k for k in missing if k in base and k not in tied]
         if missing or unexpected:
             what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
             raise UserError(f"initial weights do not fit the model: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")

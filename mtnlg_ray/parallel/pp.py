@@ -111,7 +111,10 @@ class Pipeline:
         else:
             with torch.no_grad():
                 sched.eval(*args, target=target, losses=losses)
-        loss = torch.stack(self._chunk_losses).sum() if self.is_last else torch.zeros((), dtype=torch.float32)
+        # The last n_microbatches calls are the real chunks (a first step also calls the loss
+        # once while inferring shapes).
+        chunks = self._chunk_losses[-self.n_microbatches:]
+        loss = torch.stack(chunks).sum() if self.is_last else torch.zeros((), dtype=torch.float32)
         loss = loss.to(self.device)
         dist.broadcast(loss, src=self._src, group=self.group)
         return loss

@@ -20,7 +20,6 @@ attention/MLP drops by tp. Pipeline stage boundaries then carry the local sequen
 
 from __future__ import annotations
 
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -105,6 +104,3 @@ def _local_stage_boundaries(model: GPT, tp_mesh: DeviceMesh) -> None:
     if model.lm_head is None:
         model.register_forward_hook(lambda mod, args, out: out.to_local() if isinstance(out, DTensor) else out)
 
-
-def is_tensor_parallel(module: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in module.parameters())
