@@ -50,3 +50,30 @@ def tiny_tokenizer(tmp_path_factory):
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     docs = [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "heapq.py", "bisect.py", "shlex.py")]
     return train_tokenizer(docs, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def cluster_pretrain_data(tmp_path_factory, tiny_tokenizer):
+    """A small pretraining dataset dir (64-token rows of a few stdlib sources) for the cluster and job tests."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mtnlg_ray.data.shards import write_manifest
+
+    seq_len, tok = 64, tiny_tokenizer
+    root = tmp_path_factory.mktemp("cluster_data") / "stdlib"
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:6]
+    ids = np.concatenate([np.array(tok.encode(f.read_text(encoding="utf-8")) + [tok.eod_id], np.int32) for f in files])
+    rows = ids[: len(ids) // (seq_len + 1) * (seq_len + 1)].reshape(-1, seq_len + 1)
+    for split, part in (("train", rows[16:]), ("val", rows[:16])):
+        (root / split).mkdir(parents=True)
+        pq.write_table(pa.table({"input_ids": pa.array(list(part), pa.list_(pa.int32()))}),
+                       root / split / "part-00000.parquet")
+    shutil.copy(tok.path, root / "tokenizer.model")
+    write_manifest(root, tok.sha256, tok.vocab_size, tok.eod_id, seq_len)
+    return root
