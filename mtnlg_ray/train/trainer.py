@@ -115,7 +115,10 @@ def check_data_cpus(job) -> None:
     """Refuse a layout whose workers take every CPU of the cluster: Ray Data's tasks would never run."""
     total = ray.cluster_resources().get("CPU", 0.0)
     need = worker_range(job)[1] * job.scaling.cpus_per_worker
-    if total - need < DATA_CPUS:
+    # Workers that do not fit in the cluster as it is (e.g. GPU workers on a CPU-only head) are what
+    # makes an autoscaling cluster add nodes, whose CPUs Ray Data then gets too: only refuse a cluster
+    # that holds all the workers with less than DATA_CPUS to spare.
+    if need <= total < need + DATA_CPUS:
         raise ConfigError(f"scaling.cpus_per_worker: {worker_range(job)[1]} workers x {job.scaling.cpus_per_worker} "
                           f"CPU leave {total - need:g} of the cluster's {total:g} CPUs to Ray Data, which needs "
                           f"{DATA_CPUS:g}; lower cpus_per_worker (e.g. 0.5) or num_workers")
