@@ -289,25 +289,30 @@ class LoraConfig(Section):
 
 
 class SftDataConfig(Section):
-    """Task data: JSONL of {prompt, response} or {messages: [...]}, or the built-in code task."""
+    """Task data (data/sft.py): JSONL of {prompt, response} or {messages: [...]}, or the built-in code task."""
 
-    task: Literal["jsonl", "stdlib_code"] = "jsonl"
-    train_paths: list[str] = Field(default_factory=list)
-    val_paths: list[str] = Field(default_factory=list)
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    seq_len: int = Field(256, gt=0)
-    packing: bool = True
-    overlong: Literal["truncate", "drop"] = "truncate"
-    max_bad_fraction: float = Field(0.05, ge=0, le=1)
-    max_examples: int | None = Field(None, gt=0)
+    task: Literal["jsonl", "stdlib_code"] = Field(
+        "jsonl", description="jsonl: the files in train_paths; stdlib_code: (signature + docstring -> body) "
+        "pairs mined from the .py files in train_paths (default: the Python standard library)")
+    train_paths: list[str] = Field(default_factory=list, description="JSONL files, directories or globs")
+    val_paths: list[str] = Field(default_factory=list, description="validation JSONL; empty: val_fraction of train")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="examples sent to val by a seeded content hash")
+    seq_len: int = Field(256, gt=0, description="rows hold seq_len + 1 tokens; at most the model's max_seq_len")
+    packing: bool = Field(True, description="several whole examples per row; false: one padded example per row")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="an example longer than a row")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="bad lines skipped up to this fraction, else refused")
+    max_examples: int | None = Field(None, gt=0, description="read at most this many examples (per input)")
+    tokenizer: str | None = Field(None, description="tokenizer.model to use; None: the init checkpoint's")
     seed: int = 1234
 
 
 class FinetuneJob(Section):
     init_from: str = Field(description="native checkpoint, run directory, or Hugging Face GPT-2 directory")
     sft: SftDataConfig = Field(default_factory=SftDataConfig)
-    output_dir: str = "data_out/sft"
-    lora: LoraConfig | None = None
+    output_dir: str = Field("data_out/sft", description="where the tokenized task dataset is written")
+    lora: LoraConfig | None = Field(None, description="LoRA adapters; None: full fine-tuning")
+    baseline_eval: bool = Field(True, description="evaluate the initial weights on the val set first (in the "
+                                "driver process, on CPU: turn off for models too large for it)")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4))
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -315,13 +320,32 @@ class FinetuneJob(Section):
     scaling: ScalingSection = Field(default_factory=lambda: ScalingSection(name="finetune"))
 
 
-class SearchSpace(Section):
-    """Values to try for each hyperparameter; names are checked (unknown names are refused)."""
+HYPERPARAMETERS = {  # search-space name -> the FinetuneJob key it sets
+    "lr": "optim.lr", "global_batch_size": "train.global_batch_size",
+    "warmup_tokens": "optim.warmup_tokens", "lora_rank": "lora.rank",
+}
 
-    lr: list[float] | None = None
-    global_batch_size: list[int] | None = None
-    warmup_tokens: list[int] | None = None
-    lora_rank: list[int] | None = None
+
+class SearchSpace(Section):
+    """Values to try for each hyperparameter (a grid); names are checked (unknown names are refused)."""
+
+    lr: list[float] | None = Field(None, min_length=1)
+    global_batch_size: list[int] | None = Field(None, min_length=1)
+    warmup_tokens: list[int] | None = Field(None, min_length=1)
+    lora_rank: list[int] | None = Field(None, min_length=1, description="needs a finetune.lora section")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in HYPERPARAMETERS]
+            if unknown:
+                raise ValueError(f"got unknown hyperparameter {unknown[0]!r} (searchable: {', '.join(HYPERPARAMETERS)})")
+        return data
+
+    def grid(self) -> dict[str, list]:
+        """{name: values} of the hyperparameters given."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class TuneSection(Section):
@@ -330,12 +354,25 @@ class TuneSection(Section):
     max_concurrent_trials: int = Field(1, gt=0)
     grace_period: int = Field(1, gt=0, description="ASHA: evaluations before a trial may stop")
     reduction_factor: int = Field(2, gt=1)
-    best_config_out: str = "best_finetune.yaml"
+    best_config_out: str = Field("best_finetune.yaml", description="the best trial's FinetuneJob, as YAML")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "TuneSection":
+        if not self.search_space.grid():
+            raise ValueError(f"search_space: empty (got no values; searchable: {', '.join(HYPERPARAMETERS)})")
+        return self
 
 
 class TuneJob(Section):
     finetune: FinetuneJob
-    tune: TuneSection = Field(default_factory=TuneSection)
+    tune: TuneSection
+
+    @model_validator(mode="after")
+    def _space(self) -> "TuneJob":
+        if "lora_rank" in self.tune.search_space.grid() and self.finetune.lora is None:
+            raise ValueError("tune.search_space.lora_rank: needs a finetune.lora section (got lora: null, "
+                             "i.e. full fine-tuning)")
+        return self
 
 
 # -------------------------------------------------------------------------------------- serving

@@ -2,12 +2,14 @@
 
 No download: by default the sources are the running interpreter's standard library (the same
 corpus pretraining uses). Every function or method with a docstring and at least one statement
-after it becomes one example, dedented to column 0:
+after it becomes one example, dedented to column 0. The prompt is the signature and the first
+paragraph of the docstring (its summary, on one line: it keeps examples short enough for small
+contexts); the response is the body after the docstring:
 
-    prompt:    def bisect_left(a, x, lo=0, hi=None, *, key=None):
-                   \"\"\"Return the index where to insert item x in list a, assuming a is sorted. ...\"\"\"
-    response:      if lo < 0:
-                       raise ValueError('lo must be non-negative')
+    prompt:    def insort_right(a, x, lo=0, hi=None, *, key=None):
+                   \"\"\"Insert item x in list a, and keep it sorted assuming a is sorted.\"\"\"
+    response:      if key is None:
+                       lo = bisect_right(a, x, lo, hi)
                    ...
 
 Decorators are left out of the prompt. Files that do not parse are skipped (the stdlib ships a
@@ -31,7 +33,7 @@ def stdlib_dir() -> Path:
 
 def python_files(paths: list[str]) -> list[str]:
     """Sorted .py files under `paths` (files or directories; default: the stdlib), tests excluded."""
-    roots = [Path(p) for p in paths] if paths else [stdlib_dir()]
+    roots = [Path(p).resolve() for p in paths] if paths else [stdlib_dir()]
     out: list[str] = []
     for root in roots:
         if root.is_file():
@@ -53,13 +55,15 @@ def function_examples(source: str) -> list[tuple[int, str, str]]:
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
             continue
-        doc = node.body[0]
-        if ast.get_docstring(node, clean=False) is None or doc.end_lineno >= node.body[1].lineno:
-            continue  # no docstring, or code on the docstring's last line
-        start = node.lineno - 1  # the `def` line (0-based)
+        doc, first = ast.get_docstring(node), node.body[0]
+        if not doc or first.lineno == node.lineno or first.end_lineno >= node.body[1].lineno:
+            continue  # no docstring, or the docstring shares a line with code
+        start = node.lineno - 1  # the `def` line (0-based); decorators are not part of the prompt
         text = textwrap.dedent("".join(lines[start:node.end_lineno])).splitlines(keepends=True)
-        head = doc.end_lineno - start  # lines of signature + docstring
-        prompt, response = "".join(text[:head]), "".join(text[head:])
-        if response.strip():
-            out.append((node.lineno, prompt.rstrip("\n"), response.rstrip("\n")))
+        signature = "".join(text[: first.lineno - 1 - start])  # `def ...:`, possibly several lines
+        indent = " " * (first.col_offset - node.col_offset)
+        summary = " ".join(doc.split("\n\n")[0].split()).replace('"""', "'''")  # first paragraph, one line
+        body = "".join(text[first.end_lineno - start:]).rstrip("\n")
+        if body.strip():
+            out.append((node.lineno, f'{signature}{indent}"""{summary}"""', body))
     return sorted(out)

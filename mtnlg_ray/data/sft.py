@@ -210,7 +210,7 @@ def _expand(paths: list[str], key: str) -> list[str]:
         if not hits:
             raise UserError(f"sft.{key}: {p}: no such file (or no .jsonl files there)")
         files += hits
-    return files
+    return [str(Path(f).resolve()) for f in files]  # Ray tasks may run in another working directory
 
 
 def _read(cfg: SftDataConfig) -> ray.data.Dataset:

@@ -127,7 +127,10 @@ class Box:
     @functools.cache
     def area(self, scale=1):
         """Area of the box,
-        scaled."""
+        scaled.
+
+        Details that the prompt leaves out.
+        """
         w = self.w * scale
         return w * self.h
 
@@ -139,5 +142,5 @@ def only_doc():
 '''
     (line, prompt, response), = function_examples(source)
     assert line == 6
-    assert prompt == 'def area(self, scale=1):\n    """Area of the box,\n    scaled."""'
+    assert prompt == 'def area(self, scale=1):\n    """Area of the box, scaled."""'  # summary paragraph, one line
     assert response == "    w = self.w * scale\n    return w * self.h"

@@ -1,0 +1,146 @@
+"""Fine-tuning: task data -> the pretraining trainer, started from a checkpoint (full or LoRA).
+
+    tokenizer <- the init checkpoint's tokenizer.model (or sft.tokenizer); its vocabulary must be the model's
+    dataset   <- data/sft.py: masked (labels -100 on prompts), packed rows in output_dir
+    baseline  <- validation loss of the initial weights (driver, CPU), for the before / after line
+    result    <- build_trainer(job, bundle).fit(): the SAME trainer, loop, parallel layouts and
+                 checkpoints as pretraining; the loop loads init_from, applies LoRA (model/lora.py)
+                 with `model_transform`, and learns only where labels != -100
+
+`init_from` is a native checkpoint, a Ray Train run directory (its latest valid checkpoint) or a
+Hugging Face GPT-2 directory that holds our tokenizer.model (as `mtnlg export --format hf`
+writes it): the chat template needs the tokenizer's role tokens. Re-running the same config
+resumes from the run's latest checkpoint, as pretraining does (the dataset is rebuilt
+identically: preparation is deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import ray.train
+import torch
+
+from mtnlg_ray.config import DataConfig, DatasetSpec, FinetuneJob
+from mtnlg_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+TOKENIZER = "tokenizer.model"
+
+
+def init_tokenizer(path: str | Path) -> Path:
+    """The tokenizer.model that belongs to a fine-tuning start point (checkpoint, run dir or GPT-2 dir)."""
+    from mtnlg_ray.model.checkpoint import is_native_checkpoint
+    from mtnlg_ray.model.convert import is_hf_gpt2_dir
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"init_from: {p}: no such checkpoint, run directory or GPT-2 directory")
+    if is_native_checkpoint(p) or is_hf_gpt2_dir(p):
+        tok = p / TOKENIZER
+    else:
+        from mtnlg_ray.train.checkpoint import pick_checkpoint
+
+        tok = pick_checkpoint(p) / TOKENIZER
+    if not tok.is_file():
+        raise UserError(f"init_from: {p} has no {TOKENIZER}; fine-tuning needs the SentencePiece model the "
+                        f"checkpoint was trained with (set sft.tokenizer to it)")
+    return tok
+
+
+def resolve_paths(job: FinetuneJob) -> FinetuneJob:
+    """Absolute paths (Ray workers run in other directories); relative ones are from the current one."""
+    sft = job.sft.model_copy(update={
+        "train_paths": [str(Path(p).resolve()) if "://" not in p else p for p in job.sft.train_paths],
+        "val_paths": [str(Path(p).resolve()) if "://" not in p else p for p in job.sft.val_paths],
+        "tokenizer": str(Path(job.sft.tokenizer).resolve()) if job.sft.tokenizer else None,
+    })
+    return job.model_copy(update={"init_from": str(Path(job.init_from).resolve()),
+                                  "output_dir": str(Path(job.output_dir).resolve()), "sft": sft})
+
+
+def prepare_data(job: FinetuneJob) -> FinetuneJob:
+    """Check the start point against the tokenizer, write the task dataset; returns the resolved job.
+
+    A model whose vocabulary differs from the tokenizer's, or whose context is shorter than
+    sft.seq_len, is refused before any data is written."""
+    from mtnlg_ray.data.sft import prepare_sft
+    from mtnlg_ray.data.tokenizer import Tokenizer
+    from mtnlg_ray.train.trainer import ensure_ray, model_config
+
+    job = resolve_paths(job)
+    tok_path = Path(job.sft.tokenizer) if job.sft.tokenizer else init_tokenizer(job.init_from)
+    model_config(job, Tokenizer(tok_path).vocab_size, job.sft.seq_len, tok_path)  # vocab and length checks
+    ensure_ray()
+    rows = prepare_sft(job.sft, tok_path, job.output_dir)["splits"]["train"]["rows"]
+    if rows < job.train.micro_batch_size:
+        raise UserError(f"{job.output_dir}: the task's train split packs into {rows} rows of sft.seq_len="
+                        f"{job.sft.seq_len}, fewer than train.micro_batch_size={job.train.micro_batch_size}; "
+                        "add examples or lower micro_batch_size")
+    return job
+
+
+def open_task_data(job: FinetuneJob):
+    """The prepared task dataset as the trainer's DatasetBundle."""
+    from mtnlg_ray.data.dataset import open_datasets
+
+    return open_datasets(DataConfig(datasets=[DatasetSpec(path=job.output_dir)], seed=job.sft.seed))
+
+
+@torch.no_grad()
+def baseline_val_loss(job: FinetuneJob, bundle) -> float | None:
+    """Validation loss of the initial weights on the rows the loop evaluates (the first
+    eval_batches micro-batches of the val stream), token-weighted like the loop's `evaluate`."""
+    from mtnlg_ray.api import load_state_any
+    from mtnlg_ray.data.dataset import iter_batches
+    from mtnlg_ray.model.checkpoint import build_model
+    from mtnlg_ray.model.gpt import lm_loss
+    from mtnlg_ray.train.loop import inputs_targets
+
+    if bundle.val is None:
+        return None
+    cfg, tensors, _, _ = load_state_any(job.init_from)
+    model = build_model(cfg, tensors, job.init_from)
+    total = tokens = 0.0
+    for i, batch in enumerate(iter_batches(bundle.val, job.train.micro_batch_size)):
+        if i == job.train.eval_batches:
+            break
+        inp, tgt = inputs_targets(batch, torch.device("cpu"))
+        n = float((tgt != -100).sum())
+        total += float(lm_loss(model(inp), tgt)) * n
+        tokens += n
+    return total / tokens if tokens else None
+
+
+def fit(job: FinetuneJob, bundle, callbacks=None) -> ray.train.Result:
+    """Run (or resume) the fine-tuning job on Ray Train with the pretraining trainer."""
+    from mtnlg_ray.train.trainer import build_trainer
+
+    return build_trainer(job, bundle, callbacks=callbacks).fit()
+
+
+def run_finetune(job: FinetuneJob) -> ray.train.Result:
+    """`mtnlg finetune`: prepare the task data, report the starting validation loss, train, summarise."""
+    from mtnlg_ray.train.plot import plot_run
+    from mtnlg_ray.train.trainer import run_dir_of
+
+    job = prepare_data(job)
+    bundle = open_task_data(job)
+    before = baseline_val_loss(job, bundle) if job.baseline_eval else None
+    if before is not None:
+        print(f"validation loss of {job.init_from}: {before:.4f} (ppl {math.exp(min(before, 50)):.2f})", flush=True)
+    run_dir = run_dir_of(job)[1]
+    mode = f"LoRA rank {job.lora.rank} on {', '.join(job.lora.target_modules)}" if job.lora else "full fine-tuning"
+    print(f"fine-tuning ({mode}); run directory: {run_dir}", flush=True)
+    result = fit(job, bundle)
+    for path in plot_run(run_dir):
+        print(f"wrote {path}")
+    after = (result.metrics or {}).get("val_loss")
+    if after is not None:
+        line = f"validation loss after {result.metrics['step']} steps: {after:.4f}"
+        print(line + (f" (before: {before:.4f})" if before is not None else ""), flush=True)
+    if result.checkpoint is not None:
+        print(f"export the merged model with: mtnlg export {run_dir} --out {run_dir}/export")
+    return result
