@@ -166,37 +166,39 @@ class LocalCluster:
             path.write_text(json.dumps(fake_multinode_config(f"127.0.0.1:{port}", head_cpus, autoscaling_node_types)))
             extra = [f"--autoscaling-config={path}"]
             env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-        self.head = RayNode(self.temp_dir, head=True, num_cpus=head_cpus, dashboard=dashboard,
-                            extra=extra, env=env, port=port)
+        self._head_args = dict(head=True, num_cpus=head_cpus, dashboard=dashboard, extra=extra, env=env, port=port)
+        self.head: RayNode | None = None
         self.workers: list[RayNode] = []
         self._worker_cpus = list(worker_cpus)
         self._env = env
 
+    def _start(self, name: str, attempts: int = 3, **node_args) -> RayNode:
+        """Start a node, retrying: on a loaded machine a raylet can miss Ray's fixed 30 s registration
+        deadline, after which that `ray start` exits (having cleaned up after itself)."""
+        for attempt in range(attempts):
+            node = RayNode(self.temp_dir, name=f"{name}-{attempt}", **node_args)
+            try:
+                node.wait_started()
+                return node
+            except RuntimeError:
+                node.wait_stopped(5)
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def __enter__(self) -> "LocalCluster":
         try:
-            self.head.wait_started()
-            # One at a time, and a second try: on a loaded machine a raylet can miss Ray's fixed 30 s
-            # registration deadline, after which that `ray start` exits (having cleaned up).
-            for i, cpus in enumerate(self._worker_cpus):
-                for attempt in range(2):
-                    node = RayNode(self.temp_dir, head=False, address=self.head.address, num_cpus=cpus,
-                                   env=self._env, name=f"worker{i}-{attempt}")
-                    self.workers.append(node)
-                    try:
-                        node.wait_started()
-                        break
-                    except RuntimeError:
-                        if attempt:
-                            raise
-                        self.workers.remove(node)
-                        node.wait_stopped(5)
+            self.head = self._start("head", **self._head_args)
+            for i, cpus in enumerate(self._worker_cpus):  # one at a time: less contention
+                self.workers.append(self._start(f"worker{i}", head=False, address=self.head.address,
+                                                num_cpus=cpus, env=self._env))
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        nodes = [*self.workers, self.head]
+        nodes = [*self.workers, *([self.head] if self.head else [])]
         for node in nodes:
             node.terminate()
         for node in nodes:
