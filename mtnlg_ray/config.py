@@ -165,16 +165,18 @@ class DataConfig(Section):
 
 
 class ParallelConfig(Section):
-    """Mesh = pp x dp x tp; dp = -1 fills the rest of the world size."""
+    """Mesh = pp x dp x tp (tp fastest-varying); dp = -1 fills the rest of the world size.
+    Checked against the model and world size by `mtnlg_ray.parallel.check_layout`."""
 
-    tp: int = Field(1, gt=0)
-    pp: int = Field(1, gt=0)
-    dp: int = Field(-1, description="-1: world_size / (tp * pp)")
-    data_parallel: Literal["fsdp", "ddp"] = "fsdp"
-    sequence_parallel: bool = False
+    tp: int = Field(1, gt=0, description="tensor-parallel ranks (Megatron layout); must divide n_heads")
+    pp: int = Field(1, gt=0, description="pipeline stages; pp > 1 needs model.tie_embeddings: false")
+    dp: int = Field(-1, description="data-parallel ranks; -1: world_size / (tp * pp)")
+    data_parallel: Literal["fsdp", "ddp"] = Field("fsdp", description="fsdp: FSDP2 ZeRO-3 sharding; ddp: replicas")
+    sequence_parallel: bool = Field(False, description="with tp > 1: also split norms/residual along the sequence")
     pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
-    pp_microbatches: int = Field(2, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    pp_microbatches: int = Field(2, gt=0, description="chunks each micro-batch is split into along the batch "
+                                 "for the pipeline; must divide micro_batch_size")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
 
 
 class OptimConfig(Section):

@@ -96,9 +96,11 @@ def check_layout(model_cfg: ModelConfig, cfg: ParallelConfig, world_size: int) -
             )
         if cfg.pp_schedule == "1f1b" and cfg.pp_microbatches < pp:
             raise ConfigError(f"parallel.pp_microbatches: 1f1b needs at least pp={pp} micro-batches (got {cfg.pp_microbatches})")
-        if cfg.pp_schedule == "interleaved_1f1b" and cfg.pp_microbatches % pp:
+        rounds = max(1, cfg.pp_microbatches // pp)  # interleaved 1F1B runs whole rounds of micro-batches
+        if cfg.pp_schedule == "interleaved_1f1b" and cfg.pp_microbatches % rounds:
             raise ConfigError(
-                f"parallel.pp_microbatches: interleaved_1f1b needs a multiple of pp={pp} (got {cfg.pp_microbatches})"
+                f"parallel.pp_microbatches: interleaved_1f1b runs rounds of {rounds} (= pp_microbatches // pp={pp}), "
+                f"which must divide it (got {cfg.pp_microbatches})"
             )
     if cfg.data_parallel == "ddp" and dp > 1 and tp > 1:
         raise ConfigError("parallel.data_parallel: ddp does not combine with tp > 1; use fsdp")
