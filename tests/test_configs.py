@@ -30,9 +30,15 @@ def test_there_are_configs_for_every_pretraining_scale():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_validates(path):
     data = yaml.safe_load(path.read_text())
-    if "applications" in data:  # a Ray Serve deploy file: each app's args are a ServeJob
-        for app in data["applications"]:
-            config.validate(config.ServeJob, app["args"], path.name)
+    if "applications" in data:  # a Ray Serve deploy file: Serve's schema, then each app's args a ServeJob
+        from ray._common.utils import import_attr
+        from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+        from ray.serve.schema import ServeDeploySchema
+
+        for app in ServeDeploySchema.model_validate(data).applications:
+            config.validate(config.ServeJob, app.args, path.name)
+            # What `serve deploy` does with it: Serve's typed-builder call of our build_app.
+            call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
         return
     job = load_job(path, job_class(path))
     if isinstance(job, config.PretrainJob):
@@ -54,3 +60,11 @@ def test_mtnlg_530b_is_the_papers_recipe():
     assert global_batch_at(0, 1920, t.rampup) == 32 and global_batch_at(t.rampup.samples, 1920, t.rampup) == 1920
     assert o.lr == 5e-5 and o.warmup_tokens == 1e9 and o.decay_tokens == 340e9 and o.min_lr_ratio == 0.1
     assert lr_at(int(340e9), o, 0) == pytest.approx(5e-6)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_pretraining_config_says_where_runs_go_on_a_cluster(path):
+    """Its storage_path line or a comment names shared storage (train/storage.py refuses local paths
+    on multi-node clusters), e.g. `# on a cluster: /mnt/shared/runs (NFS) or s3://BUCKET/runs`."""
+    comments = " ".join(line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line)
+    assert "shared" in comments and "s3://" in comments
