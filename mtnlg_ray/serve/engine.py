@@ -164,10 +164,10 @@ class Engine:
             self.running[req.slot] = req
             prefills += 1
             ids = torch.tensor([req.prompt], device=self.device)
-            logits = self.model(ids, kv_cache=self.cache, rows=[req.slot])[0, :, : self.vocab_size]  # (T, V)
-            plp = None
-            if req.params.prompt_logprobs:
-                plp = prompt_logprob_entries(logits, req.prompt, req.params.logprobs or 0)
+            want_all = req.params.prompt_logprobs  # else the LM head runs on the last position only
+            logits = self.model(ids, kv_cache=self.cache, rows=[req.slot], last_only=not want_all)
+            logits = logits[0, :, : self.vocab_size]  # (T or 1, V)
+            plp = prompt_logprob_entries(logits, req.prompt, req.params.logprobs or 0) if want_all else None
             if req.params.max_tokens == 0:
                 self._release(req)
                 out = self._final(req, "length")
@@ -237,6 +237,13 @@ class Group:
         if out.finished:
             self.open.discard(out.request_id)
         return self.index[out.request_id], out
+
+    async def next_batch(self) -> list[tuple[int, Output]]:
+        """Wait for the next output, then take every output already queued (one network write)."""
+        batch = [await self.__anext__()]
+        while self.open and not self.queue.empty():
+            batch.append(await self.__anext__())
+        return batch
 
     def cancel(self) -> None:
         for rid in self.open:

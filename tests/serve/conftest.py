@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sysconfig
 from pathlib import Path
 
@@ -37,3 +38,11 @@ def tiny(tiny_checkpoint):
 
     loaded = load_model(tiny_checkpoint)
     return loaded.model.eval(), loaded.tokenizer
+
+
+@pytest.fixture(scope="module")
+def serve_port() -> int:
+    """A free TCP port for one module's Serve HTTP proxy (other Ray instances share this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
