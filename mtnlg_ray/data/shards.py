@@ -202,8 +202,13 @@ def _split(kept: ray.data.Dataset, fraction: float, val: bool) -> ray.data.Datas
 def run_preprocess(job: PreprocessJob) -> Path:
     """read -> clean -> tokenizer -> tokenize + pack (actor pool) -> Parquet shards + manifest.json."""
     from mtnlg_ray.data.clean import clean_corpus, format_report
-    from mtnlg_ray.data.readers import read_corpus
+    from mtnlg_ray.data.readers import corpus_files, read_corpus
 
+    for corpus in (job.corpus, job.val_corpus):  # bad paths fail before any work starts
+        if corpus is not None:
+            corpus_files(corpus)
+    if job.tokenizer.path and not Path(job.tokenizer.path).is_file():
+        raise UserError(f"tokenizer.path: {job.tokenizer.path}: no such file")
     _ensure_ray()
     DataContext.get_current().execution_options.preserve_order = True  # deterministic shards
     out = Path(job.output_dir)

@@ -1,0 +1,122 @@
+"""Tokenize + pack and the preprocess job end to end on local Ray: no token lost, stable split, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from mtnlg_ray.config import DataConfig, DatasetSpec, PreprocessJob, load_job
+from mtnlg_ray.data.dataset import iter_batches, open_datasets
+from mtnlg_ray.data.readers import stdlib_files
+from mtnlg_ray.data.shards import TokenizePack, pack_split, run_preprocess
+from mtnlg_ray.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "jobs" / "configs" / "preprocess"
+
+
+def _docs(n: int) -> list[str]:
+    """`n` stdlib sources of 2-20 kB (so at most the last document's EOD can fall in the dropped tail)."""
+    texts = (Path(f).read_text() for f in stdlib_files()[100:])
+    return [t for t in texts if 2000 < len(t) < 20000][:n]
+
+
+def _shard_ids(directory: Path) -> list[list[int]]:
+    return [row for f in sorted(directory.glob("*.parquet")) for row in pq.read_table(f)["input_ids"].to_pylist()]
+
+
+def test_tokenize_pack_keeps_every_token(tiny_tokenizer):
+    docs = ["x = 1\n", "def f():\n    return 2\n", "", "class A:\n    pass\n" * 7]
+    out = TokenizePack(str(tiny_tokenizer.path), seq_len=8)(pa.table({"text": docs}))
+    full = out.filter(out["full"])
+    tail = out.filter(pa.compute.invert(out["full"]))
+    assert tail.num_rows == 1 and tail["docs"][0].as_py() == 4
+    assert all(len(r) == 9 for r in full["input_ids"].to_pylist())
+    stream = [i for d in docs for i in tiny_tokenizer.encode(d) + [tiny_tokenizer.eod_id]]
+    assert [i for r in out["input_ids"].to_pylist() for i in r] == stream  # rows then tail = the whole stream
+    assert tail["doc_tokens"][0].as_py() == len(stream) and len(tail["input_ids"][0]) < 9
+
+
+def test_pack_split_token_count(ray_session, tiny_tokenizer, tmp_path):
+    docs = _docs(12)
+    ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=4)
+    stats = pack_split(ds, tiny_tokenizer.path, seq_len=32, out_dir=tmp_path / "train", rows_per_shard=50,
+                       num_actors=2, batch_docs=3)
+    rows = _shard_ids(tmp_path / "train")
+    expected = sum(len(tiny_tokenizer.encode(d)) + 1 for d in docs)  # + EOD per document
+    assert stats["documents"] == 12 and stats["doc_tokens"] == expected
+    assert all(len(r) == 33 for r in rows)
+    assert len(rows) * 33 + stats["dropped_tail_tokens"] == expected and stats["dropped_tail_tokens"] < 33
+    assert sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "train").glob("*.parquet"))[-1] == 50
+    assert np.bincount(np.array(rows).ravel())[tiny_tokenizer.eod_id] >= 11  # at most the last EOD in the tail
+
+
+def _job(tmp_path, name, *sets):
+    return load_job(CONFIGS / "stdlib.yaml", PreprocessJob,
+                    [f"output_dir={tmp_path / name}", "corpus.max_files=40", "tokenizer.vocab_size=600",
+                     "pack.seq_len=64", "pack.val_fraction=0.2", "pack.rows_per_shard=300", *sets])
+
+
+def test_preprocess_end_to_end_and_stable(ray_session, tmp_path):
+    out = run_preprocess(_job(tmp_path, "a"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["seq_len"] == 64 and m["vocab_size"] == 600 and m["eod_id"] == 2
+    c = m["cleaning"]
+    assert c["documents_read"] == 40 and c["documents_kept"] == m["splits"]["train"]["documents"] + \
+        m["splits"]["val"]["documents"] and m["splits"]["val"]["documents"] > 0
+    for split in ("train", "val"):
+        s = m["splits"][split]
+        assert s["rows"] == sum(x["rows"] for x in s["shards"]) == len(_shard_ids(out / split))
+        assert s["tokens"] + s["dropped_tail_tokens"] == s["doc_tokens"]
+        assert all(pq.read_schema(out / x["path"]).field("input_ids").type == pa.list_(pa.int32()) for x in s["shards"])
+    assert not list(tmp_path.glob(".a.tmp-*"))
+    # the trainer's view of it
+    bundle = open_datasets(DataConfig(datasets=[DatasetSpec(path=str(out))]))
+    assert bundle.vocab_size == 600 and bundle.train_rows == m["splits"]["train"]["rows"]
+    assert next(iter_batches(bundle.train, 4))["input_ids"].shape == (4, 65)
+    # a second run (loading the first run's tokenizer) makes the same split and the same shards
+    again = run_preprocess(_job(tmp_path, "b", f"tokenizer.path={out / 'tokenizer.model'}"))
+    m2 = json.loads((again / "manifest.json").read_text())
+    assert m2["tokenizer_sha256"] == m["tokenizer_sha256"]
+    for split in ("train", "val"):
+        assert m2["splits"][split]["documents"] == m["splits"][split]["documents"]
+        assert _shard_ids(again / split) == _shard_ids(out / split)
+
+
+def test_tokenizer_vocab_mismatch_leaves_nothing(ray_session, tiny_tokenizer, tmp_path):
+    job = _job(tmp_path, "bad", f"tokenizer.path={tiny_tokenizer.path}", "tokenizer.vocab_size=4096")
+    with pytest.raises(UserError, match=r"tokenizer.vocab_size=4096 but .* has 512 pieces"):
+        run_preprocess(job)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
+
+
+def test_jsonl_example_config_via_job_script(ray_session, tmp_path):
+    """jobs/preprocess.py as `ray job submit` runs it (RAY_ADDRESS = this session's Ray)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "jobs/preprocess.py", "--config", str(CONFIGS / "jsonl_example.yaml"),
+                           "--set", f"output_dir={tmp_path / 'j'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "j")
+    assert "malformed_json=1, missing_field=1, exact_duplicate=1" in proc.stdout
+    assert "example.jsonl:7: not valid JSON" in proc.stdout
+    m = json.loads((tmp_path / "j" / "manifest.json").read_text())
+    assert m["cleaning"]["documents_read"] == 26 and m["splits"]["train"]["rows"] > 0
+
+
+def test_job_script_bad_input_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "jobs/preprocess.py", "--config", str(CONFIGS / "jsonl_example.yaml"),
+                           "--set", f"corpus.paths=[{tmp_path / 'missing.jsonl'}]", "--set", f"output_dir={tmp_path}/o"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # checked before Ray is joined
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: corpus.paths: {tmp_path / 'missing.jsonl'}: no such file or directory"
