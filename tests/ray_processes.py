@@ -207,6 +207,10 @@ class LocalCluster:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     @property
+    def token(self) -> str:
+        return self._env["RAY_AUTH_TOKEN"]
+
+    @property
     def env(self) -> dict:
         """Environment for a driver process that should use this cluster (as `ray job submit` does)."""
         return {**os.environ, **self._env, "RAY_ADDRESS": self.head.address, "RAY_TMPDIR": self.temp_dir}
