@@ -9,8 +9,7 @@ produces a 500. When MTNLG_API_KEY is set in the replica, every route but /healt
 `Authorization: Bearer <key>`. A client that disconnects cancels its generation (its rows free).
 
 Deploy with `build_app(ServeJob)` (Serve config YAML: `import_path: mtnlg_ray.serve.app:build_app`)
-or `mtnlg serve CHECKPOINT` (`run_serve`). No `from __future__ import annotations` here: Serve
-reads build_app's type annotation to validate the YAML's `args` with ServeJob.
+or `mtnlg serve CHECKPOINT` (`run_serve`); both live in deploy.py and are re-exported at the end.
 """
 
 import hmac
@@ -19,7 +18,6 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,11 +25,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mtnlg_ray.config import ServeJob, ServeSection, apply_overrides, load_yaml, validate
-from mtnlg_ray.errors import ConfigError, UserError
+from mtnlg_ray.config import ServeSection
+from mtnlg_ray.errors import UserError
 from mtnlg_ray.serve.engine import AsyncEngine, Engine, EngineDead, Group, QueueFull
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.render import Choice, Renderer, new_id, usage
@@ -39,7 +36,6 @@ from mtnlg_ray.serve.schemas import (ChatCompletionChunk, ChatCompletionRequest,
                                      DetokenizeRequest, ModelCard, ModelList, TokenizeRequest, error_body)
 
 log = logging.getLogger(__name__)
-APP_NAME = "mtnlg"
 TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}  # pydantic union-branch names in error locations
 
 
@@ -371,66 +367,8 @@ class OpenAIServer:
         return Response(body, media_type=content_type)
 
 
-# ------------------------------------------------------------------------------------ deployment
-def deployment_options(cfg: ServeSection) -> dict:
-    """Serve options of the deployment, all from the validated ServeSection."""
-    a = cfg.autoscaling
-    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
-    if os.environ.get("MTNLG_API_KEY"):  # the builder's key reaches the replicas
-        actor["runtime_env"] = {"env_vars": {"MTNLG_API_KEY": os.environ["MTNLG_API_KEY"]}}
-    return dict(
-        autoscaling_config=dict(min_replicas=a.min_replicas, max_replicas=a.max_replicas,
-                                target_ongoing_requests=a.target_ongoing_requests,
-                                upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s),
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
-        backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
-        health_check_period_s=cfg.health_check_period_s,
-        ray_actor_options=actor,
-    )
+# Deployment: options from the ServeJob, the typed builder (`import_path: mtnlg_ray.serve.app:build_app`),
+# `mtnlg serve`. They live in deploy.py and are re-exported here, where Serve configs and the CLI look.
+from mtnlg_ray.serve.deploy import build_app, deploy, run_serve, shutdown  # noqa: E402
 
-
-def build_app(args: ServeJob) -> Application:
-    """Typed app builder: `serve run` / `serve deploy` validate the YAML's `args` as a ServeJob."""
-    job = args if isinstance(args, ServeJob) else validate(ServeJob, dict(args), "serve args")
-    return OpenAIServer.options(**deployment_options(job.serve)).bind(job.serve.model_dump(mode="json"))
-
-
-def serve_job_from_args(args) -> ServeJob:
-    """The ServeJob of `mtnlg serve CHECKPOINT [--config] [--host] [--port] [--min/max-replicas] [--set]`."""
-    data = load_yaml(args.config) if args.config else {}
-    source = Path(args.config).name if args.config else "mtnlg serve"
-    section = data.setdefault("serve", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{source}: serve: must be a mapping")
-    section["checkpoint"] = args.checkpoint
-    flags = {"host": args.host, "port": args.port}
-    section.update({k: v for k, v in flags.items() if v is not None})
-    scaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
-    if any(v is not None for v in scaling.values()):
-        auto = section.setdefault("autoscaling", {})
-        auto.update({k: v for k, v in scaling.items() if v is not None})
-    job = validate(ServeJob, apply_overrides(data, args.set), source)
-    if not Path(job.serve.checkpoint).exists():
-        raise UserError(f"{job.serve.checkpoint}: no such checkpoint, run directory or GPT-2 directory")
-    return job
-
-
-def run_serve(args) -> None:
-    """`mtnlg serve`: start (or join, via RAY_ADDRESS) Ray, deploy, print the URL, serve until Ctrl-C."""
-    import ray
-
-    job = serve_job_from_args(args)
-    cfg = job.serve
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), configure_logging=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(job), name=APP_NAME, route_prefix="/")
-    print(f"serving {cfg.model_name} from {cfg.checkpoint} at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)",
-          flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
-    finally:
-        serve.shutdown()
+__all__ = ["api", "APIError", "OpenAIServer", "build_app", "deploy", "run_serve", "shutdown"]

@@ -1,0 +1,242 @@
+"""Serving benchmark, measured like vLLM's `bench serve`: streaming /v1/completions at fixed concurrency.
+
+Builds a small model itself (a 6-layer, 384-wide GPT with random weights and a SentencePiece
+tokenizer trained on stdlib sources), starts a local Ray + Serve on a free port with one replica,
+and sends `--requests` prompts of `--input-len` tokens, each generating exactly `--output-len`
+tokens (ignore_eos, greedy), keeping `concurrency` requests in flight. Per level: request
+throughput, output tokens/s, TTFT, TPOT and ITL (median and p99). The same workload also runs on
+the bare engine (AsyncEngine in this process, no HTTP or Serve; same thread count as the replica),
+which gives the HTTP/Serve overhead on TTFT.
+
+    python benchmarks/serve.py           # concurrency 1, 4, 16 (about 3 minutes on 2 cores)
+    python benchmarks/serve.py --quick   # fewer requests
+
+Targets: output tok/s at concurrency 16 >= 4x concurrency 1; HTTP/Serve TTFT overhead at
+concurrency 1 < 30 ms over the bare engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+LEVELS = (1, 4, 16)
+REPLICA_THREADS = 1  # the replica reserves num_cpus=1, so Ray gives it OMP_NUM_THREADS=1
+
+
+@dataclass
+class Result:
+    ttft: float = 0.0  # s, request sent -> first token
+    latency: float = 0.0  # s, request sent -> last token
+    itl: list[float] = field(default_factory=list)  # s between consecutive token arrivals
+    output_tokens: int = 0
+
+    @property
+    def tpot(self) -> float:
+        return (self.latency - self.ttft) / max(1, self.output_tokens - 1)
+
+
+def build_checkpoint(out: Path, vocab: int, context: int) -> Path:
+    """A 6x384 GPT with random weights (seed 0) and a tokenizer trained on stdlib sources."""
+    from mtnlg_ray.config import ModelConfig
+    from mtnlg_ray.data.tokenizer import train_tokenizer
+    from mtnlg_ray.model.checkpoint import save_checkpoint
+    from mtnlg_ray.model.gpt import GPT
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    docs = [p.read_text(errors="replace") for p in sorted(lib.glob("*.py"))[:60]]
+    tok = train_tokenizer(docs, out / "tokenizer.model", vocab_size=vocab)
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=6, d_model=384, n_heads=6, max_seq_len=context, vocab_size=tok.vocab_size)
+    return save_checkpoint(GPT(cfg).state_dict(), cfg, out / "ckpt", tokenizer_path=out / "tokenizer.model")
+
+
+def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """n prompts of exactly `length` token ids, cut from stdlib sources at different offsets."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    ids = []
+    for p in sorted(lib.glob("*.py"))[60:]:
+        ids += tokenizer.encode(p.read_text(errors="replace"))
+        if len(ids) > n * length:
+            break
+    return [ids[i * length:(i + 1) * length] for i in range(n)]
+
+
+async def run_level(one, prompts: list, concurrency: int) -> tuple[list[Result], float]:
+    """Send every prompt through `one(prompt) -> Result`, `concurrency` at a time; (results, wall s)."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def limited(p):
+        async with sem:
+            return await one(p)
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(limited(p) for p in prompts))
+    return results, time.perf_counter() - t0
+
+
+def http_request(client, url: str, output_len: int):
+    async def one(prompt: list[int]) -> Result:
+        body = {"model": "mtnlg", "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        r, last = Result(), None
+        t0 = time.perf_counter()
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                now = time.perf_counter()
+                if event.get("usage"):
+                    r.output_tokens = event["usage"]["completion_tokens"]
+                    continue
+                if last is None:
+                    r.ttft = now - t0
+                else:
+                    r.itl.append(now - last)
+                last = now
+        r.latency = last - t0
+        return r
+    return one
+
+
+def engine_request(aeng, output_len: int):
+    from mtnlg_ray.serve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0)
+
+    async def one(prompt: list[int]) -> Result:
+        r, last = Result(), None
+        t0 = time.perf_counter()
+        async for _, out in aeng.submit([(prompt, params)]):
+            now = time.perf_counter()
+            if last is None:
+                r.ttft = now - t0
+            else:
+                r.itl.append(now - last)
+            last = now
+            r.output_tokens = out.num_generated
+        r.latency = last - t0
+        return r
+    return one
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(results: list[Result], wall: float) -> dict:
+    ttft = [r.ttft for r in results]
+    tpot = [r.tpot for r in results]
+    itl = [x for r in results for x in r.itl]
+    return {"req_s": len(results) / wall, "tok_s": sum(r.output_tokens for r in results) / wall,
+            "ttft": (statistics.median(ttft), pct(ttft, 99)), "tpot": (statistics.median(tpot), pct(tpot, 99)),
+            "itl": (statistics.median(itl), pct(itl, 99))}
+
+
+def bench_engine(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> dict:
+    from mtnlg_ray.api import load_model
+    from mtnlg_ray.serve.engine import AsyncEngine, Engine
+
+    torch.set_num_threads(REPLICA_THREADS)
+    loaded = load_model(ckpt)
+
+    async def main():
+        aeng = AsyncEngine(Engine(loaded.model, max_slots=slots, max_waiting=64, decode=loaded.tokenizer.decode))
+        one = engine_request(aeng, output_len)
+        await run_level(one, prompts_at[1][:2], 1)  # warm-up
+        out = {c: summarize(*await run_level(one, prompts_at[c], c)) for c in prompts_at}
+        aeng.shutdown()
+        return out
+
+    return asyncio.run(main())
+
+
+def bench_http(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> dict:
+    import httpx
+    import ray
+
+    from mtnlg_ray.config import ServeJob
+    from mtnlg_ray.serve.app import deploy, shutdown
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    job = ServeJob.model_validate({"serve": dict(
+        checkpoint=str(ckpt), port=0, max_batch_slots=slots, max_waiting=64, max_ongoing_requests=64,
+        max_queued_requests=-1, num_cpus=REPLICA_THREADS)})
+    url = deploy(job)
+    try:
+        async def main():
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+                one = http_request(client, url, output_len)
+                await run_level(one, prompts_at[1][:2], 1)  # warm-up
+                return {c: summarize(*await run_level(one, prompts_at[c], c)) for c in prompts_at}
+        return asyncio.run(main())
+    finally:
+        shutdown()
+        ray.shutdown()
+
+
+def ms(pair) -> str:
+    return f"{pair[0] * 1e3:7.1f} / {pair[1] * 1e3:7.1f}"
+
+
+def report(http: dict, bare: dict, args) -> None:
+    print(f"\nServing benchmark: 6x384 GPT (random weights), prompts {args.input_len} tokens, "
+          f"{args.output_len} generated (ignore_eos, greedy), streaming; one replica, {REPLICA_THREADS} torch thread")
+    print(f"load average at start: {args.load:.2f} on {os.cpu_count()} cores\n")
+    head = (f"| {'path':<13} | {'conc':>4} | {'req/s':>6} | {'out tok/s':>9} | {'TTFT ms med / p99':>17} | "
+            f"{'TPOT ms med / p99':>17} | {'ITL ms med / p99':>17} |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for name, rows in (("HTTP + Serve", http), ("bare engine", bare)):
+        for c, s in rows.items():
+            print(f"| {name:<13} | {c:>4} | {s['req_s']:6.2f} | {s['tok_s']:9.1f} | {ms(s['ttft']):>17} | "
+                  f"{ms(s['tpot']):>17} | {ms(s['itl']):>17} |")
+    lo, hi = min(http), max(http)
+    scale = http[hi]["tok_s"] / http[lo]["tok_s"]
+    overhead = (http[lo]["ttft"][0] - bare[lo]["ttft"][0]) * 1e3
+    print(f"\noutput tok/s, HTTP, concurrency {hi} / {lo}: {scale:.2f}x   (target >= 4x: "
+          f"{'met' if scale >= 4 else 'NOT met'})")
+    print(f"TTFT overhead of HTTP + Serve at concurrency {lo} (median, over the bare engine): {overhead:.1f} ms   "
+          f"(target < 30 ms: {'met' if overhead < 30 else 'NOT met'})")
+    for c in http:
+        print(f"  concurrency {c:>2}: HTTP / bare output tok/s = {http[c]['tok_s'] / bare[c]['tok_s']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer requests per level")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--slots", type=int, default=16, help="KV-cache rows (max batch) of the engine")
+    args = parser.parse_args()
+    args.load = os.getloadavg()[0]
+    per_level = {1: 4, 4: 8, 16: 32} if args.quick else {1: 12, 4: 24, 16: 64}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build_checkpoint(Path(tmp), vocab=4096, context=1024)
+        from mtnlg_ray.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(Path(tmp) / "tokenizer.model")
+        prompts = make_prompts(tok, max(per_level.values()), args.input_len)
+        prompts_at = {c: prompts[:n] for c, n in per_level.items()}
+        bare = bench_engine(ckpt, prompts_at, args.output_len, args.slots)
+        http = bench_http(ckpt, prompts_at, args.output_len, args.slots)
+    report(http, bare, args)
+
+
+if __name__ == "__main__":
+    main()

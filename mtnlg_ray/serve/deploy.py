@@ -1,0 +1,109 @@
+"""How the server is deployed: Serve options from a validated ServeJob, the typed app builder, `mtnlg serve`.
+
+`build_app(ServeJob)` is what a Serve config YAML names (`import_path: mtnlg_ray.serve.app:build_app`,
+re-exported by app.py): Serve validates the YAML's `args` against the annotation, so misspelled keys
+(which Serve itself would ignore in autoscaling_config) are refused. `deploy(job)` and `run_serve(args)`
+start or join Ray (RAY_ADDRESS, else a local instance) and run the application. No
+`from __future__ import annotations` here: Serve reads build_app's annotation as a class.
+"""
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from mtnlg_ray.config import ServeJob, ServeSection, apply_overrides, load_yaml, validate
+from mtnlg_ray.errors import ConfigError, UserError
+
+APP_NAME = "mtnlg"
+
+
+def deployment_options(cfg: ServeSection) -> dict:
+    """Serve options of the deployment, all from the validated ServeSection."""
+    a = cfg.autoscaling
+    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    if os.environ.get("MTNLG_API_KEY"):  # the builder's key reaches the replicas
+        actor["runtime_env"] = {"env_vars": {"MTNLG_API_KEY": os.environ["MTNLG_API_KEY"]}}
+    return dict(
+        autoscaling_config=dict(min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+                                target_ongoing_requests=a.target_ongoing_requests,
+                                upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s),
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
+        health_check_period_s=cfg.health_check_period_s,
+        ray_actor_options=actor,
+    )
+
+
+def build_app(args: ServeJob) -> Application:
+    """Typed app builder: `serve run` / `serve deploy` validate the YAML's `args` as a ServeJob."""
+    from mtnlg_ray.serve.app import OpenAIServer
+
+    job = args if isinstance(args, ServeJob) else validate(ServeJob, dict(args), "serve args")
+    return OpenAIServer.options(**deployment_options(job.serve)).bind(job.serve.model_dump(mode="json"))
+
+
+def serve_job_from_args(args) -> ServeJob:
+    """The ServeJob of `mtnlg serve CHECKPOINT [--config] [--host] [--port] [--min/max-replicas] [--set]`."""
+    data = load_yaml(args.config) if args.config else {}
+    source = Path(args.config).name if args.config else "mtnlg serve"
+    section = data.setdefault("serve", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: serve: must be a mapping")
+    section["checkpoint"] = args.checkpoint
+    flags = {"host": args.host, "port": args.port}
+    section.update({k: v for k, v in flags.items() if v is not None})
+    scaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    if any(v is not None for v in scaling.values()):
+        auto = section.setdefault("autoscaling", {})
+        auto.update({k: v for k, v in scaling.items() if v is not None})
+    job = validate(ServeJob, apply_overrides(data, args.set), source)
+    if not Path(job.serve.checkpoint).exists():
+        raise UserError(f"{job.serve.checkpoint}: no such checkpoint, run directory or GPT-2 directory")
+    return job
+
+
+def deploy(job: ServeJob, name: str = APP_NAME) -> str:
+    """Deploy `job` on Ray Serve (joining RAY_ADDRESS, else starting a local Ray); return the base URL.
+
+    Serve's HTTP proxy listens on serve.host:serve.port; port 0 picks a free port.
+    """
+    import socket
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+    cfg = job.serve
+    port = cfg.port
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((cfg.host, 0))
+            port = sock.getsockname()[1]
+    serve.start(http_options={"host": cfg.host, "port": port})
+    serve.run(build_app(job), name=name, route_prefix="/")
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    return f"http://{host}:{port}"
+
+
+def shutdown() -> None:
+    """Remove every Serve application and Serve's proxy and controller (Ray itself keeps running)."""
+    serve.shutdown()
+
+
+def run_serve(args) -> None:
+    """`mtnlg serve`: start (or join, via RAY_ADDRESS) Ray, deploy, print the URL, serve until Ctrl-C."""
+    job = serve_job_from_args(args)
+    url = deploy(job)
+    print(f"serving {job.serve.model_name} from {job.serve.checkpoint} at {url}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        shutdown()
