@@ -180,7 +180,7 @@ def _json_record(raw: bytes, n: int, field: str) -> Record:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        return Record("", n, "malformed_json", f"not valid JSON ({err.msg} at column {err.colno})", bad)
+        return Record("", n, "malformed_json", f"not valid JSON: {err.msg}, column {err.colno}", bad)
     if not isinstance(obj, dict):
         return Record("", n, "malformed_json", f"not a JSON object (got {type(obj).__name__})", bad)
     text = obj.get(field)
