@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,15 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def _single_process_quiet(world: int):
+    """Without a process group DCP warns that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        if world == 1:
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
 
 
 # ------------------------------------------------------------------------------- safe DCP reading
@@ -197,7 +207,8 @@ def save(parts: list[nn.Module], optimizers: Optimizers, trainer_state: dict, co
     rank, world = _rank_world()
     out = Path(tempfile.mkdtemp(prefix=f"mtnlg-ckpt-r{rank}-"))
     state, _ = _state_dicts(parts, optimizers)
-    dcp.save(state, storage_writer=FileSystemWriter(out), no_dist=world == 1)
+    with _single_process_quiet(world):
+        dcp.save(state, storage_writer=FileSystemWriter(out), no_dist=world == 1)
     (out / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
     if rank == 0:
         (out / TRAINER_STATE).write_text(json.dumps({**trainer_state, "world_size": world}, indent=2))
@@ -225,7 +236,8 @@ def load(directory: Path, parts: list[nn.Module], optimizers: Optimizers | None)
         state, optim_full = _state_dicts(parts, optimizers)
     else:
         state = {"model": {k: v for part in parts for k, v in get_model_state_dict(part).items()}}
-    dcp.load(state, storage_reader=SafeReader(directory), no_dist=world == 1)
+    with _single_process_quiet(world):
+        dcp.load(state, storage_reader=SafeReader(directory), no_dist=world == 1)
     for part in parts:  # the loaded tensors were written in place; hand each part its own keys
         own = get_model_state_dict(part)
         set_model_state_dict(part, {k: state["model"][k] for k in own})
@@ -276,8 +288,7 @@ def consolidate(directory: Path) -> dict[str, torch.Tensor]:
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
             model[key.removeprefix("model.")] = torch.empty(md.size, dtype=md.properties.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+    with _single_process_quiet(1):
         dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model
 

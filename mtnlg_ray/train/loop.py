@@ -306,9 +306,13 @@ def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None) -> Tra
 
 
 def _kill_once(run_dir: Path, step: int) -> None:
-    """Fault injection (train.kill_at_step): die like a crashed worker, once per run directory."""
+    """Fault injection (train.kill_at_step): die like a crashed worker, once per run directory.
+
+    It first waits until Ray has committed the checkpoints reported so far (the controller
+    registers a report when it polls the workers), so the recovery point is deterministic."""
     marker = run_dir / f".killed_at_step_{step}"
     if marker.exists():
         return
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
