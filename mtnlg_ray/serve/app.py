@@ -170,6 +170,8 @@ class OpenAIServer:
             raise APIError(400, f"request body is not valid UTF-8 (byte {err.start})", code="invalid_encoding")
         except json.JSONDecodeError as err:
             raise APIError(400, f"request body is not valid JSON: {err}", code="invalid_json")
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json")
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
         try:
@@ -211,6 +213,10 @@ class OpenAIServer:
         return value
 
     def _submit(self, requests: list) -> Group:
+        capacity = self.engine.engine.capacity
+        if len(requests) > capacity:
+            raise APIError(400, f"{len(requests)} sequences (prompts x n) exceed the {capacity} this server runs at "
+                           f"once", param="n", code="invalid_value")
         try:
             return self.engine.submit(requests)
         except QueueFull as err:

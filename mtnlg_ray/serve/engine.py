@@ -19,6 +19,7 @@ The engine knows nothing of tokenizers: stop strings need a `decode(ids) -> str`
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import threading
 from collections import deque
@@ -89,7 +90,7 @@ class Engine:
         self.cache = KVCache.for_model(model, max_slots, self.max_context)
         self.decode = decode
         self.on_step = on_step  # called with (prefills, decode batch size) after each step
-        self.free = list(range(max_slots - 1, -1, -1))  # stack of free rows, 0 on top
+        self.free = list(range(max_slots))  # min-heap of free rows: busy rows stay packed at the bottom
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self._ids = itertools.count()
@@ -156,11 +157,11 @@ class Engine:
     def step(self) -> list[Output]:
         """Admit into free rows (prefill), decode the running rows together; outputs of this step."""
         outs: list[Output] = []
-        decoding = list(self.running.values())  # admitted in earlier steps
+        decoding = [self.running[s] for s in sorted(self.running)]  # admitted in earlier steps, by row
         prefills = 0
         while self.waiting and self.free:
             req = self.waiting.popleft()
-            req.slot = self.free.pop()
+            req.slot = heapq.heappop(self.free)
             self.running[req.slot] = req
             prefills += 1
             ids = torch.tensor([req.prompt], device=self.device)
@@ -178,7 +179,9 @@ class Engine:
             outs.append(out)
         if decoding:
             last = torch.tensor([[r.generated[-1]] for r in decoding], device=self.device)  # (B, 1)
-            rows = torch.tensor([r.slot for r in decoding], device=self.device)
+            slots = [r.slot for r in decoding]
+            # Rows 0..B-1 exactly: rows=None lets the cache hand out views instead of gathering copies.
+            rows = None if slots[-1] == len(slots) - 1 else torch.tensor(slots, device=self.device)
             logits = self.model(last, kv_cache=self.cache, rows=rows)[:, -1, : self.vocab_size]  # (B, V)
             tokens, lps = sample_batch(logits, [r.sampler for r in decoding])
             outs += [self._accept(r, t, lp) for r, t, lp in zip(decoding, tokens, lps)]
@@ -206,7 +209,7 @@ class Engine:
         if req.slot is not None:
             del self.running[req.slot]
             self.cache.reset([req.slot])
-            self.free.append(req.slot)
+            heapq.heappush(self.free, req.slot)
             req.slot = None
 
     def _final(self, req: Request, reason: str, error: str | None = None) -> Output:

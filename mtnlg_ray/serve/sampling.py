@@ -20,6 +20,8 @@ import torch
 
 from mtnlg_ray.model.generate import filter_logits
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -54,7 +56,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW  # dividing by a tinier temperature overflows to inf
 
     @property
     def penalized(self) -> bool:
@@ -97,7 +99,11 @@ class RequestSampler:
         if p.greedy:
             return int(logits.argmax())
         top_k = p.top_k if p.top_k and p.top_k > 0 else None
-        probs = filter_logits(logits[None] / p.temperature, top_k, p.top_p).softmax(-1)
+        # Extreme penalties can overflow a logit to inf (inf - inf = NaN in softmax): clamp to finite.
+        scaled = torch.nan_to_num(logits / p.temperature, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+        if not bool(torch.isfinite(scaled).any()):
+            return int(logits.argmax())
+        probs = filter_logits(scaled[None], top_k, p.top_p).softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def observe(self, token: int) -> None:

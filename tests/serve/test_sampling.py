@@ -99,3 +99,13 @@ def test_logprob_entries():
 def test_invalid_params_are_refused(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kwargs)
+
+
+def test_extreme_values_never_produce_nan_draws():
+    logits = torch.tensor([[5.0, 4.0, -3.0, 0.0]])
+    tiny_t = RequestSampler(SamplingParams(temperature=1e-40, seed=1), [0], 4, torch.device("cpu"))
+    assert tiny_t.params.greedy and sample_batch(logits, [tiny_t])[0] == [0]
+    wild = RequestSampler(SamplingParams(temperature=0.5, repetition_penalty=1e-38, seed=1), [0, 1], 4,
+                          torch.device("cpu"))  # seen positive logits become inf
+    for _ in range(20):
+        assert sample_batch(logits, [wild])[0][0] in (0, 1)
