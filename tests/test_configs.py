@@ -68,3 +68,27 @@ def test_pretraining_config_says_where_runs_go_on_a_cluster(path):
     on multi-node clusters), e.g. `# on a cluster: /mnt/shared/runs (NFS) or s3://BUCKET/runs`."""
     comments = " ".join(line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line)
     assert "shared" in comments and "s3://" in comments
+
+
+def test_every_finetuning_task_has_a_recipe():
+    names = {p.name for p in (ROOT / "finetune").glob("*.yaml")}
+    assert {"dialogue.yaml", "summarization.yaml", "code.yaml", "tune_code.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_finetuning_recipe_examples_are_valid(path):
+    """The JSONL a recipe ships (paths relative to the repository root) exists and every line is a
+    well-formed example that renders with the chat template's roles."""
+    import json
+
+    from mtnlg_ray.data.sft import example_messages
+
+    job = load_job(path, job_class(path))
+    ft = job.finetune if isinstance(job, config.TuneJob) else job
+    paths = ft.sft.train_paths + ft.sft.val_paths
+    assert ft.sft.task == "stdlib_code" or paths
+    for rel in paths:
+        lines = (ROOT.parents[1] / rel).read_text().splitlines()
+        assert lines, rel
+        for i, line in enumerate(lines, start=1):
+            assert example_messages(json.loads(line)), f"{rel}:{i}"
