@@ -7,6 +7,8 @@ Inside a block (Shoeybi et al., 2019, section 3), with X replicated on the tp ra
   MLP        Y = GeLU(X A) B, A split by columns (GeLU stays local), B by rows, one all-reduce.
 So a block costs two all-reduces forward and two backward (the "g" operators); the "f" operators
 (identity forward, all-reduce backward) come from annotating the block input as replicated.
+LoRA adapters (model/lora.py) on these linears are split along with their weight (see
+`_AdapterAware`), so fine-tuning with LoRA runs under the same plan.
 
 The embedding is vocab-parallel (rows split, partial lookups summed: Megatron's
 VocabParallelEmbedding) and the LM head column-parallel over the vocabulary; with tied
@@ -21,7 +23,8 @@ attention/MLP drops by tp. Pipeline stage boundaries then carry the local sequen
 from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -33,6 +36,33 @@ from torch.distributed.tensor.parallel import (
 )
 
 from mtnlg_ray.model.gpt import GPT
+from mtnlg_ray.model.lora import LORA_A, LORA_B
+
+
+class _AdapterAware:
+    """Shards a LoRA linear's adapters (W + B A, A: (r, in), B: (out, r)) to match its weight, so
+    the low-rank path needs no extra communication: column-parallel W (rows split) gets B split by
+    rows and A replicated; row-parallel W (columns split) gets A split by columns and B replicated,
+    its partial sum joining the base output's all-reduce. Plain linears are unaffected."""
+
+    adapter_layouts: dict[str, Shard | Replicate] = {}
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if not isinstance(module, nn.Linear):  # called for every submodule too (a LoRA linear's dropout)
+            return
+        adapters = {n: module._parameters.pop(n) for n in list(module._parameters) if n in self.adapter_layouts}
+        super()._partition_linear_fn(name, module, device_mesh)
+        for n, p in adapters.items():
+            dt = distribute_tensor(p, device_mesh, [self.adapter_layouts[n]], src_data_rank=self.src_data_rank)
+            module.register_parameter(n, nn.Parameter(dt, requires_grad=p.requires_grad))
+
+
+class ColwiseLinear(_AdapterAware, ColwiseParallel):
+    adapter_layouts = {LORA_A: Replicate(), LORA_B: Shard(0)}
+
+
+class RowwiseLinear(_AdapterAware, RowwiseParallel):
+    adapter_layouts = {LORA_A: Shard(1), LORA_B: Replicate()}
 
 
 def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -40,12 +70,12 @@ def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
     sp = sequence_parallel
     residual = Shard(1) if sp else Replicate()  # layout of the residual stream between sublayers
     plan: dict[str, ParallelStyle] = {
-        "attn.q_proj": ColwiseParallel(),
-        "attn.k_proj": ColwiseParallel(),
-        "attn.v_proj": ColwiseParallel(),
-        "attn.out_proj": RowwiseParallel(output_layouts=residual, use_local_output=not sp),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=residual, use_local_output=not sp),
+        "attn.q_proj": ColwiseLinear(),
+        "attn.k_proj": ColwiseLinear(),
+        "attn.v_proj": ColwiseLinear(),
+        "attn.out_proj": RowwiseLinear(output_layouts=residual, use_local_output=not sp),
+        "mlp.up_proj": ColwiseLinear(),
+        "mlp.down_proj": RowwiseLinear(output_layouts=residual, use_local_output=not sp),
     }
     if sp:
         plan |= {

@@ -115,6 +115,8 @@ def one_step(model, input_ids, targets, accumulate: int = 1) -> tuple:
     grads = {}
     for part in model.parts:
         for name, p in part.named_parameters():
+            if p.grad is None:  # frozen (e.g. the base weights under LoRA)
+                continue
             g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             grads[name.removeprefix("module.")] = g.detach().clone()  # DDP's wrapper prefix
     opt.step()
@@ -133,12 +135,13 @@ def one_step(model, input_ids, targets, accumulate: int = 1) -> tuple:
     return (float(loss), norm, float(after), grads, weights)
 
 
-def reference_step(model_cfg: ModelConfig, input_ids, targets, seed: int = 0) -> StepResult:
+def reference_step(model_cfg: ModelConfig, input_ids, targets, seed: int = 0, model_transform=None) -> StepResult:
     """The same step in one process without any parallelism."""
     from mtnlg_ray.parallel import build_mesh, parallelize
 
     cfg = ParallelConfig(precision="fp32")
-    model = parallelize(model_cfg, build_mesh(cfg, 1, "cpu"), cfg, torch.device("cpu"), seed=seed)
+    model = parallelize(model_cfg, build_mesh(cfg, 1, "cpu"), cfg, torch.device("cpu"), seed=seed,
+                        model_transform=model_transform)
     return StepResult(*one_step(model, input_ids, targets))
 
 
@@ -186,3 +189,11 @@ def assert_same_step(ranks: list[tuple], want: StepResult, rel: float = 1e-5, me
         diff = {k: weights[k] - want.weights[k] for k in want.weights}
         assert _global_norm(diff) <= rel * _global_norm(want.weights), \
             f"updated weights differ by {_global_norm(diff):.3g} (norm {_global_norm(want.weights):.3g})"
+
+
+def lora(model) -> None:
+    """The LoRA transform the fine-tuning loop applies: adapters on both column- and row-parallel linears."""
+    from mtnlg_ray.config import LoraConfig
+    from mtnlg_ray.model.lora import apply_lora
+
+    apply_lora(model, LoraConfig(rank=4, target_modules=["q_proj", "v_proj", "out_proj", "up_proj", "down_proj"]))

@@ -8,7 +8,7 @@ import torch
 from mtnlg_ray.config import ParallelConfig
 from mtnlg_ray.parallel import build_mesh, parallelize
 from mtnlg_ray.parallel.fsdp import compute_dtype
-from parallel_harness import assert_close_rel, assert_same_step, batch, one_step, reference_step, run_workers, tiny_model
+from parallel_harness import assert_close_rel, assert_same_step, batch, lora, one_step, reference_step, run_workers, tiny_model
 
 MODEL = dict(activation_checkpointing=True)  # checkpointed blocks must give the same gradients
 
@@ -24,19 +24,23 @@ def _data_parallel_step(rank: int, world_size: int, mode: str):
     ids, tgt = batch(4)
     mine = slice(2 * dims.dp_rank, 2 * dims.dp_rank + 2)
     step = one_step(model, ids[mine], tgt[mine], accumulate=2)
+    lora_model = parallelize(tiny_model(**MODEL), dims, cfg, torch.device("cpu"), seed=7, model_transform=lora)
+    lora_step = one_step(lora_model, ids[mine], tgt[mine])  # frozen base weights among sharded ones
     # bf16 compute (FSDP2 MixedPrecisionPolicy / autocast for DDP): fp32 master weights and grads
     bf16_cfg = cfg.model_copy(update={"precision": "bf16"})
     bf16 = parallelize(tiny_model(**MODEL), dims, bf16_cfg, torch.device("cpu"), seed=7)
     bf16_loss = float(bf16.forward_backward(ids[mine], tgt[mine], loss_scale=1.0))
     fp32_loss = float(parallelize(tiny_model(**MODEL), dims, cfg, torch.device("cpu"), seed=7).eval_loss(ids[mine], tgt[mine]))
     dtypes = {str(p.dtype) for p in bf16.parts[0].parameters()} | {str(p.grad.dtype) for p in bf16.parts[0].parameters()}
-    return step, shards, (bf16_loss, fp32_loss, sorted(dtypes))
+    return (step, lora_step), shards, (bf16_loss, fp32_loss, sorted(dtypes))
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_data_parallel_step_matches_single_process(mode):
     results = run_workers(_data_parallel_step, 2, mode)
-    assert_same_step([step for step, _, _ in results], reference_step(tiny_model(**MODEL), *batch(4), seed=7))
+    assert_same_step([steps[0] for steps, _, _ in results], reference_step(tiny_model(**MODEL), *batch(4), seed=7))
+    want = reference_step(tiny_model(**MODEL), *batch(4), seed=7, model_transform=lora)
+    assert_same_step([steps[1] for steps, _, _ in results], want)
     for _, _, (bf16_loss, fp32_loss, dtypes) in results:
         assert dtypes == ["torch.float32"]
         assert bf16_loss != fp32_loss and abs(bf16_loss - fp32_loss) < 0.02 * fp32_loss  # really bf16, still close

@@ -8,10 +8,11 @@ import torch
 from mtnlg_ray.config import ParallelConfig
 from mtnlg_ray.parallel import build_mesh, parallelize
 from mtnlg_ray.parallel.tp import block_plan
-from parallel_harness import assert_same_step, batch, one_step, reference_step, run_workers, tiny_model
+from parallel_harness import assert_same_step, batch, lora, one_step, reference_step, run_workers, tiny_model
 
-CASES = {  # name -> (model fields, parallel fields)
+CASES = {  # name -> (model fields, parallel fields[, model transform])
     "tp": ({}, {}),
+    "tp_lora": ({}, {}, lora),  # frozen base, adapters split with their weights
     "tp_sp": ({}, {"sequence_parallel": True}),
     # rotary as in Llama, without biases (a key bias under rotary is almost update-invariant: its
     # gradient sits near Adam's eps, where the step amplifies rounding differences)
@@ -24,10 +25,11 @@ def _tp_steps(rank: int, world_size: int):
     (step result, local shapes of q_proj / out_proj / tok_emb)."""
     out = {}
     ids, tgt = batch(4)
-    for name, (model_fields, parallel_fields) in CASES.items():
+    for name, (model_fields, parallel_fields, *transform) in CASES.items():
         cfg = ParallelConfig(tp=2, precision="fp32", **parallel_fields)
         dims = build_mesh(cfg, world_size, "cpu")
-        model = parallelize(tiny_model(**model_fields), dims, cfg, torch.device("cpu"), seed=11)
+        model = parallelize(tiny_model(**model_fields), dims, cfg, torch.device("cpu"), seed=11,
+                            model_transform=transform[0] if transform else None)
         part = model.parts[0]
         shapes = [tuple(m.weight.to_local().shape) for m in (part.blocks["0"].attn.q_proj, part.blocks["0"].attn.out_proj, part.tok_emb)]
         out[name] = (one_step(model, ids, tgt), shapes)
@@ -41,7 +43,8 @@ def tp_results():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp_step_matches_single_process(case, tp_results):
-    want = reference_step(tiny_model(**CASES[case][0]), *batch(4), seed=11)
+    model_fields, _, *transform = CASES[case]
+    want = reference_step(tiny_model(**model_fields), *batch(4), seed=11, model_transform=transform[0] if transform else None)
     assert_same_step([r[case][0] for r in tp_results], want)
     for r in tp_results:
         # Megatron layout, really sharded: q_proj by output rows, out_proj by input columns, vocab rows
