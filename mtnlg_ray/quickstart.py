@@ -84,7 +84,7 @@ def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dic
     """Run all five stages; returns {"timings": {...}, "samples": [...], "paths": {...}}."""
     from mtnlg_ray.api import export
     from mtnlg_ray.data.shards import run_preprocess
-    from mtnlg_ray.serve.app import deploy, shutdown
+    from mtnlg_ray.serve.deploy import deploy, shutdown
     from mtnlg_ray.train.finetune import run_finetune
     from mtnlg_ray.train.trainer import ensure_ray, run_pretrain
 
@@ -120,7 +120,7 @@ def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dic
     timings["export"] = time.perf_counter() - t
 
     t = _stage(5, "serve", "Ray Serve + OpenAI-compatible HTTP, continuous batching")
-    serve_job = ServeJob.model_validate({"serve": {"checkpoint": str(ckpt), "num_cpus": 0.5}})
+    serve_job = ServeJob.model_validate({"serve": {"checkpoint": str(ckpt), "num_cpus": 0.5, "port": 0}})
     base = deploy(serve_job)
     samples = []
     try:
