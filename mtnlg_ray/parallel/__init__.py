@@ -137,7 +137,8 @@ def reference_state(model_cfg: ModelConfig, seed: int, init_state: dict[str, tor
         missing = [k for k in missing if k in base and k not in tied]
         if missing or unexpected:
             what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-            raise UserError(f"initial weights do not fit the model: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+            counts = f"{len(missing)} missing, {len(unexpected)} unexpected"
+            raise UserError(f"initial weights do not fit the model: {what} ({counts})")
     return model.state_dict()
 
 

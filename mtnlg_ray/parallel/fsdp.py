@@ -40,7 +40,9 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, dtype: torch.dtype, reshard_afte
     bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32, and the
     sharded master weights stay fp32 (FSDP2 MixedPrecisionPolicy).
     """
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     blocks = list(model.blocks.values())
     for i, block in enumerate(blocks):
         # The last block's weights are needed again right away by backward: keep them gathered.
@@ -51,7 +53,9 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, dtype: torch.dtype, reshard_afte
 
 def apply_ddp(model: nn.Module, dp_group: dist.ProcessGroup, device: torch.device) -> DistributedDataParallel:
     """Wrap a materialised model in DDP over the dp group (parameters broadcast from dp rank 0)."""
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
     return DistributedDataParallel(model, device_ids=device_ids, process_group=dp_group)
 
 

@@ -99,7 +99,9 @@ class Pipeline:
         over its counted tokens on every pp rank (broadcast from the last stage)."""
         B = input_ids.shape[0]
         if B % self.n_microbatches:
-            raise ValueError(f"pipeline: micro-batch of {B} sequences does not split into pp_microbatches={self.n_microbatches}")
+            raise ValueError(
+                f"pipeline: micro-batch of {B} sequences does not split into pp_microbatches={self.n_microbatches}"
+            )
         sched = self._get(tuple(input_ids.shape), train)
         self._chunk_losses, self._loss_scale = [], loss_scale
         self._n_counted = (targets != -100).sum().clamp(min=1).to(torch.float32)

@@ -8,7 +8,8 @@ import torch
 from mtnlg_ray.config import ParallelConfig
 from mtnlg_ray.parallel import build_mesh, parallelize
 from mtnlg_ray.parallel.fsdp import compute_dtype
-from parallel_harness import assert_close_rel, assert_same_step, batch, lora, one_step, reference_step, run_workers, tiny_model
+from parallel_harness import (assert_close_rel, assert_same_step, batch, lora, one_step, reference_step, run_workers,
+                              tiny_model)
 
 MODEL = dict(activation_checkpointing=True)  # checkpointed blocks must give the same gradients
 
@@ -30,7 +31,8 @@ def _data_parallel_step(rank: int, world_size: int, mode: str):
     bf16_cfg = cfg.model_copy(update={"precision": "bf16"})
     bf16 = parallelize(tiny_model(**MODEL), dims, bf16_cfg, torch.device("cpu"), seed=7)
     bf16_loss = float(bf16.forward_backward(ids[mine], tgt[mine], loss_scale=1.0))
-    fp32_loss = float(parallelize(tiny_model(**MODEL), dims, cfg, torch.device("cpu"), seed=7).eval_loss(ids[mine], tgt[mine]))
+    fp32 = parallelize(tiny_model(**MODEL), dims, cfg, torch.device("cpu"), seed=7)
+    fp32_loss = float(fp32.eval_loss(ids[mine], tgt[mine]))
     dtypes = {str(p.dtype) for p in bf16.parts[0].parameters()} | {str(p.grad.dtype) for p in bf16.parts[0].parameters()}
     return (step, lora_step), shards, (bf16_loss, fp32_loss, sorted(dtypes))
 

@@ -31,7 +31,8 @@ def _tp_steps(rank: int, world_size: int):
         model = parallelize(tiny_model(**model_fields), dims, cfg, torch.device("cpu"), seed=11,
                             model_transform=transform[0] if transform else None)
         part = model.parts[0]
-        shapes = [tuple(m.weight.to_local().shape) for m in (part.blocks["0"].attn.q_proj, part.blocks["0"].attn.out_proj, part.tok_emb)]
+        sharded = (part.blocks["0"].attn.q_proj, part.blocks["0"].attn.out_proj, part.tok_emb)
+        shapes = [tuple(m.weight.to_local().shape) for m in sharded]
         out[name] = (one_step(model, ids, tgt), shapes)
     return out
 
@@ -44,7 +45,8 @@ def tp_results():
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp_step_matches_single_process(case, tp_results):
     model_fields, _, *transform = CASES[case]
-    want = reference_step(tiny_model(**model_fields), *batch(4), seed=11, model_transform=transform[0] if transform else None)
+    want = reference_step(tiny_model(**model_fields), *batch(4), seed=11,
+                          model_transform=transform[0] if transform else None)
     assert_same_step([r[case][0] for r in tp_results], want)
     for r in tp_results:
         # Megatron layout, really sharded: q_proj by output rows, out_proj by input columns, vocab rows
@@ -58,5 +60,6 @@ def test_block_plan_is_keyed_by_the_models_module_names():
     for sp in (False, True):
         plan = block_plan(sp)
         assert set(plan) <= names
-    assert {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.up_proj", "mlp.down_proj"} <= set(block_plan(False))
+    megatron = {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert megatron <= set(block_plan(False))
     assert {"ln_1", "ln_2"} <= set(block_plan(True))
