@@ -180,7 +180,7 @@ class BlendedDatasource(Datasource):
         for d, split in enumerate(splits):
             sel = owner == d
             self.group[sel], self.offset[sel] = _sample_rows(split, sample[sel], seed, d)
-        self.row_bytes = 4 * sum(_row_width(s) for s in splits[:1])
+        self.row_bytes = 4 * _row_width(splits[0])  # int32 ids per row, all columns
         self.schema = pq.read_schema(splits[0].files[0])
 
     def estimate_inmemory_data_size(self) -> int:

@@ -95,7 +95,6 @@ class TokenizePack:
             flat[end - n:end - 1] = doc
         flat[ends - 1] = self.tok.eod_id  # EOD after every document
         n_full = len(flat) // self.row
-        tail = flat[n_full * self.row:]
         offsets = np.append(np.arange(n_full + 1, dtype=np.int32) * self.row, len(flat)).astype(np.int32)
         return pa.table({
             "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
@@ -135,29 +134,33 @@ def pack_split(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int,
     """Tokenize (actor pool) and pack `docs` (column text) into shards under `out_dir`; counts.
 
     Rows arrive at the driver in dataset order (preserve_order) and are written as they come, so
-    memory stays flat however large the corpus. Batch tails are packed together at the end; the
-    last < seq_len + 1 ids of the split fill no row and are dropped (`dropped_tail_tokens`).
+    memory stays flat however large the corpus. Batch tails are packed together as they arrive;
+    the last < seq_len + 1 ids of the split fill no row and are dropped (`dropped_tail_tokens`).
     """
     packed = docs.select_columns(["text"]).map_batches(
         TokenizePack, fn_constructor_args=(str(tokenizer_path), seq_len), batch_size=batch_docs,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1)
-    writer = ShardWriter(out_dir, rows_per_shard)
-    tails, n_docs, doc_tokens = [], 0, 0
+    writer, row = ShardWriter(out_dir, rows_per_shard), seq_len + 1
+    carry, n_docs, doc_tokens = np.array([], np.int32), 0, 0  # carry: batch tails not yet a full row
     with tqdm(desc=desc, unit=" rows", mininterval=2, disable=None) as bar:
         for table in packed.iter_batches(batch_format="pyarrow", batch_size=None):
             full = table["full"].to_numpy(zero_copy_only=False)
             writer.write(table["input_ids"].combine_chunks().filter(pa.array(full)))
             rest = table.filter(pa.array(~full))
-            tails += [rest["input_ids"].combine_chunks().flatten().to_numpy()]
+            carry = np.concatenate([carry, rest["input_ids"].combine_chunks().flatten().to_numpy()])
+            n = len(carry) // row
+            writer.write(_rows(carry[: n * row], row))
+            carry = carry[n * row:]
             n_docs += int(pc.sum(rest["docs"]).as_py() or 0)
             doc_tokens += int(pc.sum(rest["doc_tokens"]).as_py() or 0)
-            bar.update(int(full.sum()))
-    tail = np.concatenate(tails).astype(np.int32) if tails else np.array([], np.int32)
-    n_full = len(tail) // (seq_len + 1)
-    writer.write(pa.ListArray.from_arrays(pa.array(np.arange(n_full + 1, dtype=np.int32) * (seq_len + 1)),
-                                          pa.array(tail[: n_full * (seq_len + 1)])))
+            bar.update(int(full.sum()) + n)
     writer.close()
-    return {"documents": n_docs, "doc_tokens": doc_tokens, "dropped_tail_tokens": len(tail) - n_full * (seq_len + 1)}
+    return {"documents": n_docs, "doc_tokens": doc_tokens, "dropped_tail_tokens": len(carry)}
+
+
+def _rows(ids: np.ndarray, row: int) -> pa.ListArray:
+    """A flat int32 array of k * row ids -> k list rows."""
+    return pa.ListArray.from_arrays(pa.array(np.arange(len(ids) // row + 1, dtype=np.int32) * row), pa.array(ids))
 
 
 # ------------------------------------------------------------------------------------------- job
