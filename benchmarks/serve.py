@@ -147,43 +147,39 @@ def summarize(results: list[Result], wall: float) -> dict:
             "itl": (statistics.median(itl), pct(itl, 99))}
 
 
-def bench_engine(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> dict:
-    from mtnlg_ray.api import load_model
-    from mtnlg_ray.serve.engine import AsyncEngine, Engine
-
-    torch.set_num_threads(REPLICA_THREADS)
-    loaded = load_model(ckpt)
-
-    async def main():
-        aeng = AsyncEngine(Engine(loaded.model, max_slots=slots, max_waiting=64, decode=loaded.tokenizer.decode))
-        one = engine_request(aeng, output_len)
-        await run_level(one, prompts_at[1][:2], 1)  # warm-up
-        out = {c: summarize(*await run_level(one, prompts_at[c], c)) for c in prompts_at}
-        aeng.shutdown()
-        return out
-
-    return asyncio.run(main())
-
-
-def bench_http(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> dict:
+def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> tuple[dict, dict]:
+    """Each concurrency level on the bare engine, then through HTTP + Serve, back to back (same machine load)."""
     import httpx
     import ray
 
+    from mtnlg_ray.api import load_model
     from mtnlg_ray.config import ServeJob
     from mtnlg_ray.serve.app import deploy, shutdown
+    from mtnlg_ray.serve.engine import AsyncEngine, Engine
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     job = ServeJob.model_validate({"serve": dict(
         checkpoint=str(ckpt), port=0, max_batch_slots=slots, max_waiting=64, max_ongoing_requests=64,
         max_queued_requests=-1, num_cpus=REPLICA_THREADS)})
     url = deploy(job)
-    try:
-        async def main():
-            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-            async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-                one = http_request(client, url, output_len)
+    torch.set_num_threads(REPLICA_THREADS)
+    loaded = load_model(ckpt)
+
+    async def main():
+        aeng = AsyncEngine(Engine(loaded.model, max_slots=slots, max_waiting=64, decode=loaded.tokenizer.decode))
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            paths = {"bare": engine_request(aeng, output_len), "http": http_request(client, url, output_len)}
+            for one in paths.values():
                 await run_level(one, prompts_at[1][:2], 1)  # warm-up
-                return {c: summarize(*await run_level(one, prompts_at[c], c)) for c in prompts_at}
+            out = {"bare": {}, "http": {}}
+            for c in prompts_at:
+                for name, one in paths.items():
+                    out[name][c] = summarize(*await run_level(one, prompts_at[c], c))
+        aeng.shutdown()
+        return out["http"], out["bare"]
+
+    try:
         return asyncio.run(main())
     finally:
         shutdown()
@@ -233,8 +229,7 @@ def main() -> None:
         tok = Tokenizer(Path(tmp) / "tokenizer.model")
         prompts = make_prompts(tok, max(per_level.values()), args.input_len)
         prompts_at = {c: prompts[:n] for c, n in per_level.items()}
-        bare = bench_engine(ckpt, prompts_at, args.output_len, args.slots)
-        http = bench_http(ckpt, prompts_at, args.output_len, args.slots)
+        http, bare = run_all(ckpt, prompts_at, args.output_len, args.slots)
     report(http, bare, args)
 
 

@@ -5,7 +5,9 @@ owns one row (slot). Every `step()`:
   1. admits waiting requests into free rows: one prefill `model(prompt, kv_cache, rows=[slot])`
      each, whose last logits give the request's first token;
   2. decodes every request that was already running with ONE batched forward,
-     `model(last_tokens (B, 1), kv_cache, rows=busy_slots)`, each row at its own length;
+     `model(last_tokens (B, 1), kv_cache, rows=busy_slots)`, each row at its own length
+     (new requests take the lowest free row, so a batch of rows 0..B-1 passes rows=None and
+     attention reads cache views instead of gathered copies);
   3. finished requests (stop token, stop string, max_tokens, context full) free their row at
      once (`cache.reset([slot])`), so the next step can admit a waiting request into it.
 Requests beyond the free rows wait in a FIFO queue of at most `max_waiting`; `add` refuses more
