@@ -6,39 +6,26 @@ jobs use the debug preset with 64-token rows, so a Ray Train run takes seconds.
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from mtnlg_ray.config import PretrainJob, validate
-from mtnlg_ray.data.shards import write_manifest
+from mtnlg_ray.config import PreprocessJob, PretrainJob, validate
+from mtnlg_ray.data.shards import run_preprocess
 
 SEQ_LEN = 64
 
 
 @pytest.fixture(scope="session")
-def pretrain_data(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A dataset directory: 64-token rows of stdlib sources (a few thousand train rows, 5% val)."""
-    root = tmp_path_factory.mktemp("data") / "stdlib"
-    tok = tiny_tokenizer
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"))[:12]
-    ids = np.concatenate([np.array(tok.encode(f.read_text(encoding="utf-8")) + [tok.eod_id], np.int32) for f in files])
-    rows = ids[: len(ids) // (SEQ_LEN + 1) * (SEQ_LEN + 1)].reshape(-1, SEQ_LEN + 1)
-    n_val = max(8, len(rows) // 20)
-    for split, part in (("train", rows[n_val:]), ("val", rows[:n_val])):
-        (root / split).mkdir(parents=True)
-        pq.write_table(pa.table({"input_ids": pa.array(list(part), pa.list_(pa.int32()))}),
-                       root / split / "part-00000.parquet", row_group_size=1024)
-    import shutil
-
-    shutil.copy(tok.path, root / "tokenizer.model")
-    write_manifest(root, tok.sha256, tok.vocab_size, tok.eod_id, SEQ_LEN)
-    return root
+def pretrain_data(ray_session, tmp_path_factory) -> Path:
+    """`mtnlg preprocess` of 12 stdlib files: a 512-piece tokenizer, rows of 64 + 1 ids (~2k train rows)."""
+    job = validate(PreprocessJob, {
+        "corpus": {"kind": "stdlib", "max_files": 12},
+        "tokenizer": {"vocab_size": 512, "sample_docs": 12},
+        "pack": {"seq_len": SEQ_LEN, "val_fraction": 0.1, "num_actors": 1, "rows_per_shard": 1024},
+        "output_dir": str(tmp_path_factory.mktemp("data") / "stdlib"),
+    }, "test preprocess job")
+    return run_preprocess(job)
 
 
 def make_job(data: Path, storage: Path, name: str, **sections) -> PretrainJob:
