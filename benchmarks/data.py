@@ -6,7 +6,7 @@ Corpus: the interpreter's stdlib `.py` sources, `copies` times (each copy's docu
 by a header line), stored as Parquet files of 200 documents. Both sides read those files, encode every
 document, append EOD and cut rows of seq_len + 1 ids, written as Parquet shards.
     single process   one Python process, `SentencePieceProcessor.encode(doc)` per document
-    Ray Data         `data/shards.pack_split`: read_parquet -> TokenizePack on an actor pool of
+    Ray Data         `data/shards.pack`: read_parquet -> TokenizePack on an actor pool of
                      `--actors` actors -> rows streamed to the driver's shard writer (what
                      `mtnlg preprocess` runs); Ray started with 4 logical CPUs, as in the tests
 Peak memory is the summed PSS (shared pages split fairly) of the process and all its descendants
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtnlg_ray.data.readers import stdlib_files  # noqa: E402
-from mtnlg_ray.data.shards import ShardWriter, pack_split  # noqa: E402
+from mtnlg_ray.data.shards import ShardWriter, pack  # noqa: E402
 from mtnlg_ray.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def write_corpus(root: Path, copies: int) -> tuple[list[str], int]:
 # ---------------------------------------------------------------------------------------- the runs
 def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path) -> int:
     """The reference: one process, encode per document, pack and write; returns tokens (incl. EOD)."""
-    writer, carry, tokens, row = ShardWriter(out, 4096), np.array([], np.int32), 0, seq_len + 1
+    writer, carry, tokens, row = ShardWriter(out, 4096, seq_len + 1), np.array([], np.int32), 0, seq_len + 1
     for f in files:
         ids = [np.asarray(tok.sp.encode(d) + [tok.eod_id], np.int32) for d in pq.read_table(f)["text"].to_pylist()]
         stream = np.concatenate([carry, *ids])
@@ -121,8 +121,8 @@ def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path) ->
 def ray_pipeline(files: list[str], tok: Tokenizer, seq_len: int, out: Path, actors: int) -> int:
     import ray
 
-    stats = pack_split(ray.data.read_parquet(files), tok.path, seq_len, out, num_actors=actors, desc="ray")
-    return stats["doc_tokens"]
+    stats = pack(ray.data.read_parquet(files), tok.path, seq_len, out, num_actors=actors, splits=("train",))
+    return stats["train"]["doc_tokens"]
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data.context import DataContext
+from ray.data.expressions import col
 from tqdm import tqdm
 
 from mtnlg_ray.config import PreprocessJob
@@ -75,9 +76,9 @@ def write_manifest(root: str | Path, tokenizer_sha256: str, vocab_size: int, eod
 class TokenizePack:
     """Ray Data actor (tokenizer loaded once per actor): a batch of documents -> packed rows.
 
-    Each document is encoded and followed by EOD; the batch's ids are concatenated and cut into
-    full rows of seq_len + 1 ids. The remainder (< seq_len + 1 ids) leaves as one extra row with
-    full=False, carrying the batch's counts (docs, doc_tokens); the driver packs those tails.
+    Per split present in the batch: each document is encoded and followed by EOD, the ids are
+    concatenated and cut into full rows of seq_len + 1. The remainder (< seq_len + 1 ids) leaves
+    as one extra row with full=False carrying the counts (docs, doc_tokens); the driver packs tails.
     """
 
     def __init__(self, tokenizer_path: str, seq_len: int):
@@ -87,7 +88,12 @@ class TokenizePack:
         self.row = seq_len + 1
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        splits = batch["split"].to_pylist() if "split" in batch.column_names else ["train"] * batch.num_rows
         ids = self.tok.encode_batch(batch["text"].to_pylist())
+        return pa.concat_tables([self._pack([x for x, s in zip(ids, splits) if s == name], name)
+                                 for name in sorted(set(splits))])
+
+    def _pack(self, ids: list[list[int]], split: str) -> pa.Table:
         lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, len(ids))
         flat = np.empty(int(lengths.sum()), np.int32)
         ends = np.cumsum(lengths)
@@ -98,6 +104,7 @@ class TokenizePack:
         offsets = np.append(np.arange(n_full + 1, dtype=np.int32) * self.row, len(flat)).astype(np.int32)
         return pa.table({
             "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+            "split": pa.array([split] * (n_full + 1)),
             "full": pa.array([True] * n_full + [False]),
             "docs": pa.array([0] * n_full + [len(ids)], pa.int64()),
             "doc_tokens": pa.array([0] * n_full + [int(lengths.sum())], pa.int64()),
@@ -105,23 +112,40 @@ class TokenizePack:
 
 
 class ShardWriter:
-    """Streams rows into `dir/part-NNNNN.parquet`, `rows_per_shard` rows each, in row groups of ROW_GROUP."""
+    """Streams rows into `dir/part-NNNNN.parquet`, `rows_per_shard` rows each, in row groups of ROW_GROUP.
 
-    def __init__(self, directory: Path, rows_per_shard: int):
-        self.dir, self.rows_per_shard = directory, rows_per_shard
+    Rows that do not fill a row of their own (batch tails) are carried and packed as they arrive.
+    """
+
+    def __init__(self, directory: Path, rows_per_shard: int, row_len: int):
+        self.dir, self.rows_per_shard, self.row_len = directory, rows_per_shard, row_len
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.writer, self.in_shard, self.shards, self.rows = None, 0, 0, 0
+        self.writer, self.in_shard, self.shards = None, 0, 0
+        self.carry = np.array([], np.int32)  # tail ids not yet a full row
+        self.docs = self.doc_tokens = 0
 
-    def write(self, rows: pa.ListArray) -> None:
+    def write(self, rows: pa.ListArray) -> int:
+        """Write full rows; returns how many."""
+        n = len(rows)
         while len(rows):
             if self.writer is None:
                 self.writer = pq.ParquetWriter(self.dir / f"part-{self.shards:05d}.parquet", SCHEMA)
                 self.shards += 1
             take = min(len(rows), self.rows_per_shard - self.in_shard)
             self.writer.write_table(pa.table({"input_ids": rows.slice(0, take)}, schema=SCHEMA), ROW_GROUP)
-            rows, self.in_shard, self.rows = rows.slice(take), self.in_shard + take, self.rows + take
+            rows, self.in_shard = rows.slice(take), self.in_shard + take
             if self.in_shard == self.rows_per_shard:
                 self.close()
+        return n
+
+    def add_tail(self, ids: np.ndarray) -> int:
+        """Append tail ids to the carry and write the full rows it now holds; returns how many."""
+        self.carry = np.concatenate([self.carry, ids.astype(np.int32)])
+        n = len(self.carry) // self.row_len
+        rows = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * self.row_len),
+                                        pa.array(self.carry[: n * self.row_len]))
+        self.carry = self.carry[n * self.row_len:]
+        return self.write(rows)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -129,38 +153,36 @@ class ShardWriter:
         self.writer, self.in_shard = None, 0
 
 
-def pack_split(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_dir: Path,
-               rows_per_shard: int = 4096, num_actors: int = 2, batch_docs: int = 64, desc: str = "pack") -> dict:
-    """Tokenize (actor pool) and pack `docs` (column text) into shards under `out_dir`; counts.
+def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_root: Path,
+         rows_per_shard: int = 4096, num_actors: int = 2, batch_docs: int = 64,
+         splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict]:
+    """Tokenize (actor pool) and pack `docs` into `out_root/<split>/part-*.parquet`; counts per split.
 
-    Rows arrive at the driver in dataset order (preserve_order) and are written as they come, so
-    memory stays flat however large the corpus. Batch tails are packed together as they arrive;
-    the last < seq_len + 1 ids of the split fill no row and are dropped (`dropped_tail_tokens`).
+    `docs` has a `text` column and a `split` column (absent: all "train"). Rows arrive at the driver
+    in dataset order (preserve_order) and are written as they come, so memory stays flat however
+    large the corpus. The last < seq_len + 1 ids of a split fill no row and are dropped
+    (`dropped_tail_tokens`): `rows * (seq_len + 1) + dropped_tail_tokens = doc_tokens`.
     """
-    packed = docs.select_columns(["text"]).map_batches(
+    columns = [c for c in ("text", "split") if c in docs.columns()]
+    packed = docs.select_columns(columns).map_batches(
         TokenizePack, fn_constructor_args=(str(tokenizer_path), seq_len), batch_size=batch_docs,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1)
-    writer, row = ShardWriter(out_dir, rows_per_shard), seq_len + 1
-    carry, n_docs, doc_tokens = np.array([], np.int32), 0, 0  # carry: batch tails not yet a full row
-    with tqdm(desc=desc, unit=" rows", mininterval=2, disable=None) as bar:
+    writers = {name: ShardWriter(out_root / name, rows_per_shard, seq_len + 1) for name in splits}
+    with tqdm(desc="tokenize + pack", unit=" rows", mininterval=2, disable=None) as bar:
         for table in packed.iter_batches(batch_format="pyarrow", batch_size=None):
-            full = table["full"].to_numpy(zero_copy_only=False)
-            writer.write(table["input_ids"].combine_chunks().filter(pa.array(full)))
-            rest = table.filter(pa.array(~full))
-            carry = np.concatenate([carry, rest["input_ids"].combine_chunks().flatten().to_numpy()])
-            n = len(carry) // row
-            writer.write(_rows(carry[: n * row], row))
-            carry = carry[n * row:]
-            n_docs += int(pc.sum(rest["docs"]).as_py() or 0)
-            doc_tokens += int(pc.sum(rest["doc_tokens"]).as_py() or 0)
-            bar.update(int(full.sum()) + n)
-    writer.close()
-    return {"documents": n_docs, "doc_tokens": doc_tokens, "dropped_tail_tokens": len(carry)}
-
-
-def _rows(ids: np.ndarray, row: int) -> pa.ListArray:
-    """A flat int32 array of k * row ids -> k list rows."""
-    return pa.ListArray.from_arrays(pa.array(np.arange(len(ids) // row + 1, dtype=np.int32) * row), pa.array(ids))
+            for name, w in writers.items():
+                part = table.filter(pc.equal(table["split"], name))
+                full = part["full"].to_numpy(zero_copy_only=False)
+                n = w.write(part["input_ids"].combine_chunks().filter(pa.array(full)))
+                tails = part.filter(pa.array(~full))
+                n += w.add_tail(tails["input_ids"].combine_chunks().flatten().to_numpy())
+                w.docs += int(pc.sum(tails["docs"]).as_py() or 0)
+                w.doc_tokens += int(pc.sum(tails["doc_tokens"]).as_py() or 0)
+                bar.update(n)
+    for w in writers.values():
+        w.close()
+    return {name: {"documents": w.docs, "doc_tokens": w.doc_tokens, "dropped_tail_tokens": len(w.carry)}
+            for name, w in writers.items()}
 
 
 # ------------------------------------------------------------------------------------------- job
@@ -170,7 +192,7 @@ def _ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
 
 
-def _tokenizer(job: PreprocessJob, train_docs: ray.data.Dataset, out: Path):
+def _tokenizer(job: PreprocessJob, docs: ray.data.Dataset, out: Path):
     """Load `tokenizer.path` (checked against tokenizer.vocab_size when set) or train on a sample."""
     from mtnlg_ray.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -183,23 +205,23 @@ def _tokenizer(job: PreprocessJob, train_docs: ray.data.Dataset, out: Path):
             raise UserError(f"{cfg.path}: tokenizer has no end-of-document (eos) piece")
         (out / "tokenizer.model").write_bytes(Path(cfg.path).read_bytes())
         return Tokenizer(out / "tokenizer.model")
-    # documents are in content-hash order, so the first sample_docs are a uniform, stable sample
-    sample = [r["text"] for r in train_docs.select_columns(["text"]).limit(cfg.sample_docs).take_all()]
+    # train documents come first, in content-hash order: the first sample_docs are a uniform, stable sample
+    sample = [r["text"] for r in docs.filter(expr=col("split") == "train").select_columns(["text"])
+              .limit(cfg.sample_docs).take_all()]
     print(f"[preprocess] training a {cfg.model_type} tokenizer (vocab {cfg.vocab_size}) on {len(sample)} documents",
           flush=True)
     return train_tokenizer(sample, out / "tokenizer.model", cfg.vocab_size, cfg.model_type, cfg.byte_fallback,
                            cfg.max_sentence_length)
 
 
-def _split(kept: ray.data.Dataset, fraction: float, val: bool) -> ray.data.Dataset:
-    """Documents whose split hash falls below `fraction` (val) or not (train): stable across runs."""
-    cut = int(fraction * 2**64) - 2**63  # split_key is a uniform int64
-
-    def pick(batch: pa.Table) -> pa.Table:
-        below = pc.less(batch["split_key"], pa.scalar(cut, pa.int64()))
-        return batch.filter(below if val else pc.invert(below))
-
-    return kept.map_batches(pick, batch_format="pyarrow")
+def _label_split(batch: pa.Table, cut: int | None = None, name: str | None = None) -> pa.Table:
+    """Add the `split` column: `name`, or val when split_key < cut (stable across runs) else train."""
+    if name is None:
+        below = pc.less(batch["split_key"], pa.scalar(cut, pa.int64())).to_numpy(zero_copy_only=False)
+        labels = np.where(below, "val", "train").tolist()
+    else:
+        labels = [name] * batch.num_rows
+    return batch.append_column("split", pa.array(labels, pa.string()))
 
 
 def run_preprocess(job: PreprocessJob) -> Path:
@@ -218,22 +240,20 @@ def run_preprocess(job: PreprocessJob) -> Path:
     print(f"[preprocess] reading and cleaning the {job.corpus.kind} corpus", flush=True)
     kept, report = clean_corpus(read_corpus(job.corpus), job.clean, "corpus")
     print(f"[preprocess] {format_report(report, 'corpus')}", flush=True)
-    kept = kept.sort("content_hash").materialize()  # hash order: neighbours unrelated, order stable
-    if job.val_corpus is not None:
+    if job.val_corpus is None:  # a document goes to val when its split hash falls below val_fraction
+        cut = int(job.pack.val_fraction * 2**64) - 2**63  # split_key is a uniform int64
+        docs = kept.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"cut": cut})
+    else:
         val_docs, val_report = clean_corpus(read_corpus(job.val_corpus), job.clean, "val_corpus")
         print(f"[preprocess] {format_report(val_report, 'val_corpus')}", flush=True)
         report = {"corpus": report, "val_corpus": val_report}
-        splits = {"train": kept, "val": val_docs.sort("content_hash").materialize()}
-    else:
-        splits = {"train": _split(kept, job.pack.val_fraction, val=False),
-                  "val": _split(kept, job.pack.val_fraction, val=True)}
+        docs = kept.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"name": "train"}).union(
+            val_docs.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"name": "val"}))
+    docs = docs.sort(["split", "content_hash"]).materialize()  # hash order: neighbours unrelated, stable
     with atomic_dir(out) as tmp:
-        tok = _tokenizer(job, splits["train"], tmp)
-        stats = {}
-        for name, docs in splits.items():
-            print(f"[preprocess] tokenizing and packing {name} ({job.pack.num_actors} tokenizer actors)", flush=True)
-            stats[name] = pack_split(docs, tok.path, job.pack.seq_len, tmp / name, job.pack.rows_per_shard,
-                                     job.pack.num_actors, desc=name)
+        tok = _tokenizer(job, docs, tmp)
+        print(f"[preprocess] tokenizing and packing on {job.pack.num_actors} tokenizer actors", flush=True)
+        stats = pack(docs, tok.path, job.pack.seq_len, tmp, job.pack.rows_per_shard, job.pack.num_actors)
         if not stats["train"]["documents"]:
             raise UserError("corpus: no training documents (all went to val; lower pack.val_fraction)")
         manifest = write_manifest(tmp, tok.sha256, tok.vocab_size, tok.eod_id, job.pack.seq_len, extra_splits=stats,

@@ -17,7 +17,7 @@ import ray
 from mtnlg_ray.config import DataConfig, DatasetSpec, PreprocessJob, load_job
 from mtnlg_ray.data.dataset import iter_batches, open_datasets
 from mtnlg_ray.data.readers import stdlib_files
-from mtnlg_ray.data.shards import TokenizePack, pack_split, run_preprocess
+from mtnlg_ray.data.shards import TokenizePack, pack, run_preprocess
 from mtnlg_ray.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def _shard_ids(directory: Path) -> list[list[int]]:
 
 def test_tokenize_pack_keeps_every_token(tiny_tokenizer):
     docs = ["x = 1\n", "def f():\n    return 2\n", "", "class A:\n    pass\n" * 7]
-    out = TokenizePack(str(tiny_tokenizer.path), seq_len=8)(pa.table({"text": docs}))
+    out = TokenizePack(str(tiny_tokenizer.path), seq_len=8)(pa.table({"text": docs, "split": ["train"] * 4}))
     full = out.filter(out["full"])
     tail = out.filter(pa.compute.invert(out["full"]))
     assert tail.num_rows == 1 and tail["docs"][0].as_py() == 4
@@ -46,11 +46,11 @@ def test_tokenize_pack_keeps_every_token(tiny_tokenizer):
     assert tail["doc_tokens"][0].as_py() == len(stream) and len(tail["input_ids"][0]) < 9
 
 
-def test_pack_split_token_count(ray_session, tiny_tokenizer, tmp_path):
+def test_pack_token_count(ray_session, tiny_tokenizer, tmp_path):
     docs = _docs(12)
     ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=4)
-    stats = pack_split(ds, tiny_tokenizer.path, seq_len=32, out_dir=tmp_path / "train", rows_per_shard=50,
-                       num_actors=2, batch_docs=3)
+    stats = pack(ds, tiny_tokenizer.path, seq_len=32, out_root=tmp_path, rows_per_shard=50, num_actors=2,
+                 batch_docs=3)["train"]
     rows = _shard_ids(tmp_path / "train")
     expected = sum(len(tiny_tokenizer.encode(d)) + 1 for d in docs)  # + EOD per document
     assert stats["documents"] == 12 and stats["doc_tokens"] == expected
@@ -65,7 +65,7 @@ def test_pack_split_token_count(ray_session, tiny_tokenizer, tmp_path):
 
 def _job(tmp_path, name, *sets):
     return load_job(CONFIGS / "stdlib.yaml", PreprocessJob,
-                    [f"output_dir={tmp_path / name}", "corpus.max_files=40", "tokenizer.vocab_size=600",
+                    [f"output_dir={tmp_path / name}", "corpus.max_files=30", "tokenizer.vocab_size=600",
                      "pack.seq_len=64", "pack.val_fraction=0.2", "pack.rows_per_shard=300", *sets])
 
 
@@ -74,7 +74,7 @@ def test_preprocess_end_to_end_and_stable(ray_session, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["seq_len"] == 64 and m["vocab_size"] == 600 and m["eod_id"] == 2
     c = m["cleaning"]
-    assert c["documents_read"] == 40 and c["documents_kept"] == m["splits"]["train"]["documents"] + \
+    assert c["documents_read"] == 30 and c["documents_kept"] == m["splits"]["train"]["documents"] + \
         m["splits"]["val"]["documents"] and m["splits"]["val"]["documents"] > 0
     for split in ("train", "val"):
         s = m["splits"][split]
