@@ -91,7 +91,7 @@ class CorpusConfig(Section):
     kind: Literal["stdlib", "text", "jsonl", "parquet"] = "stdlib"
     paths: list[str] = Field(default_factory=list, description="files, directories or globs; any pyarrow.fs URI")
     text_mode: Literal["file", "line", "paragraph"] = "file"
-    text_field: str = "text"
+    text_field: str = Field("text", description="JSONL field / Parquet column holding the document")
     max_files: int | None = Field(None, gt=0, description="read at most this many files (sorted order)")
 
     @model_validator(mode="after")
@@ -135,6 +135,8 @@ class TokenizerConfig(Section):
 
 
 class PackConfig(Section):
+    """Tokenize on an actor pool, EOD after each document, pack into rows of seq_len + 1 ids."""
+
     seq_len: int = Field(256, gt=0, description="rows hold seq_len + 1 token ids")
     val_fraction: float = Field(0.02, ge=0, lt=1, description="documents sent to val, by content hash")
     rows_per_shard: int = Field(4096, gt=0)
@@ -142,8 +144,10 @@ class PackConfig(Section):
 
 
 class PreprocessJob(Section):
+    """`mtnlg preprocess`: corpus -> cleaned, deduplicated, tokenized, packed dataset directory."""
+
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
-    val_corpus: CorpusConfig | None = None
+    val_corpus: CorpusConfig | None = Field(None, description="explicit validation corpus (replaces val_fraction)")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
