@@ -62,9 +62,26 @@ def serve_job_from_args(args) -> ServeJob:
         auto = section.setdefault("autoscaling", {})
         auto.update({k: v for k, v in scaling.items() if v is not None})
     job = validate(ServeJob, apply_overrides(data, args.set), source)
-    if not Path(job.serve.checkpoint).exists():
-        raise UserError(f"{job.serve.checkpoint}: no such checkpoint, run directory or GPT-2 directory")
+    check_checkpoint(job.serve.checkpoint)
     return job
+
+
+def check_checkpoint(path: str) -> None:
+    """Refuse, in one line and before deploying, a path no replica could load (else Serve retries its
+    constructor over and over). Cheap: no weights are read."""
+    from mtnlg_ray.model.checkpoint import TOKENIZER, is_native_checkpoint
+    from mtnlg_ray.model.convert import is_hf_gpt2_dir
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such checkpoint, run directory or GPT-2 directory")
+    if is_native_checkpoint(p) or is_hf_gpt2_dir(p):
+        if not (p / TOKENIZER).is_file():
+            raise UserError(f"{p}: has no {TOKENIZER}; the server needs a tokenizer to read text")
+        return
+    from mtnlg_ray.train.checkpoint import pick_checkpoint
+
+    pick_checkpoint(p)  # a run directory: raises a UserError naming what is missing
 
 
 def deploy(job: ServeJob, name: str = APP_NAME) -> str:

@@ -50,7 +50,7 @@ def test_serve_configs_validate_and_misspelled_keys_are_refused():
         build_app(too_many)
 
 
-def test_mtnlg_serve_args(tiny_checkpoint):
+def test_mtnlg_serve_args(tiny_checkpoint, tmp_path):
     from argparse import Namespace
 
     from mtnlg_ray.errors import ConfigError, UserError
@@ -65,6 +65,8 @@ def test_mtnlg_serve_args(tiny_checkpoint):
         serve_job_from_args(Namespace(**{**vars(args), "max_replicas": 1}))
     with pytest.raises(UserError, match="no such checkpoint"):
         serve_job_from_args(Namespace(**{**vars(args), "checkpoint": "/no/such/dir"}))
+    with pytest.raises(UserError, match="no checkpoint_"):  # a directory that is not any checkpoint
+        serve_job_from_args(Namespace(**{**vars(args), "checkpoint": str(tmp_path)}))
 
 
 def test_mtnlg_serve_command_serves_until_ctrl_c(tiny_checkpoint, port):
