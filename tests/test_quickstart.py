@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from mtnlg_ray.quickstart import run_quickstart
 
 
+@pytest.mark.timeout(1500)  # five stages; about 3 minutes on 2 idle cores
 def test_quickstart_end_to_end(ray_session, tmp_path):
     out = run_quickstart(tmp_path / "demo", quick=True)
     work = tmp_path / "demo"
