@@ -61,11 +61,13 @@ def resolve_paths(job: FinetuneJob) -> FinetuneJob:
                                   "output_dir": str(Path(job.output_dir).resolve()), "sft": sft})
 
 
-def prepare_data(job: FinetuneJob) -> FinetuneJob:
+def prepare_data(job: FinetuneJob, require_val: bool = False) -> FinetuneJob:
     """Check the start point against the tokenizer, write the task dataset; returns the resolved job.
 
     A model whose vocabulary differs from the tokenizer's, or whose context is shorter than
-    sft.seq_len, is refused before any data is written."""
+    sft.seq_len, is refused before any data is written; so are splits too small for one
+    micro-batch (the loop could not train, or could not evaluate), and, with `require_val`, a
+    task without validation data."""
     from mtnlg_ray.data.sft import prepare_sft
     from mtnlg_ray.data.tokenizer import Tokenizer
     from mtnlg_ray.train.trainer import ensure_ray, model_config
@@ -74,11 +76,14 @@ def prepare_data(job: FinetuneJob) -> FinetuneJob:
     tok_path = Path(job.sft.tokenizer) if job.sft.tokenizer else init_tokenizer(job.init_from)
     model_config(job, Tokenizer(tok_path).vocab_size, job.sft.seq_len, tok_path)  # vocab and length checks
     ensure_ray()
-    rows = prepare_sft(job.sft, tok_path, job.output_dir)["splits"]["train"]["rows"]
-    if rows < job.train.micro_batch_size:
-        raise UserError(f"{job.output_dir}: the task's train split packs into {rows} rows of sft.seq_len="
-                        f"{job.sft.seq_len}, fewer than train.micro_batch_size={job.train.micro_batch_size}; "
-                        "add examples or lower micro_batch_size")
+    splits = prepare_sft(job.sft, tok_path, job.output_dir)["splits"]
+    mb = job.train.micro_batch_size
+    for name in ("train", "val"):
+        rows = splits[name]["rows"]
+        if (rows or name == "train" or require_val) and rows < mb:
+            raise UserError(f"{job.output_dir}: the {name} split holds {rows} rows of sft.seq_len={job.sft.seq_len}, "
+                            f"fewer than train.micro_batch_size={mb}; add examples, set sft.packing: false "
+                            "(one example per row), or lower micro_batch_size")
     return job
 
 

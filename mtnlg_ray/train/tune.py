@@ -96,7 +96,7 @@ def run_tune(job: TuneJob) -> list[dict]:
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     for hp in combos:  # refuse an impossible combination (e.g. a batch size micro_batch does not divide) now
         trial_job(job.finetune, hp)
-    resolved = prepare_data(job.finetune)
+    resolved = prepare_data(job.finetune, require_val=True)  # trials are ranked by validation loss
     base = job.finetune.scaling
     storage = str(Path(resolved.scaling.storage_path).resolve()) if "://" not in base.storage_path else base.storage_path
     max_evals = evaluations(job.finetune)

@@ -36,6 +36,15 @@ def test_a_tokenizer_that_does_not_match_the_checkpoint_is_refused(assets, tmp_p
     assert not (tmp_path / "sft_data").exists()  # refused before any data was written
 
 
+def test_a_validation_split_too_small_to_evaluate_is_refused(ray_session, assets, tmp_path):
+    init, task = assets
+    (tmp_path / "val.jsonl").write_text('{"prompt": "copy: open", "response": "open"}\n')
+    job = finetune_job(init, tmp_path, tmp_path / "runs", "x", sft={"train_paths": [str(task / "train.jsonl")],
+                                                                    "val_paths": [str(tmp_path / "val.jsonl")]})
+    with pytest.raises(UserError, match="the val split holds 1 rows .* fewer than train.micro_batch_size=4"):
+        prepare_data(job)
+
+
 def test_full_finetune_from_a_gpt2_directory_lowers_val_loss(ray_session, assets, tmp_path):
     init, task = assets
     hf = api.export(init, tmp_path / "hf", fmt="hf")  # a Hugging Face GPT-2 directory (+ our tokenizer.model)
