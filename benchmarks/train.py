@@ -130,7 +130,7 @@ def main() -> int:
     for name, tps, flops, devices in rows:
         ratio = f"{tps / bare:.2f}x" if tps else ""
         mfu = flops / (PEAK[0] * devices) if tps else 1.0  # against the measured peak of the devices used
-        print(f"| {name} | {devices} | {tps or 0:,.0f} | {ratio} | {flops / 1e9:.1f} G | {mfu:.1%} |")
+        print(f"| {name} | {devices} | {f'{tps:,.0f}' if tps else ''} | {ratio} | {flops / 1e9:.1f} G | {mfu:.1%} |")
     if cuda:
         big = {"preset": "gpt-1.3b", "vocab_size": vocab, "max_seq_len": seq}
         PEAK[0] = 989e12
