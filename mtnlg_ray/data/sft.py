@@ -108,15 +108,19 @@ def _jsonl_rows(row: dict, split: str) -> list[dict]:
     out = []
     for i, raw in enumerate(row["bytes"].split(b"\n"), start=1):
         if raw.strip():
-            out.append({"source": f"{path}:{i}", "text": raw.decode("utf-8", errors="replace"), "split": split})
+            try:
+                text, error = raw.decode("utf-8"), ""
+            except UnicodeDecodeError as err:
+                text, error = "", f"not valid UTF-8 ({err.reason} at byte {err.start})"
+            out.append({"source": f"{path}:{i}", "text": text, "split": split, "error": error})
     return out
 
 
 def _code_rows(row: dict, split: str) -> list[dict]:
     """One Python file -> one {prompt, response} row per documented function."""
     source = row["bytes"].decode("utf-8", errors="replace")
-    return [{"source": f"{row['path']}:{line}", "text": json.dumps({"prompt": p, "response": r}), "split": split}
-            for line, p, r in function_examples(source)]
+    return [{"source": f"{row['path']}:{line}", "text": json.dumps({"prompt": p, "response": r}), "split": split,
+             "error": ""} for line, p, r in function_examples(source)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -131,10 +135,11 @@ def _tokenize(batch: pa.Table, tokenizer_path: str, seq_len: int, overlong: str,
     tok = _tokenizer(tokenizer_path)
     width = seq_len + 1
     cols = {k: [] for k in ("source", "split", "status", "error", "order", "n_labels", "input_ids", "labels")}
-    for source, text, split in zip(*(batch[c].to_pylist() for c in ("source", "text", "split"))):
-        ids, labels, status, error = [], [], "ok", ""
+    for source, text, split, error in zip(*(batch[c].to_pylist() for c in ("source", "text", "split", "error"))):
+        ids, labels, status = [], [], "bad" if error else "ok"
         try:
-            ids, labels = encode_chat(tok, example_messages(json.loads(text)))
+            if not error:
+                ids, labels = encode_chat(tok, example_messages(json.loads(text)))
         except (ValueError, RecursionError) as err:  # json.JSONDecodeError is a ValueError
             status, error = "bad", str(err).splitlines()[0][:200]
         if status == "ok" and len(ids) > width:

@@ -88,17 +88,19 @@ def test_bad_lines_are_reported_with_file_and_line_and_skipped_or_refused(ray_se
     bad = ['{"prompt": "alpha"}', '{"messages": [{"role": "robot", "content": "x"}]}',
            '{"prompt": "alpha", "response": "  "}', "not json"]
     src = write_jsonl(tmp_path / "mixed.jsonl", good[:8] + bad + good[8:])
+    src.write_bytes(src.read_bytes() + b'{"prompt": "\xff", "response": "x"}\n')  # line 21: not UTF-8
     cfg = SftDataConfig(train_paths=[str(src)], seq_len=32, val_fraction=0.0, max_bad_fraction=0.25)
     manifest = sft.prepare_sft(cfg, tiny_tokenizer.path, tmp_path / "ok")
     report = manifest["sft"]
-    assert report["bad"] == 4 and manifest["splits"]["train"]["examples"] == 16
+    assert report["bad"] == 5 and manifest["splits"]["train"]["examples"] == 16
     assert report["bad_lines"][0] == f'{src}:9: missing field "response" (expected {{"prompt", "response"}} or {{"messages"}})'
     assert "unknown role 'robot'" in report["bad_lines"][1] and f"{src}:10:" in report["bad_lines"][1]
     assert report["bad_lines"][2] == f"{src}:11: empty response"
     assert f"{src}:12:" in report["bad_lines"][3]
+    assert report["bad_lines"][4].startswith(f"{src}:21: not valid UTF-8")
     assert f"{src}:9: missing field" in caplog.text
 
-    with pytest.raises(UserError, match=rf"{src}:9: missing field .*4 of 20 lines bad, more than sft.max_bad_fraction=0.1"):
+    with pytest.raises(UserError, match=rf"{src}:9: missing field .*5 of 21 lines bad, more than sft.max_bad_fraction=0.1"):
         sft.prepare_sft(cfg.model_copy(update={"max_bad_fraction": 0.1}), tiny_tokenizer.path, tmp_path / "refused")
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))  # nothing half-written
     with pytest.raises(UserError, match="sft.train_paths: .*missing.jsonl: no such file"):
