@@ -6,7 +6,8 @@ and sends `--requests` prompts of `--input-len` tokens, each generating exactly 
 tokens (ignore_eos, greedy), keeping `concurrency` requests in flight. Per level: request
 throughput, output tokens/s, TTFT, TPOT and ITL (median and p99). The same workload also runs on
 the bare engine (AsyncEngine in this process, no HTTP or Serve; same thread count as the replica),
-which gives the HTTP/Serve overhead on TTFT.
+which gives the HTTP/Serve overhead on TTFT. At concurrency 1 the two paths alternate request by
+request, so that both see the same load on a shared machine; higher levels run back to back.
 
     python benchmarks/serve.py           # concurrency 1, 4, 16 (about 3 minutes on 2 cores)
     python benchmarks/serve.py --quick   # fewer requests
@@ -174,6 +175,14 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> tuple[
                 await run_level(one, prompts_at[1][:2], 1)  # warm-up
             out = {"bare": {}, "http": {}}
             for c in prompts_at:
+                if c == 1:  # one request at a time, alternating paths: both see the same machine load
+                    res = {name: [] for name in paths}
+                    for p in prompts_at[1]:
+                        for name, one in paths.items():
+                            res[name].append(await one(p))
+                    for name, rs in res.items():  # sequential, so the wall time is the sum of latencies
+                        out[name][1] = summarize(rs, sum(r.latency for r in rs))
+                    continue
                 for name, one in paths.items():
                     out[name][c] = summarize(*await run_level(one, prompts_at[c], c))
         aeng.shutdown()

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -112,6 +113,9 @@ class OpenAIServer:
         from mtnlg_ray.api import load_model
         from mtnlg_ray.data.chat import chat_stop_id
 
+        # The engine thread releases the GIL around every torch op; with the default 5 ms switch
+        # interval a busy event loop (Serve's per-chunk work) would make it wait up to 5 ms per op.
+        sys.setswitchinterval(0.0005)
         cfg = self.cfg = ServeSection.model_validate(serve_config)
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() and cfg.num_gpus else "cpu")
         loaded = load_model(cfg.checkpoint, device)
