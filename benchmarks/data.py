@@ -9,8 +9,9 @@ document, append EOD and cut rows of seq_len + 1 ids, written as Parquet shards.
     Ray Data         `data/shards.pack`: read_parquet -> TokenizePack on an actor pool of
                      `--actors` actors -> rows streamed to the driver's shard writer (what
                      `mtnlg preprocess` runs); Ray started with 4 logical CPUs, as in the tests
-Peak memory is the summed PSS (shared pages split fairly) of the process and all its descendants
-(for Ray: driver, GCS, raylet, workers, actors), sampled every 0.2 s. It must not grow with the corpus.
+Peak memory is the PSS (shared pages split fairly), sampled every 0.2 s: of the process for the
+single-process loop; summed over the driver and all its descendants (GCS, raylet, workers, actors,
+object store pages they map) for Ray. It must not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def _pss_kb(pid: int) -> int:
 
 
 class PeakMemory:
-    """Peak of the summed PSS of this process and its descendants while the block runs (bytes)."""
+    """Peak of the summed PSS of this process (and its descendants: tree=True) while the block runs (bytes)."""
+
+    def __init__(self, tree: bool):
+        self.tree = tree
 
     def __enter__(self):
         self.peak, self._stop = 0, threading.Event()
@@ -69,7 +73,7 @@ class PeakMemory:
 
     def _run(self):
         while not self._stop.is_set():
-            tree, todo, total = _children(), [os.getpid()], 0
+            tree, todo, total = _children() if self.tree else {}, [os.getpid()], 0
             while todo:
                 pid = todo.pop()
                 total += _pss_kb(pid)
@@ -150,7 +154,7 @@ def main() -> None:
         results = {}
         for name, run in (("single", lambda o: single_process(files, tok, args.seq_len, o)),
                           ("ray", lambda o: ray_pipeline(files, tok, args.seq_len, o, args.actors))):
-            with PeakMemory() as mem:
+            with PeakMemory(tree=name == "ray") as mem:
                 t = time.perf_counter()
                 tokens = run(tmp / f"out_{name}_{copies}")
                 wall = time.perf_counter() - t

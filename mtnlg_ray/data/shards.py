@@ -164,7 +164,8 @@ def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_r
     (`dropped_tail_tokens`): `rows * (seq_len + 1) + dropped_tail_tokens = doc_tokens`.
     """
     columns = [c for c in ("text", "split") if c in docs.columns()]
-    packed = docs.select_columns(columns).map_batches(
+    # blocks of batch_docs documents: every actor gets work however the input was blocked
+    packed = docs.select_columns(columns).repartition(target_num_rows_per_block=batch_docs).map_batches(
         TokenizePack, fn_constructor_args=(str(tokenizer_path), seq_len), batch_size=batch_docs,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1)
     writers = {name: ShardWriter(out_root / name, rows_per_shard, seq_len + 1) for name in splits}

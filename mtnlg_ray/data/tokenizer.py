@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
-import torch
 
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.fileio import file_sha256
@@ -53,14 +52,18 @@ class Tokenizer:
     def encode(self, text: str, return_tensors: str | None = None):
         """Token ids of `text` (no EOD added); return_tensors="pt" gives a (1, T) LongTensor."""
         ids = self.sp.encode(text)
-        return torch.tensor([ids], dtype=torch.long) if return_tensors == "pt" else ids
+        if return_tensors == "pt":
+            import torch  # lazily: Ray Data tokenizer actors never pay torch's import time
+
+            return torch.tensor([ids], dtype=torch.long)
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
 
     def decode(self, ids) -> str | list[str]:
         """Text of a list of ids or a 1-D tensor; a 2-D tensor / list of lists gives a list of texts."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):  # a torch tensor or numpy array
             ids = ids.tolist()
         if ids and isinstance(ids[0], list):
             return [self.decode(row) for row in ids]
