@@ -59,7 +59,8 @@ def _jobs(work: Path, quick: bool):
     ft_set = [f"init_from={runs / 'pretrain'}", f"output_dir={work / 'sft_data'}", f"scaling.storage_path={runs}",
               "scaling.name=finetune"]
     ft_set += ["train.max_steps=6", "train.eval_interval=3", "train.log_interval=3", "checkpoint.interval=3",
-               "sft.max_examples=200"] if quick else []
+               "train.global_batch_size=8", "train.micro_batch_size=4", "sft.max_examples=300",
+               "sft.val_fraction=0.2"] if quick else []
     return {
         "preprocess": (CONFIGS / "preprocess" / "stdlib.yaml", PreprocessJob, pre_set),
         "pretrain": (CONFIGS / "pretrain" / "quickstart.yaml", PretrainJob, pt_set),
