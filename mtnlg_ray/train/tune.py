@@ -6,7 +6,7 @@
                is the Ray Train driver (Ray Train V2's documented Train-inside-Tune pattern) and a
                TuneReportCallback forwards the workers' reports to Tune. Only reports that carry
                `val_loss` are forwarded, so one Tune iteration is one evaluation: ASHA's grace_period
-               and max_t count evaluations (every train.eval_interval steps and the last step).
+               and rungs count evaluations (every train.eval_interval steps and the last step).
     output  =  the trials ranked by their best validation loss, and the best trial's FinetuneJob
                written as YAML (tune.best_config_out) that `mtnlg finetune` runs as is.
 
@@ -105,8 +105,11 @@ def run_tune(job: TuneJob) -> list[dict]:
     trainable = tune.with_resources(tune.with_parameters(_trial, job=resolved.model_dump(mode="json"),
                                                          storage=f"{storage}/{base.name}-tune-runs"),
                                     {"cpu": TRIAL_CPUS})
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_evals, grace_period=job.tune.grace_period,
-                              reduction_factor=job.tune.reduction_factor)
+    # max_t one past a full trial: ASHA stops a trial that reaches max_t at once, which would kill its
+    # Train driver while it finishes (final checkpoint, worker shutdown); this way complete trials end
+    # on their own and ASHA only cuts trials at the rungs below.
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_evals + 1,
+                              grace_period=job.tune.grace_period, reduction_factor=job.tune.reduction_factor)
     tuner = tune.Tuner(
         trainable,
         param_space={"hp": {name: tune.grid_search(values) for name, values in grid.items()}},
