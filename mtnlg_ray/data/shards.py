@@ -164,10 +164,13 @@ def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_r
     (`dropped_tail_tokens`): `rows * (seq_len + 1) + dropped_tail_tokens = doc_tokens`.
     """
     columns = [c for c in ("text", "split") if c in docs.columns()]
+    # The actors must leave one CPU to the read / repartition tasks that feed them: on a 2-CPU Ray,
+    # two 1-CPU actors starve those tasks and the pipeline stalls with no error.
+    actor_cpus = max(0.25, min(1.0, (ray.cluster_resources().get("CPU", 1.0) - 1.0) / num_actors))
     # blocks of batch_docs documents: every actor gets work however the input was blocked
     packed = docs.select_columns(columns).repartition(target_num_rows_per_block=batch_docs).map_batches(
         TokenizePack, fn_constructor_args=(str(tokenizer_path), seq_len), batch_size=batch_docs,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1)
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
     writers = {name: ShardWriter(out_root / name, rows_per_shard, seq_len + 1) for name in splits}
     with tqdm(desc="tokenize + pack", unit=" rows", mininterval=2, disable=None) as bar:
         for table in packed.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -53,12 +53,12 @@ from torch import nn
 from mtnlg_ray.config import ModelConfig, validate
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.fileio import file_sha256
+from mtnlg_ray.model.checkpoint import CONFIG, FORMAT_VERSION, MANIFEST, TOKENIZER, read_config
 from mtnlg_ray.train.optim import Optimizers
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-CONFIG, MANIFEST, TOKENIZER, TRAINER_STATE = "config.json", "manifest.json", "tokenizer.model", "trainer_state.json"
+TRAINER_STATE = "trainer_state.json"
 CKPT_RE = re.compile(r"^checkpoint_(\d{8})_")
 OPTIM_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -269,17 +269,6 @@ def resolve_resume(latest: Path | None) -> tuple[Path | None, list[str]]:
 
 
 # ---------------------------------------------------------------------------- offline: one process
-def read_checkpoint_config(directory: Path) -> tuple[ModelConfig, dict]:
-    cpath = directory / CONFIG
-    try:
-        meta = json.loads(cpath.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{cpath}: cannot read ({err})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{cpath}: format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
-    return validate(ModelConfig, meta.get("model", {}), str(cpath)), meta
-
-
 def consolidate(directory: Path) -> dict[str, torch.Tensor]:
     """Full model tensors of a DCP checkpoint, whatever layout wrote it (no process group)."""
     reader = SafeReader(directory)
@@ -329,7 +318,7 @@ def load_run_state(path: str | Path, step: int | None = None) -> tuple[ModelConf
     if not p.is_dir():
         raise UserError(f"{p}: no such run or checkpoint directory")
     ckpt = pick_checkpoint(p, step)
-    cfg, meta = read_checkpoint_config(ckpt)
+    cfg, meta = read_config(ckpt)
     tensors = consolidate(ckpt)
     lora = (meta.get("job") or {}).get("lora")
     if lora:

@@ -69,10 +69,11 @@ def _init_model_config(path: str) -> ModelConfig:
     if is_native_checkpoint(p):
         return read_config(p)[0]
     if not is_hf_gpt2_dir(p):
-        from mtnlg_ray.train.checkpoint import pick_checkpoint, read_checkpoint_config
+        from mtnlg_ray.model.checkpoint import read_config
+        from mtnlg_ray.train.checkpoint import pick_checkpoint
 
         if p.is_dir():
-            return read_checkpoint_config(pick_checkpoint(p))[0]
+            return read_config(pick_checkpoint(p))[0]
     from mtnlg_ray.api import load_state_any
 
     return load_state_any(p)[0]
