@@ -3,7 +3,7 @@
     python benchmarks/data.py [--copies 1 4] [--actors 2] [--vocab 4096] [--seq-len 256]
 
 Corpus: the interpreter's stdlib `.py` sources, `copies` times (each copy's documents made distinct
-by a header line), stored as Parquet files of 200 documents. Both sides read those files, encode every
+by a header line), stored as Parquet files of 50 documents. Both sides read those files, encode every
 document, append EOD and cut rows of seq_len + 1 ids, written as Parquet shards.
     single process   one Python process, `SentencePieceProcessor.encode(doc)` per document
     Ray Data         `data/shards.pack`: read_parquet -> TokenizePack on an actor pool of
@@ -96,7 +96,7 @@ def write_corpus(root: Path, copies: int) -> tuple[list[str], int]:
         for i, d in enumerate(docs):
             batch.append(f"# copy {c} of document {i}\n{d}")
             total += len(batch[-1].encode())
-            if len(batch) == 200:
+            if len(batch) == 50:
                 files.append(str(root / f"docs-{len(files):04d}.parquet"))
                 pq.write_table(pa.table({"text": batch}), files[-1])
                 batch = []
@@ -125,7 +125,7 @@ def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path) ->
 def ray_pipeline(files: list[str], tok: Tokenizer, seq_len: int, out: Path, actors: int) -> int:
     import ray
 
-    stats = pack(ray.data.read_parquet(files), tok.path, seq_len, out, num_actors=actors, splits=("train",))
+    stats = pack(ray.data.read_parquet(files, override_num_blocks=len(files)), tok.path, seq_len, out, num_actors=actors, splits=("train",))
     return stats["train"]["doc_tokens"]
 
 

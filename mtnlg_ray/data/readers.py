@@ -257,7 +257,10 @@ def read_corpus(cfg: CorpusConfig) -> ray.data.Dataset:
     files = corpus_files(cfg)
     if cfg.kind == "parquet":
         check_parquet_columns(files, cfg.text_field)
+    # two blocks per CPU: enough to keep the cluster busy, few enough that the later shuffles
+    # (dedup group-by, sort), whose cost grows with blocks^2, stay cheap on a small machine
+    cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
     listing = ray.data.from_items([{"file_index": i, "path": f} for i, f in enumerate(files)],
-                                  override_num_blocks=min(len(files), 64))
+                                  override_num_blocks=max(1, min(len(files), 2 * cpus)))
     return listing.map_batches(_read_files, batch_size=1, batch_format="numpy",
                                fn_kwargs={"kind": cfg.kind, "text_mode": cfg.text_mode, "text_field": cfg.text_field})

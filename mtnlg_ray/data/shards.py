@@ -158,7 +158,9 @@ def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_r
          splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict]:
     """Tokenize (actor pool) and pack `docs` into `out_root/<split>/part-*.parquet`; counts per split.
 
-    `docs` has a `text` column and a `split` column (absent: all "train"). Rows arrive at the driver
+    `docs` has a `text` column and a `split` column (absent: all "train"), in several blocks (each
+    block is one actor's work item). Give it a materialized dataset, or make sure the cluster has
+    CPUs beyond the `num_actors` the actors hold: upstream tasks need one. Rows arrive at the driver
     in dataset order (preserve_order) and are written as they come, so memory stays flat however
     large the corpus. The last < seq_len + 1 ids of a split fill no row and are dropped
     (`dropped_tail_tokens`): `rows * (seq_len + 1) + dropped_tail_tokens = doc_tokens`.
@@ -167,8 +169,7 @@ def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_r
     # The actors must leave one CPU to the read / repartition tasks that feed them: on a 2-CPU Ray,
     # two 1-CPU actors starve those tasks and the pipeline stalls with no error.
     actor_cpus = max(0.25, min(1.0, (ray.cluster_resources().get("CPU", 1.0) - 1.0) / num_actors))
-    # blocks of batch_docs documents: every actor gets work however the input was blocked
-    packed = docs.select_columns(columns).repartition(target_num_rows_per_block=batch_docs).map_batches(
+    packed = docs.select_columns(columns).map_batches(
         TokenizePack, fn_constructor_args=(str(tokenizer_path), seq_len), batch_size=batch_docs,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
     writers = {name: ShardWriter(out_root / name, rows_per_shard, seq_len + 1) for name in splits}
@@ -253,7 +254,9 @@ def run_preprocess(job: PreprocessJob) -> Path:
         report = {"corpus": report, "val_corpus": val_report}
         docs = kept.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"name": "train"}).union(
             val_docs.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"name": "val"}))
-    docs = docs.sort(["split", "content_hash"]).materialize()  # hash order: neighbours unrelated, stable
+    # hash order (neighbours unrelated, stable), materialized in blocks of 64 documents: the actor
+    # pool's work items, with no upstream task left to compete with the actors for CPUs
+    docs = docs.sort(["split", "content_hash"]).repartition(target_num_rows_per_block=64).materialize()
     with atomic_dir(out) as tmp:
         tok = _tokenizer(job, docs, tmp)
         print(f"[preprocess] tokenizing and packing on {job.pack.num_actors} tokenizer actors", flush=True)
