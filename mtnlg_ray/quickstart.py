@@ -22,10 +22,12 @@ from pathlib import Path
 from mtnlg_ray.config import FinetuneJob, PreprocessJob, PretrainJob, ServeJob, load_job
 
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+# The fine-tuned task's format (data/code_task.py): a signature and a one-line docstring, sent as a
+# chat turn; the model answers with the function body.
 PROMPTS = [
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef list_python_files(directory):\n",
-    "class Stack:\n    def __init__(self):\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""',
+    'def read_lines(path):\n    """Return the lines of the text file at path, without newlines."""',
+    'def is_palindrome(text):\n    """Return True if text reads the same forwards and backwards."""',
 ]
 
 
@@ -41,13 +43,13 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
 
 
 def _stream(url: str, body: dict, timeout: float = 120):
-    """Yield the text of each SSE chunk of a streamed completion."""
+    """Yield the text of each SSE chunk of a streamed chat completion."""
     req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:
             line = raw.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
-                yield json.loads(line[6:])["choices"][0]["text"]
+                yield json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
 
 
 def _jobs(work: Path, quick: bool):
@@ -125,21 +127,22 @@ def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dic
     base = deploy(serve_job)
     samples = []
     try:
-        for prompt in PROMPTS[:2]:
-            body = {"model": serve_job.serve.model_name, "prompt": prompt, "max_tokens": 48, "temperature": 0.7,
-                    "top_p": 0.95, "seed": 0}
-            reply = _post(f"{base}/v1/completions", body)
-            samples.append({"prompt": prompt, "completion": reply["choices"][0]["text"], "stream": False})
-            print(f"--- POST /v1/completions\n{prompt}{samples[-1]['completion']}\n", flush=True)
-        print(f"--- POST /v1/completions (stream=true)\n{PROMPTS[2]}", end="", flush=True)
-        body = {"model": serve_job.serve.model_name, "prompt": PROMPTS[2], "max_tokens": 48, "temperature": 0.7,
-                "top_p": 0.95, "seed": 0}
-        pieces = []
-        for piece in _stream(f"{base}/v1/completions", body):
-            pieces.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        samples.append({"prompt": PROMPTS[2], "completion": "".join(pieces), "stream": True})
+        for i, prompt in enumerate(PROMPTS):
+            body = {"model": serve_job.serve.model_name, "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 64, "temperature": 0.7, "top_p": 0.95, "seed": 0}
+            streamed = i == len(PROMPTS) - 1
+            print(f"--- POST /v1/chat/completions{' (stream=true)' if streamed else ''}\n{prompt}", flush=True)
+            if streamed:
+                pieces = []
+                for piece in _stream(f"{base}/v1/chat/completions", body):
+                    pieces.append(piece)
+                    print(piece, end="", flush=True)
+                text = "".join(pieces)
+                print()
+            else:
+                text = _post(f"{base}/v1/chat/completions", body)["choices"][0]["message"]["content"]
+                print(text, flush=True)
+            samples.append({"prompt": prompt, "completion": text, "stream": streamed})
     finally:
         shutdown()
     timings["serve"] = time.perf_counter() - t

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
@@ -183,6 +184,9 @@ def train_loop(config: dict) -> None:
     model_cfg = validate(ModelConfig, run["model"], "run.model (worker)")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    # The workers' own read pipelines would each draw progress bars over the driver's output;
+    # training progress is the per-step metrics line instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
     dims, model, optimizers = setup_model(job, model_cfg, device)
     tc, seq_len = job.train, run["seq_len"]
