@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import SEQ_LEN, make_job
+from train_jobs import SEQ_LEN, make_job
 
 from mtnlg_ray.train.checkpoint import list_checkpoints, load_run_state, step_of
 from mtnlg_ray.train.metrics import read_metrics
@@ -121,7 +121,7 @@ def test_elastic_run_survives_a_killed_worker(reference, pretrain_data, storage)
     from mtnlg_ray.data.dataset import iter_batches, open_datasets
     from mtnlg_ray.model.checkpoint import build_model
     from mtnlg_ray.model.gpt import lm_loss
-    from conftest import make_job as job_for
+    from train_jobs import make_job as job_for
 
     cfg, tensors, _, meta = load_run_state(run)
     assert meta["step"] == 2 * N

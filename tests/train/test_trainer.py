@@ -1,7 +1,7 @@
 """build_trainer: the Ray Train objects it builds, and what it refuses before any worker starts."""
 
 import pytest
-from conftest import make_job
+from train_jobs import make_job
 
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.train.trainer import build_trainer
