@@ -52,7 +52,11 @@ def server(ray_session, tiny_checkpoint, serve_port):
         del os.environ["MTNLG_API_KEY"]
     port = serve_port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix)
+    try:
+        serve.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix)
+    except BaseException:
+        serve.shutdown()  # a failed deploy must not leave Serve bound to this port for later tests
+        raise
     yield {"url": f"http://127.0.0.1:{port}", "app": app_cfg.name}
     serve.shutdown()
 
