@@ -159,6 +159,23 @@ COMMANDS = {
 }
 
 
+def job_main(doc: str, job_name: str, run, argv: list[str] | None = None) -> int:
+    """The body of every `jobs/*.py` entrypoint (`ray job submit -- python jobs/X.py --config ...`):
+    parse --config / --set, validate the job, call `run(job)`, print what it returns; one-line errors."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", required=True, help=f"{job_name} YAML (jobs/configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    try:
+        out = run(_job(args, job_name))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(out, (str, os.PathLike)):  # where the job wrote (Train and Tune results print themselves)
+        print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtnlg", description="MT-NLG-style GPT pretraining, fine-tuning and serving on Ray.",
