@@ -45,6 +45,25 @@ def sample_next(
 
 
 @torch.no_grad()
+def use_decode_layout(model) -> None:
+    """Store the LM head weight column-major, in place: same values, shape and name, strides (1, V).
+
+    A decode step multiplies a few hidden states by the (V, d) head, a memory-bound matrix-vector
+    product over the model's largest matrix. CPU BLAS streams a weight laid out as a contiguous
+    (d, V) matrix 2-2.5x faster than the row-major (V, d) one (50304 x 384 on 2 cores: 6.3 -> 2.7 ms
+    per token), which is what `F.linear(x, W)` gets when W is its transpose's `.t()`. A tied
+    embedding shares the parameter; row lookups work on either layout. Checkpoint writers call
+    `.contiguous()`. CPU only (cuBLAS reads both layouts at full speed); idempotent.
+    """
+    head = getattr(model, "lm_head", None)
+    w = getattr(head, "weight", None)
+    if w is None or w.device.type != "cpu" or type(w.data) is not torch.Tensor or w.dim() != 2:
+        return
+    if w.stride() != (1, w.shape[0]):
+        w.data = w.data.t().contiguous().t()
+
+
+@torch.no_grad()
 def generate(
     model,
     input_ids,
@@ -78,6 +97,7 @@ def generate(
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)
     was_training = model.training
     model.eval()
+    use_decode_layout(model)
     cache = KVCache.for_model(model, B, max_len=longest + max(max_new_tokens, 0))
 
     # Prefill: all rows at once when they have one length, else row by row into their own rows.

@@ -51,3 +51,20 @@ def test_stops_at_context_length():
     m = model()
     out = m.generate(torch.randint(0, 100, (1, 60)), 50)
     assert out.shape[1] == 64
+
+
+def test_decode_layout_keeps_values_and_checkpoints(tmp_path):
+    from mtnlg_ray.model.checkpoint import load_state, save_checkpoint
+    from mtnlg_ray.model.generate import use_decode_layout
+
+    m = model()
+    ids = torch.randint(0, m.config.vocab_size, (2, 7))
+    before = m(ids)
+    use_decode_layout(m)
+    w = m.lm_head.weight
+    assert w.stride() == (1, w.shape[0]) and w is m.tok_emb.weight  # column-major, still tied
+    torch.testing.assert_close(m(ids), before, rtol=1e-5, atol=1e-5)
+    use_decode_layout(m)  # idempotent
+    save_checkpoint(m.state_dict(), m.config, tmp_path / "ck")
+    _, tensors, _ = load_state(tmp_path / "ck")
+    torch.testing.assert_close(tensors["tok_emb.weight"], w.detach().contiguous())
