@@ -210,25 +210,33 @@ def _row_width(split: _Split) -> int:
 
 
 def _read_blocks(sources, columns, blocks, base, owner, group, offset) -> Iterator[pa.Table]:
-    """Runs in a Ray task: gather the rows of each block from their Parquet row groups."""
-    cache: dict[tuple[int, int], pa.Table] = {}
+    """Runs in a Ray task: gather the rows of each block from their Parquet row groups.
+
+    A block's row groups are held together until the block is built (a block of ROWS_PER_BLOCK
+    rows touches at most that many groups, however small they are); only the previous block's
+    groups are kept for the next one (consecutive blocks share the groups at their boundary).
+    """
+    previous: dict[tuple[int, int], pa.Table] = {}
     for lo, hi in blocks:
+        tables: dict[tuple[int, int], pa.Table] = {}  # this block's groups, in first-use order
         parts = []
         for i in range(lo - base, hi - base):
-            d, g = int(owner[i]), int(group[i])
-            key = (d, g)
-            if key not in cache:
-                if len(cache) > 64:  # a block touches a few groups per dataset; bound the memory
-                    cache.clear()
-                _, files, g_file, g_index = sources[d]
-                cache[key] = pq.ParquetFile(files[g_file[g]]).read_row_group(int(g_index[g]), columns=list(columns))
+            key = (int(owner[i]), int(group[i]))
+            if key not in tables:
+                tables[key] = previous[key] if key in previous else _read_group(sources, columns, *key)
             parts.append((key, int(offset[i])))
-        tables = {k: cache[k] for k, _ in parts}
         keys = list(tables)
         stacked = pa.concat_tables([tables[k] for k in keys]).combine_chunks()
         starts = np.cumsum([0] + [tables[k].num_rows for k in keys])
-        where = {k: starts[i] for i, k in enumerate(keys)}
+        where = {k: starts[j] for j, k in enumerate(keys)}
+        previous = tables
         yield stacked.take(pa.array([where[k] + off for k, off in parts], pa.int64()))
+
+
+def _read_group(sources, columns, d: int, g: int) -> pa.Table:
+    """Row group `g` (numbered over the split's files) of dataset `d`."""
+    _, files, g_file, g_index = sources[d]
+    return pq.ParquetFile(files[g_file[g]]).read_row_group(int(g_index[g]), columns=list(columns))
 
 
 # ------------------------------------------------------------------------------------------ public

@@ -132,3 +132,15 @@ def test_refuses_unfinished_and_inconsistent_dirs(make_dataset, tmp_path):
     e, f = make_dataset("e", 1, n_train=8), make_dataset("f", 1, n_train=8, labels=True)
     with pytest.raises(UserError, match="different columns"):
         open_datasets(_cfg((e, 1.0), (f, 1.0)))
+
+
+def test_many_small_row_groups_in_one_block(ray_session, make_dataset):
+    """A read block touching more than 64 row groups (here 1-row groups, two datasets) reads every row."""
+    a = make_dataset("a", 1, n_train=150, rows_per_file=50, row_group_size=1)
+    b = make_dataset("b", 2, n_train=90, rows_per_file=30, row_group_size=2)
+    rows = _rows(open_datasets(_cfg((a, 1.0), (b, 1.0))).train)
+    assert len(rows) == 240
+    assert Counter(m for m, _ in rows) == {1: 120, 2: 120}
+    assert len({r for m, r in rows if m == 1}) == 120  # a is cut short: 120 distinct rows
+    b_counts = Counter(r for m, r in rows if m == 2)  # b is repeated: every row once, 30 of them twice
+    assert set(b_counts) == set(range(90)) and sorted(Counter(b_counts.values()).items()) == [(1, 60), (2, 30)]
