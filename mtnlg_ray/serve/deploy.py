@@ -5,6 +5,16 @@ re-exported by app.py): Serve validates the YAML's `args` against the annotation
 (which Serve itself would ignore in autoscaling_config) are refused. `deploy(job)` and `run_serve(args)`
 start or join Ray (RAY_ADDRESS, else a local instance) and run the application. No
 `from __future__ import annotations` here: Serve reads build_app's annotation as a class.
+
+Serve is started with `proxy.CONTROLLER_OPTIONS` (the YAMLs carry the same `controller_options`
+block): it installs proxy.py's middleware in Serve's HTTP proxies, so a stream whose replica dies
+ends with a final error event and `data: [DONE]` instead of a broken connection. Why the proxy and
+not a split into an ingress deployment plus an engine deployment (Ray Serve LLM's layout, where the
+ingress catches the engine's death): the proxy is the only process on the connection that
+outlives any replica, so it also covers an ingress replica's death; and the split would add a
+second Ray hop per streamed chunk, on a path whose per-chunk cost already limits throughput at high
+concurrency (README, Results / Serving). The price: it relies on Ray's proxy callback hook, which
+Serve reads only when it creates its controller.
 """
 
 import os
@@ -17,6 +27,7 @@ from ray.serve import Application
 
 from mtnlg_ray.config import ServeJob, ServeSection, apply_overrides, load_yaml, validate
 from mtnlg_ray.errors import ConfigError, UserError
+from mtnlg_ray.serve.proxy import CONTROLLER_OPTIONS
 
 APP_NAME = "mtnlg"
 
@@ -87,7 +98,8 @@ def check_checkpoint(path: str) -> None:
 def deploy(job: ServeJob, name: str = APP_NAME) -> str:
     """Deploy `job` on Ray Serve (joining RAY_ADDRESS, else starting a local Ray); return the base URL.
 
-    Serve's HTTP proxy listens on serve.host:serve.port; port 0 picks a free port.
+    Serve's HTTP proxy listens on serve.host:serve.port; port 0 picks a free port. When this call
+    starts Serve, its proxies get proxy.py's middleware (a Serve already running keeps its own).
     """
     import socket
 
@@ -101,7 +113,7 @@ def deploy(job: ServeJob, name: str = APP_NAME) -> str:
         with socket.socket() as sock:
             sock.bind((cfg.host, 0))
             port = sock.getsockname()[1]
-    serve.start(http_options={"host": cfg.host, "port": port})
+    serve.start(http_options={"host": cfg.host, "port": port}, controller_options=CONTROLLER_OPTIONS)
     serve.run(build_app(job), name=name, route_prefix="/")
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     return f"http://{host}:{port}"

@@ -1,6 +1,7 @@
 """The HTTP app on a real local Ray + Serve, deployed ONCE from jobs/configs/serve/serve_config.yaml
-(as `serve run` does), on a free port, with an API key; exercised with the official openai client
-and raw HTTP. The last test kills the replica by its pid and waits for Serve to replace it."""
+(as `serve run` does, its controller_options included: the proxy middleware), on a free port, with an
+API key; exercised with the official openai client and raw HTTP. The last test kills the replica by its
+pid: its streams end with an error event, and Serve replaces it."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def server(ray_session, tiny_checkpoint, serve_port):
     finally:
         del os.environ["MTNLG_API_KEY"]
     port = serve_port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=config.controller_options)
     try:
         serve.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix)
     except BaseException:
@@ -162,22 +163,24 @@ def test_streaming_completion_sse(client, http):
 
 
 def stream_completion(url, body, first_chunk: threading.Event | None = None):
-    """POST a streaming completion; return ('done'|'error', n_events) or the exception's name."""
+    """POST a streaming completion; return (outcome, events): outcome 'done', 'error' (an error event,
+    then [DONE]), 'status N', or the name of the exception that cut the stream."""
+    events = []
     try:
         with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:
             with c.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as resp:
                 if resp.status_code != 200:
-                    return f"status {resp.status_code}: {resp.read()[:200]!r}", 0
-                events = []
+                    return f"status {resp.status_code}", [resp.read()[:200]]
                 for line in resp.iter_lines():
                     events += sse([line])
                     if events and first_chunk is not None:
                         first_chunk.set()
-                if events and events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]):
-                    return "done", len(events)
-                return "error", len(events)
     except httpx.HTTPError as err:
-        return type(err).__name__, 0
+        return type(err).__name__, events
+    if events[-1:] != ["[DONE]"]:
+        return "no [DONE]", events
+    errors = [e for e in events[:-1] if "error" in e]
+    return ("error" if errors else "done"), events
 
 
 def test_eight_concurrent_streams_are_batched(server, http):
@@ -185,7 +188,7 @@ def test_eight_concurrent_streams_are_batched(server, http):
     body = {"model": "mtnlg", "prompt": "for i in range(3):", "max_tokens": 60, "ignore_eos": True}
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: stream_completion(server["url"], {**body, "seed": i}), range(8)))
-    assert all(status == "done" for status, _ in results), results
+    assert [status for status, _ in results] == ["done"] * 8, [(s, e[-2:]) for s, e in results]
     after = metric(http, "mtnlg:decode_batch_size_count"), metric(http, "mtnlg:decode_batch_size_bucket", le="2.0")
     steps, small = after[0] - before[0], after[1] - before[1]
     assert steps - small > 0  # some decode steps ran more than 2 requests in one forward
@@ -330,9 +333,14 @@ def test_killed_replica_is_replaced_and_its_streams_end(server, http):
         os.kill(pid, signal.SIGKILL)  # the replica process (started by this test's Serve deployment)
         killed = time.time()
         results = [f.result(timeout=60) for f in futures]  # none may hang
-    # The proxy cannot add a final chunk for a dead replica: the connection ends without the chunked
-    # terminator (httpx RemoteProtocolError), which every client reports as an error.
-    assert all(status != "done" for status, _ in results), results
+    # Every stream the dead replica held ends with a final error event, then [DONE] (proxy.py's
+    # middleware in Serve's proxy), after the text it had streamed: never a broken connection.
+    for outcome, events in results:
+        assert outcome == "error", (outcome, events[-2:])
+        assert events[0]["choices"][0]["text"] is not None and "error" not in events[0]
+        err = events[-2]["error"]
+        assert (err["type"], err["code"]) == ("server_error", "replica_failed") and err["message"], err
+        assert all("error" not in e for e in events[:-2])  # the error event is the last one
     recovered = None
     while time.time() - killed < 30:
         try:
@@ -340,8 +348,11 @@ def test_killed_replica_is_replaced_and_its_streams_end(server, http):
             if r.status_code == 200:
                 recovered = time.time() - killed
                 break
+            # until a new replica is up: Serve's 503 (no replica), or ours for a request the dead one held
+            assert r.status_code == 503, r.text
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     assert recovered is not None, "no successful request within 30 s of the kill"
     assert replica_info(server)["pid"] != pid
+    assert stream_completion(url, {**body, "max_tokens": 8})[0] == "done"  # streams work again
