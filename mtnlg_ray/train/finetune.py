@@ -31,21 +31,24 @@ TOKENIZER = "tokenizer.model"
 
 
 def init_tokenizer(path: str | Path) -> Path:
-    """The tokenizer.model that belongs to a fine-tuning start point (checkpoint, run dir or GPT-2 dir)."""
+    """The tokenizer.model that belongs to a fine-tuning start point (checkpoint, run dir or GPT-2 dir,
+    or a run on s3:// / gs://, whose latest checkpoint is fetched to this node)."""
     from mtnlg_ray.model.checkpoint import is_native_checkpoint
     from mtnlg_ray.model.convert import is_hf_gpt2_dir
+    from mtnlg_ray.train.checkpoint import pick_checkpoint
+    from mtnlg_ray.train.storage import is_uri
 
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"init_from: {p}: no such checkpoint, run directory or GPT-2 directory")
-    if is_native_checkpoint(p) or is_hf_gpt2_dir(p):
-        tok = p / TOKENIZER
+    if is_uri(str(path)):
+        from mtnlg_ray.train.remote import fetch_run_checkpoint
+
+        tok = fetch_run_checkpoint(str(path)) / TOKENIZER
     else:
-        from mtnlg_ray.train.checkpoint import pick_checkpoint
-
-        tok = pick_checkpoint(p) / TOKENIZER
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"init_from: {p}: no such checkpoint, run directory or GPT-2 directory")
+        tok = (p if is_native_checkpoint(p) or is_hf_gpt2_dir(p) else pick_checkpoint(p)) / TOKENIZER
     if not tok.is_file():
-        raise UserError(f"init_from: {p} has no {TOKENIZER}; fine-tuning needs the SentencePiece model the "
+        raise UserError(f"init_from: {path} has no {TOKENIZER}; fine-tuning needs the SentencePiece model the "
                         f"checkpoint was trained with (set sft.tokenizer to it)")
     return tok
 
@@ -57,7 +60,8 @@ def resolve_paths(job: FinetuneJob) -> FinetuneJob:
         "val_paths": [str(Path(p).resolve()) if "://" not in p else p for p in job.sft.val_paths],
         "tokenizer": str(Path(job.sft.tokenizer).resolve()) if job.sft.tokenizer else None,
     })
-    return job.model_copy(update={"init_from": str(Path(job.init_from).resolve()),
+    init = job.init_from if "://" in job.init_from else str(Path(job.init_from).resolve())
+    return job.model_copy(update={"init_from": init,
                                   "output_dir": str(Path(job.output_dir).resolve()), "sft": sft})
 
 

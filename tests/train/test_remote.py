@@ -1,0 +1,72 @@
+"""Checkpoints on remote storage: listing, fetching into the node cache, verifying, falling back.
+
+The "remote" filesystem is a pyarrow SubTreeFileSystem over a temporary directory: not a
+LocalFileSystem, so the same code path as s3:// / gs:// runs (paths relative to the store,
+nothing readable in place), with no network.
+"""
+
+import json
+
+import pyarrow.fs as pafs
+import pytest
+from ray.train import Checkpoint
+
+from mtnlg_ray.errors import UserError
+from mtnlg_ray.fileio import file_sha256
+from mtnlg_ray.train import remote
+
+
+def make_run(root, steps=(2, 4), corrupt=()):
+    """A run directory of fake checkpoints: a payload file listed with its sha256 in manifest.json."""
+    run = root / "runs" / "demo"
+    for step in steps:
+        d = run / f"checkpoint_{step:08d}_2026-11-29_00-00-0{step}"
+        d.mkdir(parents=True)
+        (d / "payload.bin").write_bytes(bytes([step]) * 100)
+        (d / "manifest.json").write_text(json.dumps({"files": {"payload.bin": file_sha256(d / "payload.bin")}}))
+        if step in corrupt:
+            (d / "payload.bin").write_bytes(b"altered")
+    return run
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "CACHE_ROOT", tmp_path / "cache")
+
+
+def test_resume_from_remote_checkpoint_fetches_and_verifies(tmp_path):
+    make_run(tmp_path / "store")
+    fs = pafs.SubTreeFileSystem(str(tmp_path / "store"), pafs.LocalFileSystem())
+    local, skipped = remote.resolve_resume_from(Checkpoint("runs/demo/checkpoint_00000004_2026-11-29_00-00-04", fs))
+    assert skipped == [] and local.parent == tmp_path / "cache"
+    assert (local / "payload.bin").read_bytes() == bytes([4]) * 100
+    again, _ = remote.resolve_resume_from(Checkpoint("runs/demo/checkpoint_00000004_2026-11-29_00-00-04", fs))
+    assert again == local  # fetched once per node
+
+
+def test_corrupted_remote_latest_falls_back_to_previous(tmp_path):
+    make_run(tmp_path / "store", corrupt=(4,))
+    fs = pafs.SubTreeFileSystem(str(tmp_path / "store"), pafs.LocalFileSystem())
+    local, skipped = remote.resolve_resume_from(Checkpoint("runs/demo/checkpoint_00000004_2026-11-29_00-00-04", fs))
+    assert (local / "payload.bin").read_bytes() == bytes([2]) * 100
+    assert len(skipped) == 1 and "runs/demo/checkpoint_00000004" in skipped[0] and "sha256" in skipped[0]
+
+
+def test_fetch_run_checkpoint_by_uri(tmp_path):
+    run = make_run(tmp_path / "store", steps=(2, 4, 6), corrupt=(6,))
+    with pytest.warns(UserWarning, match="checkpoint_00000006"):
+        latest = remote.fetch_run_checkpoint(f"file://{run}")
+    assert (latest / "payload.bin").read_bytes() == bytes([4]) * 100
+    assert (remote.fetch_run_checkpoint(f"file://{run}", step=2) / "payload.bin").read_bytes() == bytes([2]) * 100
+    with pytest.raises(UserError, match="no checkpoint at step 3"):
+        remote.fetch_run_checkpoint(f"file://{run}", step=3)
+    with pytest.raises(UserError, match="no checkpoint_"):
+        remote.fetch_run_checkpoint(f"file://{tmp_path}/store/runs/missing")
+    with pytest.raises(UserError, match="cannot open this storage URI"):
+        remote.fetch_run_checkpoint("nosuchscheme://bucket/run")
+
+
+def test_local_checkpoint_is_read_in_place(tmp_path):
+    run = make_run(tmp_path)
+    local, skipped = remote.resolve_resume_from(Checkpoint(str(run / "checkpoint_00000004_2026-11-29_00-00-04")))
+    assert local == run / "checkpoint_00000004_2026-11-29_00-00-04" and skipped == []
