@@ -213,8 +213,8 @@ class RampupConfig(Section):
 
 
 class TrainConfig(Section):
-    global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step")
-    micro_batch_size: int = Field(4, gt=0, description="sequences per worker per forward")
+    global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step, whatever the worker count")
+    micro_batch_size: int = Field(4, gt=0, description="at most this many sequences per worker per forward")
     rampup: RampupConfig | None = None
     max_steps: int = Field(100, gt=0)
     log_interval: int = Field(10, gt=0)
@@ -235,9 +235,8 @@ class TrainConfig(Section):
             if (self.global_batch_size - r.start) % r.increment:
                 raise ValueError(f"rampup.increment={r.increment} must divide global_batch_size - start = "
                                  f"{self.global_batch_size - r.start}")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide "
-                             f"global_batch_size={self.global_batch_size}")
+        # No divisibility between the global batch, micro_batch_size and the worker count:
+        # the loop deals any global batch out to any number of ranks (train/batching.py).
         return self
 
 
@@ -247,7 +246,8 @@ class CheckpointConfig(Section):
 
 
 class ScalingSection(Section):
-    """Ray Train layout. num_workers: N, or [min, max] for an elastic run."""
+    """Ray Train layout. num_workers: N, or [min, max] for an elastic run: Ray Train starts (and after a
+    failure restarts) it with any count in the range the cluster holds; each must fit the tp x pp layout."""
 
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False

@@ -1,5 +1,5 @@
 """Every shipped YAML under jobs/configs/ validates against the code: the job model of its
-directory, and for pretraining also the parallel layout and batch sizes at its worker counts."""
+directory, and for pretraining also the parallel layout at every worker count its (elastic) range allows."""
 
 from pathlib import Path
 
@@ -60,6 +60,18 @@ def test_mtnlg_530b_is_the_papers_recipe():
     assert global_batch_at(0, 1920, t.rampup) == 32 and global_batch_at(t.rampup.samples, 1920, t.rampup) == 1920
     assert o.lr == 5e-5 and o.warmup_tokens == 1e9 and o.decay_tokens == 340e9 and o.min_lr_ratio == 0.1
     assert lr_at(int(340e9), o, 0) == pytest.approx(5e-6)
+
+
+def test_gpu_pretraining_configs_are_elastic_where_the_layout_allows():
+    """gpt-125m and gpt-1.3b run on any worker count of their range (pure data parallelism;
+    test_config_validates checks each count); the 530B TP x PP grid only fits multiples of 280
+    GPUs, so it stays fixed. clusters/ are sized to gpt-1.3b's range (tests/clusters)."""
+    for name, workers in {"gpt-125m.yaml": (4, 8), "gpt-1.3b.yaml": (8, 16)}.items():
+        job = load_job(ROOT / "pretrain" / name, config.PretrainJob)
+        assert tuple(job.scaling.num_workers) == workers and (job.parallel.tp, job.parallel.pp) == (1, 1), name
+        assert job.scaling.use_gpu and job.scaling.gpus_per_worker == 1
+    job = load_job(ROOT / "pretrain" / "mtnlg-530b.yaml", config.PretrainJob)
+    assert isinstance(job.scaling.num_workers, int) and job.scaling.num_workers % (job.parallel.tp * job.parallel.pp) == 0
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "pretrain").glob("*.yaml")), ids=lambda p: p.name)

@@ -3,17 +3,29 @@
     job   <- config (re-validated: PretrainJob or FinetuneJob, by config["kind"])
     model <- parallelize(GPT on meta, mesh from job.parallel); AdamW per part
     state <- the newest valid checkpoint (model, optimizer, step, data position, RNG), if any
-    each step: global batch = accumulation x micro_batch x dp  (ramp-up: Megatron's schedule)
+    each step: G = the global batch (ramp-up: Megatron's schedule), whatever the worker count
+               rows = the next G rows of the stream, dealt out to the dp ranks (batching.py)
+               forward/backward of k = ceil(G / (micro_batch x dp)) micro-batches on every rank
                lr from tokens consumed; clip; AdamW; metrics; eval; checkpoint; ray.train.report
 
 Data: every rank reads the SAME stream. The train dataset is handed to every worker unsplit
-(`DataConfig(datasets_to_split=[])`, order preserved), and the stream is cut into micro-batches
-of `micro_batch_size` rows; each micro-step takes the next dp of them and dp rank r keeps the
-r-th. So the ranks of one tp/pp group (same dp rank) see the same rows, and the rows of step s
+(`DataConfig(datasets_to_split=[])`, order preserved), and each step takes the next G rows of it;
+the position is counted in rows, so G need not be a multiple of anything. `batching.deal` cuts
+them, in order and as evenly as possible, into k micro-steps x dp slots, and dp rank r trains on
+its slots; the ranks of one tp/pp group (same dp rank) get the same rows. So the rows of step s
 depend only on the consumed samples, not on the number of workers: a resumed, restarted or
 resized run trains on exactly the same tokens in the same order (Megatron's consumed-samples
 sampler does the same over an indexed dataset). The cost is that each rank reads dp x the rows it
 trains on, which is small next to the compute (a row of 2049 int32 ids is 8 KiB).
+
+Elastic runs: Ray Train starts (and after a failure or resize restarts) the run with any worker
+count in `scaling.num_workers: [min, max]` that the cluster can hold. The global batch, and with
+it the optimisation, stays what the config says: each micro-batch's loss is scaled by its share
+of the global batch's counted target tokens (batching.py), so the accumulated gradient is the
+mean over exactly the G rows whatever dp is (fp32: the same to rounding), and a worker count that
+does not divide G only makes some micro-batches a row shorter. The logged loss is the
+token-weighted mean over the G rows. What a worker count must satisfy is only structural (the
+tp x pp layout divides it): `trainer.check_scaling` checks every count of the range.
 
 Every rank calls `ray.train.report` at the same steps (it is a barrier): each log interval,
 each evaluation and each checkpoint.
@@ -41,6 +53,7 @@ from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, validate
 from mtnlg_ray.data.dataset import iter_batches
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.train import checkpoint as ckpt
+from mtnlg_ray.train.batching import accumulate, deal, inputs_targets
 from mtnlg_ray.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops
 from mtnlg_ray.train.optim import Optimizers
 from mtnlg_ray.train.schedule import global_batch_at, lr_at, planned_tokens
@@ -60,22 +73,26 @@ class TrainState:
 
 
 class TokenStream:
-    """The global stream of micro-batches (epochs repeat it); `next()` returns this dp rank's one."""
+    """The global stream of rows (epochs repeat it); `take(n)` returns the next n rows.
 
-    def __init__(self, shard, micro_batch: int, dp: int, dp_rank: int, state: TrainState):
-        self.shard, self.mb, self.dp, self.dp_rank, self.state = shard, micro_batch, dp, dp_rank, state
+    The position is `state.epoch` and `state.samples_in_epoch` (rows consumed in the current
+    pass), updated as rows are taken. A pass is read in micro-batches of `micro_batch` rows (the
+    last incomplete one dropped), so a resume skips samples_in_epoch // micro_batch of them and
+    then the first samples_in_epoch % micro_batch rows of the next."""
+
+    def __init__(self, shard, micro_batch: int, state: TrainState):
+        self.shard, self.mb, self.state = shard, micro_batch, state
         self._it = None
+        self._drop = 0  # rows of the next micro-batch read that were consumed before a resume
+        self._buf: dict[str, torch.Tensor] | None = None  # the micro-batch being taken from
+        self._off = 0  # rows of _buf already taken
         self.wait_s = 0.0  # seconds spent waiting for data since the last reset
 
-    def _pull(self) -> dict[str, torch.Tensor]:
+    def _pull(self) -> None:
         st = self.state
         while True:
             if self._it is None:
-                if st.samples_in_epoch % self.mb:
-                    log.warning("resume: %d rows into the pass is not a multiple of micro_batch_size=%d; "
-                                "skipping %d whole batches", st.samples_in_epoch, self.mb, st.samples_in_epoch // self.mb)
-                skip = st.samples_in_epoch // self.mb
-                st.samples_in_epoch = skip * self.mb
+                skip, self._drop = divmod(st.samples_in_epoch, self.mb)
                 self._it = iter_batches(self.shard, self.mb, skip_batches=skip)
             try:
                 batch = next(self._it)
@@ -84,26 +101,25 @@ class TokenStream:
                     raise UserError(f"the train split has fewer rows than micro_batch_size={self.mb}") from None
                 st.epoch, st.samples_in_epoch, self._it = st.epoch + 1, 0, None
                 continue
-            st.samples_in_epoch += self.mb
-            return batch
+            self._buf, self._off, self._drop = batch, self._drop, 0
+            return
 
-    def next(self, hasher) -> dict[str, torch.Tensor]:
+    def take(self, n: int, hasher) -> dict[str, torch.Tensor]:
+        """The next n rows ({"input_ids": (n, T+1)} [+ "labels"]); their ids are fed to `hasher`."""
         t0 = time.perf_counter()
-        mine = None
-        for r in range(self.dp):
-            batch = self._pull()
-            hasher.update(batch["input_ids"].numpy().tobytes())
-            if r == self.dp_rank:
-                mine = batch
+        pieces = []
+        while n:
+            if self._buf is None or self._off == len(self._buf["input_ids"]):
+                self._pull()
+            got = min(n, len(self._buf["input_ids"]) - self._off)
+            pieces.append({k: v[self._off:self._off + got] for k, v in self._buf.items()})
+            self._off += got
+            self.state.samples_in_epoch += got
+            n -= got
+        rows = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+        hasher.update(rows["input_ids"].numpy().tobytes())
         self.wait_s += time.perf_counter() - t0
-        return mine
-
-
-def inputs_targets(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of T+1 ids -> inputs (B, T) and next-token targets (B, T); "labels" (-100 = masked) win."""
-    ids = batch["input_ids"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True) if "labels" in batch else ids
-    return ids[:, :-1], labels[:, 1:]
+        return rows
 
 
 # --------------------------------------------------------------------------------------- setup
@@ -195,7 +211,7 @@ def train_loop(config: dict) -> None:
 
     state = resume(model, optimizers, metrics_log)
     torch.manual_seed(tc.seed + 1000 * dims.dp_rank + dims.pp_rank + 7919 * state.step)  # dropout; same over tp
-    stream = TokenStream(ray.train.get_dataset_shard("train"), mb, dp, dims.dp_rank, state)
+    stream = TokenStream(ray.train.get_dataset_shard("train"), mb, state)
     val_shard = ray.train.get_dataset_shard("val") if run["has_val"] else None
     eval_set = load_eval_set(val_shard, mb, tc.eval_batches)
 
@@ -207,20 +223,20 @@ def train_loop(config: dict) -> None:
 
     while state.step < tc.max_steps:
         batch_size = global_batch_at(state.consumed_samples, tc.global_batch_size, tc.rampup)
-        accum = batch_size // (mb * dp)
         lr = lr_at((state.consumed_samples + batch_size) * seq_len, job.optim, total_tokens)
         t0 = time.perf_counter()
         stream.wait_s = 0.0
         hasher = hashlib.sha256()
-        losses = []
-        for i in range(accum):
-            inp, tgt = inputs_targets(stream.next(hasher), device)
-            model.set_grad_sync(i == accum - 1)
-            losses.append(model.forward_backward(inp, tgt, loss_scale=1.0 / accum))
+        # Every rank reads the whole global batch and keeps its slots; a pipeline needs
+        # micro-batches of one shape (its schedule is built per shape), so there they are padded.
+        batches = deal(stream.take(batch_size, hasher), mb, dp, dims.dp_rank, pad_to_micro_batch=dims.pp > 1)
+        loss_sum = accumulate(model, batches, device)
         grad_norm = model.clip_grad_norm(job.optim.grad_clip)
         optimizers.set_lr(lr)
         optimizers.step()
-        loss = world_mean([float(torch.stack(losses).float().mean())], device)[0]
+        # token-weighted mean over the global batch: sum over dp of each rank's sum / N
+        loss = world_mean([float(loss_sum)], device)[0] * dp / batches.global_tokens \
+            if batches.global_tokens else float("nan")
         step_time = time.perf_counter() - t0
         state.step += 1
         state.consumed_samples += batch_size
@@ -229,7 +245,8 @@ def train_loop(config: dict) -> None:
         window["time"] += step_time
         window["wait"] += stream.wait_s
         record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "batch_size": batch_size,
-                  "accumulation": accum, "tokens": state.consumed_samples * seq_len, "epoch": state.epoch,
+                  "accumulation": len(batches.micro), "padding_rows": batches.padding_rows,
+                  "tokens": state.consumed_samples * seq_len, "epoch": state.epoch,
                   "world_size": dims.world_size, "tokens_sha": hasher.hexdigest()[:16]}
         last = state.step == tc.max_steps
         do_log = state.step % tc.log_interval == 0 or last

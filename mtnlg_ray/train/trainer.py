@@ -6,9 +6,11 @@
     result   = trainer.fit()                          resumes when storage_path/name has checkpoints
 
 Everything that can be refused is refused here, before any worker starts, with one line:
-the parallel layout for every worker count the run may get, the batch sizes against
-micro-batch x dp, the model against the dataset's tokenizer and sequence length, and a layout
-that would leave Ray Data no CPU (its read tasks need one; without it `fit()` hangs silently).
+the parallel layout for every worker count the run may get (an elastic [min, max] run may start
+with any count in the range), the micro-batch against the pipeline's chunks, the model against
+the dataset's tokenizer and sequence length, and a layout that would leave Ray Data no CPU (its
+read tasks need one; without it `fit()` hangs silently). Batch sizes need not divide by
+micro-batch x dp: the loop deals any global batch out to any number of ranks (batching.py).
 """
 
 from __future__ import annotations
@@ -79,27 +81,37 @@ def _init_model_config(path: str) -> ModelConfig:
     return load_state_any(p)[0]
 
 
-def check_scaling(job, model_cfg: ModelConfig) -> None:
-    """Layout and batch checks for every worker count the (elastic) run may get."""
+def check_scaling(job, model_cfg: ModelConfig, seq_len: int | None = None) -> None:
+    """What every worker count the (elastic) run may get must satisfy: only structure.
+
+    Ray Train V2 starts an elastic run with any count in [min, max] that the cluster holds (and
+    restarts it with another after a failure), so every count of the range must fit the
+    tp x pp layout. The global batch need not divide by anything (batching.py)."""
     from mtnlg_ray.parallel import check_layout
     from mtnlg_ray.parallel.mesh import resolve_dims
 
     lo, hi = worker_range(job)
-    tc = job.train
+    p, tc = job.parallel, job.train
     for world in range(lo, hi + 1):
         try:
-            check_layout(model_cfg, job.parallel, world)
-            _, dp, _ = resolve_dims(job.parallel, world)
+            resolve_dims(p, world)
         except ConfigError as err:
-            raise ConfigError(f"{err} (scaling.num_workers={job.scaling.num_workers} allows {world} workers)") from None
-        per_step = tc.micro_batch_size * dp
-        sizes = [("train.global_batch_size", tc.global_batch_size)]
-        if tc.rampup is not None:
-            sizes += [("train.rampup.start", tc.rampup.start), ("train.rampup.increment", tc.rampup.increment)]
-        for key, value in sizes:
-            if value % per_step:
-                raise ConfigError(f"{key}: {value} is not a multiple of micro_batch_size x dp = "
-                                  f"{tc.micro_batch_size} x {dp} = {per_step} (with {world} workers)")
+            if lo == hi:
+                raise ConfigError(f"{err} (scaling.num_workers: {world})") from None
+            raise ConfigError(f"scaling.num_workers: [{lo}, {hi}] lets Ray Train run with {world} workers, which "
+                              f"the layout cannot use ({err}); Ray may pick any count in an elastic range, so "
+                              f"list only counts the layout fits, or a fixed num_workers") from None
+        check_layout(model_cfg, p, world)  # model against tp / pp: the same for every count
+    if p.pp > 1 and tc.micro_batch_size % p.pp_microbatches:
+        raise ConfigError(f"train.micro_batch_size: {tc.micro_batch_size} does not split into "
+                          f"parallel.pp_microbatches={p.pp_microbatches} equal pipeline chunks")
+    if p.sequence_parallel and p.tp > 1 and seq_len is not None and seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel: tp={p.tp} must divide the dataset's sequence length {seq_len}")
+    smallest = min(tc.global_batch_size, tc.rampup.start if tc.rampup else tc.global_batch_size)
+    most_dp = resolve_dims(p, hi)[1]
+    if smallest < most_dp:
+        log.warning("train: a global batch of %d rows leaves %d of the %d data-parallel ranks of %d workers "
+                    "without a row (they run on padding)", smallest, most_dp - smallest, most_dp, hi)
 
 
 def scaling_config(job) -> ScalingConfig:
@@ -150,7 +162,7 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None) -
 
         bundle = open_datasets(job.data)
     model_cfg = model_config(job, bundle.vocab_size, bundle.seq_len, bundle.tokenizer_path)
-    check_scaling(job, model_cfg)
+    check_scaling(job, model_cfg, bundle.seq_len)
     check_data_cpus(job)
     storage, metrics_dir = run_dir_of(job)
     config = {

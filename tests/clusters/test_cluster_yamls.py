@@ -6,8 +6,10 @@
   in-tree KubeRay autoscaler itself runs on the custom resource; the RayService's serveConfigV2
   through Serve's ServeDeploySchema and Serve's own typed-builder call of our build_app; the
   RayJob's entrypoint through our config loader.
-- The GPU worker ranges match `scaling.num_workers` (a count, or an elastic [min, max]) of the
-  pretraining config they are sized for: the max fills max_workers nodes exactly.
+- The GPU worker ranges match the elastic `scaling.num_workers: [min, max]` of the pretraining
+  config they are sized for (gpt-1.3b.yaml), in nodes of 8 GPUs: max_workers (maxReplicas) = max / 8,
+  min = min / 8 on-prem (cloud types and KubeRay groups scale from 0: the job waits for its min);
+  and every cluster file's comments name that config and its range as the config writes it.
 """
 
 import re
@@ -47,12 +49,26 @@ def gpu_range() -> tuple[int, int]:
     return lo * per, hi * per
 
 
+def comments(path: Path) -> str:
+    """The comment text of a YAML file, lines joined by spaces."""
+    return " ".join(line.split("#", 1)[1].strip() for line in path.read_text().splitlines() if "#" in line)
+
+
 def makefile_torch() -> str:
     return re.search(r"torch==[\w.+]+", (ROOT / "Makefile").read_text()).group(0)
 
 
 def test_there_are_three_launcher_configs():
     assert [p.name for p in CLUSTERS] == ["aws.yaml", "gcp.yaml", "onprem.yaml"]
+
+
+def test_sized_for_an_elastic_range_of_whole_nodes_that_every_cluster_file_names():
+    lo, hi = gpu_range()
+    assert lo < hi and lo % GPUS_PER_NODE == 0 and hi % GPUS_PER_NODE == 0  # elastic, in whole nodes
+    workers = list(load_job(SIZED_FOR, PretrainJob).scaling.num_workers)
+    words = f"`scaling.num_workers: {workers}` of jobs/configs/pretrain/{SIZED_FOR.name}"
+    for path in CLUSTERS + [KUBERAY / "raycluster.yaml"]:
+        assert words in comments(path), path.name
 
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
@@ -95,7 +111,8 @@ def test_onprem_hosts_match_the_elastic_worker_range():
     assert config["provider"]["type"] == "local" and len(config["provider"]["worker_ips"]) == 2
     (node_type,) = config["available_node_types"].values()
     lo, hi = gpu_range()
-    assert node_type["min_workers"] * GPUS_PER_NODE <= lo and node_type["max_workers"] * GPUS_PER_NODE == hi
+    # Owned hosts: the min stays in the cluster (the run can always start), the max is the whole range.
+    assert (node_type["min_workers"] * GPUS_PER_NODE, node_type["max_workers"] * GPUS_PER_NODE) == (lo, hi)
 
 
 # ------------------------------------------------------------------------------------------ KubeRay

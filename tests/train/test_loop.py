@@ -4,6 +4,10 @@ One reference run of 2N steps serves every comparison: the loss falls; N steps +
 N steps reproduce it exactly; an elastic (1, 2)-worker run whose worker is killed mid-run
 recovers and trains on exactly the same tokens with the same global batch; a corrupted latest
 checkpoint is detected and the previous one used.
+
+The global batch (6 rows, micro-batches of at most 4) divides by neither 4 x 1 nor 4 x 2
+workers: one worker runs two micro-batches of 3 rows, two workers one of 3 rows each, and the
+checkpoints fall inside a micro-batch read (5 steps = 30 rows = 7 x 4 + 2).
 """
 
 import math
@@ -18,10 +22,28 @@ from mtnlg_ray.train.metrics import read_metrics
 from mtnlg_ray.train.trainer import run_pretrain
 
 N = 10
-GLOBAL = 8
-RUN = dict(train={"max_steps": 2 * N, "log_interval": 5, "eval_interval": 10},
+GLOBAL = 6
+RUN = dict(train={"global_batch_size": GLOBAL, "max_steps": 2 * N, "log_interval": 5, "eval_interval": 10},
            optim={"decay_tokens": 2 * N * GLOBAL * SEQ_LEN},  # the same LR curve for runs of any length
            checkpoint={"interval": 5, "num_to_keep": 2})
+
+
+def test_token_stream_counts_rows_across_micro_batches_passes_and_resumes(ray_session):
+    """The data position is in rows: a step's rows may end inside a micro-batch read or a pass."""
+    import hashlib
+
+    import ray.data
+
+    from mtnlg_ray.train.loop import TokenStream, TrainState
+
+    ds = ray.data.from_items([{"input_ids": [i] * 3} for i in range(10)], override_num_blocks=1)
+    state = TrainState()  # read in micro-batches of 4: a pass is rows 0-7 (the last 2 are dropped)
+    stream = TokenStream(ds, 4, state)
+    taken = [stream.take(3, hashlib.sha256())["input_ids"][:, 0].tolist() for _ in range(5)]
+    assert taken == [[0, 1, 2], [3, 4, 5], [6, 7, 0], [1, 2, 3], [4, 5, 6]]
+    assert (state.epoch, state.samples_in_epoch) == (1, 7)
+    resumed = TokenStream(ds, 4, TrainState(epoch=1, samples_in_epoch=5))  # 5 = one micro-batch + 1 row
+    assert resumed.take(4, hashlib.sha256())["input_ids"][:, 0].tolist() == [5, 6, 7, 0]
 
 
 def pretrain(data, storage, name, max_steps=2 * N, **sections):
@@ -50,7 +72,7 @@ def test_debug_run_learns_and_reports(reference, storage, tmp_path):
     assert last["loss"] < first["loss"] - 0.5
     val = [r["val_loss"] for r in reference if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0] < math.log(512)
-    assert all(r["batch_size"] == GLOBAL and r["accumulation"] == 2 for r in reference)
+    assert all((r["batch_size"], r["accumulation"], r["padding_rows"]) == (GLOBAL, 2, 0) for r in reference)
     assert last["tokens"] == 2 * N * GLOBAL * SEQ_LEN
     logged = [r for r in reference if "mfu" in r]
     assert [r["step"] for r in logged] == [5, 10, 15, 20]
@@ -114,7 +136,7 @@ def test_elastic_run_survives_a_killed_worker(reference, pretrain_data, storage)
     for ref, got in zip(reference, steps):
         # whatever the worker count: the global batch, its tokens and the LR are those of the reference
         assert (got["batch_size"], got["tokens_sha"], got["lr"]) == (ref["batch_size"], ref["tokens_sha"], ref["lr"])
-        assert got["accumulation"] == GLOBAL // (4 * got["world_size"])
+        assert got["accumulation"] == math.ceil(GLOBAL / (4 * got["world_size"])) and got["padding_rows"] == 0
         assert got["loss"] == pytest.approx(ref["loss"], abs=2e-4)
 
     # The FSDP-sharded checkpoint consolidates in this one process and gives the reported val loss.

@@ -1,10 +1,13 @@
 """build_trainer: the Ray Train objects it builds, and what it refuses before any worker starts."""
 
+from pathlib import Path
+
 import pytest
 from train_jobs import make_job
 
+from mtnlg_ray.config import ModelConfig
 from mtnlg_ray.errors import ConfigError
-from mtnlg_ray.train.trainer import build_trainer
+from mtnlg_ray.train.trainer import build_trainer, check_scaling
 
 
 def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
@@ -22,10 +25,12 @@ def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
 
 @pytest.mark.parametrize("sections, message", [
     ({"parallel": {"tp": 3}}, r"parallel: tp=3 x pp=1 = 3 does not divide world size 2"),
-    ({"parallel": {"tp": 2}, "scaling": {"num_workers": [1, 2]}}, r"does not divide world size 1 .*allows 1 workers"),
+    ({"parallel": {"tp": 2}, "scaling": {"num_workers": [1, 2]}},
+     r"scaling.num_workers: \[1, 2\] lets Ray Train run with 1 workers, which the layout cannot use "
+     r"\(parallel: tp=2 x pp=1 = 2 does not divide world size 1\)"),
     ({"parallel": {"pp": 2}, "scaling": {"num_workers": 2}}, r"tied embeddings"),
-    ({"train": {"global_batch_size": 12, "micro_batch_size": 4}},
-     r"train.global_batch_size: 12 is not a multiple of micro_batch_size x dp = 4 x 2 = 8"),
+    ({"parallel": {"pp": 2, "pp_microbatches": 3}, "model": {"tie_embeddings": False}},
+     r"train.micro_batch_size: 4 does not split into parallel.pp_microbatches=3 equal pipeline chunks"),
     ({"model": {"vocab_size": 1000}}, r"model.vocab_size: the model has vocab_size 1000 but the dataset's tokenizer .* has 512"),
     ({"model": {"max_seq_len": 32}}, r"model.max_seq_len: 32 is shorter than the dataset's rows \(seq_len 64\)"),
     ({"scaling": {"num_workers": 4, "cpus_per_worker": 1.0}, "train": {"micro_batch_size": 2}}, r"leave 0 of the cluster's 4 CPUs to Ray Data"),
@@ -35,3 +40,33 @@ def test_refuses_before_launching(ray_session, pretrain_data, tmp_path, sections
     job = make_job(pretrain_data, tmp_path / "runs", "bad", scaling=scaling, **sections)
     with pytest.raises(ConfigError, match=message):
         build_trainer(job)
+
+
+def scaled(**sections):
+    """(job, its model with the test tokenizer's vocabulary) for check_scaling, which needs no Ray."""
+    job = make_job(Path("data"), Path("runs"), "scaling", **sections)
+    return job, ModelConfig.model_validate(job.model.model_copy(update={"vocab_size": 512}).model_dump())
+
+
+def test_any_global_batch_fits_any_worker_count():
+    # 7 rows over 1..5 data-parallel ranks in micro-batches of at most 4; a ramp from 3 by 2
+    check_scaling(*scaled(train={"global_batch_size": 7, "micro_batch_size": 4,
+                                 "rampup": {"start": 3, "increment": 2, "samples": 20}},
+                          scaling={"num_workers": [1, 5]}))
+    check_scaling(*scaled(parallel={"tp": 2}, scaling={"num_workers": [2, 2]}, train={"global_batch_size": 5}))
+
+
+@pytest.mark.parametrize("sections, seq_len, message", [
+    ({"parallel": {"tp": 2}, "scaling": {"num_workers": [2, 4]}}, None,
+     r"^scaling.num_workers: \[2, 4\] lets Ray Train run with 3 workers, which the layout cannot use "
+     r"\(parallel: tp=2 x pp=1 = 2 does not divide world size 3\); Ray may pick any count in an elastic range"),
+    ({"parallel": {"dp": 2}, "scaling": {"num_workers": [2, 3]}}, None, r"with 3 workers.*dp=2 = 2 does not match world size 3"),
+    ({"parallel": {"tp": 2, "sequence_parallel": True}, "scaling": {"num_workers": 2}}, 63,
+     r"parallel.sequence_parallel: tp=2 must divide the dataset's sequence length 63"),
+    ({"parallel": {"pp": 2, "pp_microbatches": 2}, "model": {"tie_embeddings": False},
+      "train": {"micro_batch_size": 3}, "scaling": {"num_workers": 2}}, None,
+     r"train.micro_batch_size: 3 does not split into parallel.pp_microbatches=2"),
+])
+def test_refuses_a_worker_count_the_layout_cannot_use(sections, seq_len, message):
+    with pytest.raises(ConfigError, match=message):
+        check_scaling(*scaled(**sections), seq_len=seq_len)
