@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtnlg_ray.parallel.pp import stage_layers
+
 
 def inputs_targets(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of T+1 ids -> inputs (B, T) and next-token targets (B, T); "labels" (-100 = masked) win."""
@@ -48,13 +50,7 @@ def slot_rows(global_batch: int, micro_batch_size: int, dp: int) -> list[range]:
     if global_batch < 1 or micro_batch_size < 1 or dp < 1:
         raise ValueError(f"slot_rows: need positive sizes (global {global_batch}, micro {micro_batch_size}, dp {dp})")
     slots = math.ceil(global_batch / (micro_batch_size * dp)) * dp
-    base, extra = divmod(global_batch, slots)
-    out, start = [], 0
-    for j in range(slots):
-        size = base + (1 if j < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
+    return stage_layers(global_batch, slots)  # the even split pipeline stages use: the first ones one more
 
 
 def counted_per_row(rows: dict[str, torch.Tensor]) -> torch.Tensor:

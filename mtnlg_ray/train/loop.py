@@ -56,6 +56,7 @@ from mtnlg_ray.train import checkpoint as ckpt
 from mtnlg_ray.train.batching import accumulate, deal, inputs_targets
 from mtnlg_ray.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops
 from mtnlg_ray.train.optim import Optimizers
+from mtnlg_ray.train.remote import resolve_resume_from
 from mtnlg_ray.train.schedule import global_batch_at, lr_at, planned_tokens
 
 log = logging.getLogger(__name__)
@@ -311,13 +312,13 @@ def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None) -> Tra
     latest = ray.train.get_checkpoint()
     if latest is None:
         return TrainState()
-    path, skipped = ckpt.resolve_resume(Path(latest.path))
+    path, skipped = resolve_resume_from(latest)  # remote storage: fetched to this node first
     for problem in skipped:
         log.warning("skipping a corrupted checkpoint: %s", problem)
         if metrics_log is not None:
             metrics_log.write({"event": "checkpoint_skipped", "reason": problem, "time": time.time()})
     if path is None:
-        raise UserError(f"{Path(latest.path).parent}: no valid checkpoint to resume from ({'; '.join(skipped)})")
+        raise UserError(f"{latest.path.rstrip('/').rpartition('/')[0]}: no valid checkpoint to resume from ({'; '.join(skipped)})")
     saved = ckpt.load(path, model.parts, optimizers)
     state = TrainState(**{k: saved[k] for k in ("step", "consumed_samples", "epoch", "samples_in_epoch")})
     if metrics_log is not None:
