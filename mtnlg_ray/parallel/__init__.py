@@ -56,17 +56,19 @@ class Parallelized:
         if self.cfg.sequence_parallel and input_ids.shape[1] % self.dims.tp:
             raise ValueError(f"sequence parallel: sequence length {input_ids.shape[1]} must divide by tp={self.dims.tp}")
 
-    def forward_backward(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    def forward_backward(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_scale: float,
+                         pp_chunks: int | None = None) -> torch.Tensor:
         """Backward of lm_loss * loss_scale for one micro-batch (B, T); returns the unscaled mean loss
         over its counted tokens (targets == -100 are ignored), detached. Every pp and tp rank that
         processes this micro-batch returns the same value; dp ranks hold different micro-batches
-        (average over `dims.group("dp")` for logging)."""
+        (average over `dims.group("dp")` for logging). Under pipeline parallelism, `pp_chunks`
+        splits (B, T) into that many schedule chunks (default: parallel.pp_microbatches)."""
         self._check(input_ids)
         for part in self.parts:
             part.train()
         with self._precision():
             if self.pipeline is not None:
-                return self.pipeline.run(input_ids, targets, loss_scale, train=True)
+                return self.pipeline.run(input_ids, targets, loss_scale, train=True, n_chunks=pp_chunks)
             loss = lm_loss(self.parts[0](input_ids), targets)
         (loss * loss_scale).backward()
         return loss.detach()

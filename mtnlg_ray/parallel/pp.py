@@ -10,7 +10,12 @@ Schedules (Narayanan et al., 2021): "gpipe" (all forwards, then all backwards), 
 forward / one backward in steady state: at most pp micro-batches of activations in flight) and
 "interleaved_1f1b" (each rank holds 2 stages, s and s + pp, which shrinks the bubble by half
 for more point-to-point traffic). Each micro-batch of B sequences is split into
-`pp_microbatches` chunks along the batch.
+`pp_microbatches` chunks along the batch, and, as in Megatron-LM, all the micro-batches of one
+optimizer step run through ONE schedule (k micro-batches -> k x pp_microbatches chunks), so the
+pipeline fills and drains once per step rather than once per micro-batch (not for
+"interleaved_1f1b", whose chunk counts torch restricts: one schedule per micro-batch). torch's 1F1B
+schedules need at least as many chunks as stages; a step with fewer (e.g. early in a batch
+ramp-up: MT-NLG starts at 2 sequences per pipeline for 35 stages) runs that shape under GPipe.
 
 The loss is a token sum over each chunk divided by the number of counted (not -100) tokens of
 the whole micro-batch, with `scale_grads=False`, so the gradient is exactly the one of the mean
@@ -20,6 +25,8 @@ ignored targets.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,6 +34,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from mtnlg_ray.model.gpt import GPT
+
+log = logging.getLogger(__name__)
 
 
 def stage_layers(n_layers: int, n_stages: int) -> list[range]:
@@ -81,28 +90,36 @@ class Pipeline:
         self._chunk_losses.append(loss.detach())
         return loss * self._loss_scale
 
-    def _get(self, shape: tuple[int, ...], train: bool):
-        key = (shape, train)
+    def _get(self, shape: tuple[int, ...], train: bool, n_chunks: int):
+        key = (shape, train, n_chunks)
         if key not in self._schedules:
             stages = [PipelineStage(part, s, self.n_stages, self.device, group=self.group)
                       for part, s in zip(self.parts, self.stage_ids)]
-            kw = dict(n_microbatches=self.n_microbatches, loss_fn=self._chunk_loss, scale_grads=False)
-            if self.schedule == "interleaved_1f1b":
-                sched = ScheduleInterleaved1F1B(stages, **kw)
-            else:
-                sched = (Schedule1F1B if self.schedule == "1f1b" else ScheduleGPipe)(stages[0], **kw)
+            kw = dict(n_microbatches=n_chunks, loss_fn=self._chunk_loss, scale_grads=False)
+            try:
+                if self.schedule == "interleaved_1f1b":
+                    sched = ScheduleInterleaved1F1B(stages, **kw)
+                else:
+                    sched = (Schedule1F1B if self.schedule == "1f1b" else ScheduleGPipe)(stages[0], **kw)
+            except ValueError as err:  # too few chunks for a 1F1B schedule (module doc)
+                if len(stages) > 1:
+                    raise
+                log.info("pipeline: %d chunks under %s is not possible (%s); using gpipe for this shape",
+                         n_chunks, self.schedule, err)
+                sched = ScheduleGPipe(stages[0], **kw)
             self._schedules[key] = sched
         return self._schedules[key]
 
-    def run(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_scale: float, train: bool) -> torch.Tensor:
-        """Forward (and backward when `train`) of one micro-batch (B, T); returns the mean loss
-        over its counted tokens on every pp rank (broadcast from the last stage)."""
+    def run(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_scale: float, train: bool,
+            n_chunks: int | None = None) -> torch.Tensor:
+        """Forward (and backward when `train`) of one batch (B, T) in `n_chunks` chunks (default:
+        pp_microbatches, one micro-batch); returns the mean loss over its counted tokens on every
+        pp rank (broadcast from the last stage)."""
         B = input_ids.shape[0]
-        if B % self.n_microbatches:
-            raise ValueError(
-                f"pipeline: micro-batch of {B} sequences does not split into pp_microbatches={self.n_microbatches}"
-            )
-        sched = self._get(tuple(input_ids.shape), train)
+        n_chunks = n_chunks or self.n_microbatches
+        if B % n_chunks:
+            raise ValueError(f"pipeline: a batch of {B} sequences does not split into {n_chunks} chunks")
+        sched = self._get(tuple(input_ids.shape), train, n_chunks)
         self._chunk_losses, self._loss_scale = [], loss_scale
         self._n_counted = (targets != -100).sum().clamp(min=1).to(torch.float32)
         args = (input_ids,) if 0 in self.stage_ids else ()
@@ -113,9 +130,9 @@ class Pipeline:
         else:
             with torch.no_grad():
                 sched.eval(*args, target=target, losses=losses)
-        # The last n_microbatches calls are the real chunks (a first step also calls the loss
+        # The last n_chunks calls are the real chunks (a first step also calls the loss
         # once while inferring shapes).
-        chunks = self._chunk_losses[-self.n_microbatches:]
+        chunks = self._chunk_losses[-n_chunks:]
         loss = torch.stack(chunks).sum() if self.is_last else torch.zeros((), dtype=torch.float32)
         loss = loss.to(self.device)
         dist.broadcast(loss, src=self._src, group=self.group)

@@ -98,7 +98,8 @@ def deal(rows: dict[str, torch.Tensor], micro_batch_size: int, dp: int, dp_rank:
             lab = torch.cat([lab, torch.full((pad, ids.shape[1]), -100, dtype=lab.dtype)])
         n = int(per_row[r.start:r.stop].sum())
         if n == 0:
-            lab, scale = inp, 0.0  # finite loss, zero gradient (module doc)
+            # finite loss, zero gradient (module doc); a pipeline's token-sum loss needs no trick
+            lab, scale = (lab if pad_to_micro_batch else inp), 0.0
         else:
             scale = n * dp / total
         micro.append(MicroBatch({"input_ids": inp, "labels": lab}, scale, n))
@@ -107,10 +108,23 @@ def deal(rows: dict[str, torch.Tensor], micro_batch_size: int, dp: int, dp_rank:
 
 def accumulate(model, batches: RankBatches, device: torch.device) -> torch.Tensor:
     """Forward and backward of every micro-batch of this rank (gradient sync on the last only) on a
-    `mtnlg_ray.parallel.Parallelized`. Returns this rank's sum of (mean loss x counted tokens) over
+    `mtnlg_ray.parallel.Parallelized` (under pipeline parallelism: all in one schedule). Returns this rank's sum of (mean loss x counted tokens) over
     its micro-batches (a 0-d tensor, not synchronised: no host sync per micro-batch); the step's
     mean loss is its sum over dp ranks divided by `batches.global_tokens`."""
     total = torch.zeros((), dtype=torch.float64, device=device)
+    pipeline = getattr(model, "pipeline", None)
+    if pipeline is not None and pipeline.schedule != "interleaved_1f1b" and batches.micro:
+        # Megatron: the step's micro-batches are the chunks of ONE pipeline schedule (fill and
+        # drain once per step; the interleaved schedule, whose chunk counts torch restricts, keeps
+        # one schedule per micro-batch). The pipeline divides token sums by the rank's counted tokens n, so
+        # the scale n x dp / N = the sum of the micro-batch scales keeps the gradient the same.
+        rows = {k: torch.cat([mb.rows[k] for mb in batches.micro]) for k in ("input_ids", "labels")}
+        inp, tgt = inputs_targets(rows, device)
+        model.set_grad_sync(True)
+        n = sum(mb.tokens for mb in batches.micro)
+        loss = model.forward_backward(inp, tgt, loss_scale=sum(mb.loss_scale for mb in batches.micro),
+                                      pp_chunks=len(batches.micro) * pipeline.n_microbatches)
+        return total + loss.to(torch.float64) * n
     last = len(batches.micro) - 1
     for i, mb in enumerate(batches.micro):
         inp, tgt = inputs_targets(mb.rows, device)

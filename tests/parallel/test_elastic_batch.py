@@ -19,7 +19,10 @@ CASES = {  # name -> (parallel fields, model fields, global batch, micro_batch_s
     "ddp G=6 m=4": ({"data_parallel": "ddp"}, {}, 6, 4, False),  # one micro-step of 3 rows per rank
     "fsdp G=1 m=2": ({"data_parallel": "fsdp"}, {}, 1, 2, False),  # rank 1 trains on a padding row only
     # dp 1 over two stages: micro-batches of 2, 2, 1 rows, the last padded to 2 (one chunk all padding)
+    # (the three micro-batches run as the 6 chunks of one 1F1B schedule)
     "pp2 G=5 m=2": ({"pp": 2, "pp_microbatches": 2, "pp_schedule": "1f1b"}, PP_MODEL, 5, 2, True),
+    # one chunk per step for two stages: too few for 1F1B, so that shape runs under GPipe
+    "pp2 1f1b G=1 m=1": ({"pp": 2, "pp_microbatches": 1, "pp_schedule": "1f1b"}, PP_MODEL, 1, 1, False),
 }
 SEED = 11
 

@@ -30,8 +30,6 @@ def test_dp_fills_the_world():
     ({"n_layers": 2}, dict(pp=4), 4, "parallel.pp: 4 pipeline stages need at least as many layers (model.n_layers=2)"),
     ({}, dict(pp=2), 2, "parallel.pp: tied embeddings live on the first and last stage; "
                         "set model.tie_embeddings: false for pp > 1"),
-    ({"tie_embeddings": False}, dict(pp=2, pp_microbatches=1), 2,
-     "parallel.pp_microbatches: 1f1b needs at least pp=2 micro-batches (got 1)"),
     ({"tie_embeddings": False, "n_layers": 8}, dict(pp=4, pp_schedule="interleaved_1f1b", pp_microbatches=9), 4,
      "parallel.pp_microbatches: interleaved_1f1b runs rounds of 2 (= pp_microbatches // pp=4), which must divide it (got 9)"),
     ({}, dict(tp=2, data_parallel="ddp"), 4, "parallel.data_parallel: ddp does not combine with tp > 1; use fsdp"),
