@@ -1,0 +1,59 @@
+"""Serving job config: the model, the engine's capacity, HTTP limits, Serve autoscaling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mtnlg_ray.config.base import Section
+
+
+# -------------------------------------------------------------------------------------- serving
+class AutoscalingSection(Section):
+    """Ray Serve autoscaling_config (validated here: Serve ignores misspelled keys)."""
+
+    min_replicas: int = Field(1, ge=0, description="0 lets the deployment scale to zero when idle")
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: float = Field(8, gt=0, description="ongoing requests per replica the autoscaler aims at")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "AutoscalingSection":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas} < min_replicas={self.min_replicas}")
+        return self
+
+
+class ServeSection(Section):
+    """One OpenAI-compatible deployment: the model, the engine's KV-cache pool, Serve's limits."""
+
+    checkpoint: str = Field(description="native checkpoint, Ray Train run directory, or GPT-2 directory")
+    model_name: str = Field("mtnlg", description="the `model` clients send; others get 404")
+    host: str = Field("127.0.0.1", description="HTTP host (mtnlg serve; a Serve config sets http_options)")
+    port: int = Field(8000, ge=0, lt=65536)
+    max_batch_slots: int = Field(8, gt=0, description="sequences decoded together (KV-cache rows)")
+    max_context: int | None = Field(None, gt=0, description="tokens per slot; None: the model's max_seq_len")
+    max_waiting: int = Field(64, ge=0, description="engine queue bound beyond the slots")
+    max_ongoing_requests: int = Field(32, gt=0, description="requests Serve sends one replica at a time")
+    max_queued_requests: int = Field(64, ge=-1, description="requests queued per caller beyond that; -1: no bound")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After of 503 answers when overloaded")
+    max_body_bytes: int = Field(1_000_000, gt=0, description="larger request bodies get 413")
+    num_cpus: float = Field(1.0, ge=0, description="per replica")
+    num_gpus: float = Field(0.0, ge=0, description="per replica")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    health_check_period_s: float = Field(10.0, gt=0, description="Serve calls check_health this often")
+    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+
+    @model_validator(mode="after")
+    def _engine_holds_ongoing(self) -> "ServeSection":
+        held = self.max_batch_slots + self.max_waiting
+        if self.max_ongoing_requests > held:
+            raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests} exceeds what one replica's engine "
+                             f"holds (max_batch_slots + max_waiting = {held})")
+        return self
+
+
+class ServeJob(Section):
+    serve: ServeSection

@@ -1,0 +1,237 @@
+"""Training job configs: pretraining (data, parallel layout, optimizer, schedule, checkpoints,
+scaling), fine-tuning (SFT data, LoRA) and hyperparameter search."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mtnlg_ray.config.base import Section
+from mtnlg_ray.config.model import ModelConfig
+
+
+# ------------------------------------------------------------------------------------- training
+class DatasetSpec(Section):
+    path: str
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(Section):
+    """Dataset directories written by preprocess, blended by weight (Megatron semantics)."""
+
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    seed: int = 1234
+
+
+class ParallelConfig(Section):
+    """Mesh = pp x dp x tp (tp fastest-varying); dp = -1 fills the rest of the world size.
+    Checked against the model and world size by `mtnlg_ray.parallel.check_layout`."""
+
+    tp: int = Field(1, gt=0, description="tensor-parallel ranks (Megatron layout); must divide n_heads")
+    pp: int = Field(1, gt=0, description="pipeline stages; pp > 1 needs model.tie_embeddings: false")
+    dp: int = Field(-1, description="data-parallel ranks; -1: world_size / (tp * pp)")
+    data_parallel: Literal["fsdp", "ddp"] = Field("fsdp", description="fsdp: FSDP2 ZeRO-3 sharding; ddp: replicas")
+    sequence_parallel: bool = Field(False, description="with tp > 1: also split norms/residual along the sequence")
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
+    pp_microbatches: int = Field(2, gt=0, description="chunks each micro-batch is split into along the batch "
+                                 "for the pipeline; must divide micro_batch_size")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+
+
+class OptimConfig(Section):
+    """AdamW + linear warmup + cosine decay to min_lr_ratio * lr (MT-NLG: 10%)."""
+
+    lr: float = Field(6e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    warmup_tokens: int = Field(0, ge=0, description="linear warmup from 0 to lr over this many tokens")
+    decay_tokens: int | None = Field(None, gt=0, description="tokens at which the cosine reaches min_lr_ratio * lr "
+                                     "(counted from 0, warmup included); None: the whole run")
+
+    @model_validator(mode="after")
+    def _decay_after_warmup(self) -> "OptimConfig":
+        if self.decay_tokens is not None and self.decay_tokens <= self.warmup_tokens:
+            raise ValueError(f"decay_tokens={self.decay_tokens} must exceed warmup_tokens={self.warmup_tokens}")
+        return self
+
+
+class RampupConfig(Section):
+    """Megatron batch ramp-up: start, +increment every samples/((global-start)/increment) samples."""
+
+    start: int = Field(gt=0)
+    increment: int = Field(gt=0)
+    samples: int = Field(gt=0)
+
+
+class TrainConfig(Section):
+    global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step, whatever the worker count")
+    micro_batch_size: int = Field(4, gt=0, description="at most this many sequences per worker per forward")
+    rampup: RampupConfig | None = None
+    max_steps: int = Field(100, gt=0)
+    log_interval: int = Field(10, gt=0)
+    eval_interval: int = Field(50, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    peak_flops: float | None = Field(None, gt=0, description="FLOP/s per device for MFU; None: measured")
+    kill_at_step: int | None = Field(None, gt=0, description="fault injection for testing recovery: the rank-0 "
+                                     "worker kills its own process after this step, once per run directory")
+
+    @model_validator(mode="after")
+    def _rampup_fits(self) -> "TrainConfig":
+        r = self.rampup
+        if r is not None:
+            if r.start > self.global_batch_size:
+                raise ValueError(f"rampup.start={r.start} exceeds global_batch_size={self.global_batch_size}")
+            if (self.global_batch_size - r.start) % r.increment:
+                raise ValueError(f"rampup.increment={r.increment} must divide global_batch_size - start = "
+                                 f"{self.global_batch_size - r.start}")
+        # No divisibility between the global batch, micro_batch_size and the worker count:
+        # the loop deals any global batch out to any number of ranks (train/batching.py).
+        return self
+
+
+class CheckpointConfig(Section):
+    interval: int = Field(50, gt=0, description="steps between checkpoints")
+    num_to_keep: int = Field(2, gt=0)
+
+
+class ScalingSection(Section):
+    """Ray Train layout. num_workers: N, or [min, max] for an elastic run: Ray Train starts (and after a
+    failure restarts) it with any count in the range the cluster holds; each must fit the tp x pp layout."""
+
+    num_workers: int | tuple[int, int] = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1)
+    storage_path: str = Field("runs", description="run directory root: a local path, or s3:// gs:// ... "
+                              "(on a multi-node cluster it must be shared: see train/storage.py)")
+    shared_storage: bool = Field(False, description="declare that the local storage_path is the same shared "
+                                 "mount on every node (when it is not a detected network filesystem)")
+    name: str = "pretrain"
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v):
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError(f"need 1 <= min <= max (got {v})")
+        return v
+
+
+class PretrainJob(Section):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="debug"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "out_proj", "up_proj", "down_proj"]
+
+
+class LoraConfig(Section):
+    """LoRA adapters (model/lora.py): base weights frozen, W + alpha/rank * B @ A learned."""
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0, description="update scale is alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[LoraTarget] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+                                             min_length=1, description="the model's own linear module names")
+
+
+class SftDataConfig(Section):
+    """Task data (data/sft.py): JSONL of {prompt, response} or {messages: [...]}, or the built-in code task."""
+
+    task: Literal["jsonl", "stdlib_code"] = Field(
+        "jsonl", description="jsonl: the files in train_paths; stdlib_code: (signature + docstring -> body) "
+        "pairs mined from the .py files in train_paths (default: the Python standard library)")
+    train_paths: list[str] = Field(default_factory=list, description="JSONL files, directories or globs")
+    val_paths: list[str] = Field(default_factory=list, description="validation JSONL; empty: val_fraction of train")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="examples sent to val by a seeded content hash")
+    seq_len: int = Field(256, gt=0, description="rows hold seq_len + 1 tokens; at most the model's max_seq_len")
+    packing: bool = Field(True, description="several whole examples per row; false: one padded example per row")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="an example longer than a row")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="bad lines skipped up to this fraction, else refused")
+    max_examples: int | None = Field(None, gt=0, description="read at most this many examples (per input)")
+    tokenizer: str | None = Field(None, description="tokenizer.model to use; None: the init checkpoint's")
+    seed: int = 1234
+
+
+class FinetuneJob(Section):
+    init_from: str = Field(description="native checkpoint, run directory, or Hugging Face GPT-2 directory")
+    sft: SftDataConfig = Field(default_factory=SftDataConfig)
+    output_dir: str = Field("data_out/sft", description="where the tokenized task dataset is written")
+    lora: LoraConfig | None = Field(None, description="LoRA adapters; None: full fine-tuning")
+    baseline_eval: bool = Field(True, description="evaluate the initial weights on the val set first (in the "
+                                "driver process, on CPU: turn off for models too large for it)")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    scaling: ScalingSection = Field(default_factory=lambda: ScalingSection(name="finetune"))
+
+
+HYPERPARAMETERS = {  # search-space name -> the FinetuneJob key it sets
+    "lr": "optim.lr", "global_batch_size": "train.global_batch_size",
+    "warmup_tokens": "optim.warmup_tokens", "lora_rank": "lora.rank",
+}
+
+
+class SearchSpace(Section):
+    """Values to try for each hyperparameter (a grid); names are checked (unknown names are refused)."""
+
+    lr: list[float] | None = Field(None, min_length=1)
+    global_batch_size: list[int] | None = Field(None, min_length=1)
+    warmup_tokens: list[int] | None = Field(None, min_length=1)
+    lora_rank: list[int] | None = Field(None, min_length=1, description="needs a finetune.lora section")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in HYPERPARAMETERS]
+            if unknown:
+                raise ValueError(f"got unknown hyperparameter {unknown[0]!r} (searchable: {', '.join(HYPERPARAMETERS)})")
+        return data
+
+    def grid(self) -> dict[str, list]:
+        """{name: values} of the hyperparameters given."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class TuneSection(Section):
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
+    num_samples: int = Field(1, gt=0, description="repeats of the grid")
+    max_concurrent_trials: int = Field(1, gt=0)
+    grace_period: int = Field(1, gt=0, description="ASHA: evaluations before a trial may stop")
+    reduction_factor: int = Field(2, gt=1)
+    best_config_out: str = Field("best_finetune.yaml", description="the best trial's FinetuneJob, as YAML")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "TuneSection":
+        if not self.search_space.grid():
+            raise ValueError(f"search_space: empty (got no values; searchable: {', '.join(HYPERPARAMETERS)})")
+        return self
+
+
+class TuneJob(Section):
+    finetune: FinetuneJob
+    tune: TuneSection
+
+    @model_validator(mode="after")
+    def _space(self) -> "TuneJob":
+        if "lora_rank" in self.tune.search_space.grid() and self.finetune.lora is None:
+            raise ValueError("tune.search_space.lora_rank: needs a finetune.lora section (got lora: null, "
+                             "i.e. full fine-tuning)")
+        return self
