@@ -156,7 +156,8 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> tuple[
     from mtnlg_ray.api import load_model
     from mtnlg_ray.config import ServeJob
     from mtnlg_ray.serve.app import deploy, shutdown
-    from mtnlg_ray.serve.engine import AsyncEngine, Engine
+    from mtnlg_ray.serve.async_engine import AsyncEngine
+    from mtnlg_ray.serve.engine import Engine
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     job = ServeJob.model_validate({"serve": dict(

@@ -8,6 +8,12 @@ queue or Serve's max_queued_requests, both with Retry-After; a dead engine); a r
 produces a 500. When MTNLG_API_KEY is set in the replica, every route but /health needs
 `Authorization: Bearer <key>`. A client that disconnects cancels its generation (its rows free).
 
+A replica is two processes: this one (FastAPI routes, tokenizer, validation, rendering, metrics)
+and its engine process (engine_process.py: the model, the KV cache, continuous batching), so the
+per-chunk Python here never holds up a decode step. If the engine process dies, its requests end
+with an error and check_health fails (Serve replaces the replica); if this process dies, Serve's
+proxy ends its open streams with an error event (proxy.py) and the engine process exits.
+
 Deploy with `build_app(ServeJob)` (Serve config YAML: `import_path: mtnlg_ray.serve.app:build_app`)
 or `mtnlg serve CHECKPOINT` (`run_serve`); both live in deploy.py and are re-exported at the end.
 """
@@ -17,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -29,8 +34,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtnlg_ray.config import ServeSection
-from mtnlg_ray.errors import UserError
-from mtnlg_ray.serve.engine import AsyncEngine, Engine, EngineDead, Group, QueueFull
+from mtnlg_ray.serve.async_engine import Group
+from mtnlg_ray.serve.engine import EngineDead, QueueFull
+from mtnlg_ray.serve.engine_process import ProcessEngine
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.render import Choice, Renderer, new_id, usage
 from mtnlg_ray.serve.schemas import (ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, CompletionResponse,
@@ -108,40 +114,32 @@ class OpenAIServer:
     """One replica: the model, its continuous-batching engine, and the OpenAI routes."""
 
     def __init__(self, serve_config: dict):
-        import torch
-
-        from mtnlg_ray.api import load_model
         from mtnlg_ray.data.chat import chat_stop_id
+        from mtnlg_ray.data.tokenizer import load_tokenizer
 
-        # The engine thread releases the GIL around every torch op; with the default 5 ms switch
-        # interval a busy event loop (Serve's per-chunk work) would make it wait up to 5 ms per op.
-        sys.setswitchinterval(0.0005)
         cfg = self.cfg = ServeSection.model_validate(serve_config)
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() and cfg.num_gpus else "cpu")
-        loaded = load_model(cfg.checkpoint, device)
-        if loaded.tokenizer is None:
-            raise UserError(f"{cfg.checkpoint}: has no tokenizer.model; the server needs one to read text")
-        self.tok = loaded.tokenizer
-        engine = Engine(loaded.model, cfg.max_batch_slots, cfg.max_context, cfg.max_waiting, decode=self.tok.decode)
-        self.context = engine.max_context
-        self.engine = AsyncEngine(engine)
+        device = cfg.device if cfg.device != "auto" else ("auto" if cfg.num_gpus else "cpu")
+        # The model and its engine live in a child process (engine_process.py); this one does HTTP.
+        self.engine = ProcessEngine(cfg.checkpoint, device, cfg.max_batch_slots, cfg.max_context, cfg.max_waiting)
+        self.tok = load_tokenizer(self.engine.tokenizer_path)
+        self.context = self.engine.max_context
         self.metrics = ServeMetrics(self.engine)
-        engine.on_step = self.metrics.on_step
+        self.engine.on_step = self.metrics.on_step
         self.render = Renderer(self.tok, cfg.model_name)
         self.eod, self.chat_stop = self.tok.eod_id, chat_stop_id(self.tok)
         self.api_key = os.environ.get("MTNLG_API_KEY") or None
-        log.info("serving %s (%s) on %s: %d rows x %d tokens", cfg.model_name, cfg.checkpoint, device,
-                 cfg.max_batch_slots, self.context)
+        log.info("serving %s (%s) on %s: %d rows x %d tokens, engine process %d", cfg.model_name, cfg.checkpoint,
+                 self.engine.device, cfg.max_batch_slots, self.context, self.engine.pid)
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising (a dead engine loop) gets the replica replaced."""
         self.engine.check_health()
 
     def replica_info(self) -> dict:
-        """Process id and engine load of this replica (for operators and tests, via a handle)."""
-        e = self.engine.engine
-        return {"pid": os.getpid(), "running": e.num_running, "waiting": e.num_waiting,
-                "in_flight": self.engine.in_flight, "free_rows": len(e.free)}
+        """Process ids and engine load of this replica (for operators and tests, via a handle)."""
+        e = self.engine
+        return {"pid": os.getpid(), "engine_pid": e.pid, "running": e.num_running, "waiting": e.num_waiting,
+                "in_flight": e.in_flight, "free_rows": e.free_rows}
 
     def __del__(self):
         self.engine.shutdown()
@@ -217,7 +215,7 @@ class OpenAIServer:
         return value
 
     def _submit(self, requests: list) -> Group:
-        capacity = self.engine.engine.capacity
+        capacity = self.engine.capacity
         if len(requests) > capacity:
             raise APIError(400, f"{len(requests)} sequences (prompts x n) exceed the {capacity} this server runs at "
                            f"once", param="n", code="invalid_value")

@@ -30,14 +30,19 @@ from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.serve.proxy import CONTROLLER_OPTIONS
 
 APP_NAME = "mtnlg"
+# Ray Serve's documented throughput setting (Performance Tuning): the replica runs our handlers on its
+# own event loop instead of a second loop thread, which saves two thread hand-offs per streamed chunk.
+# Safe here: every route is async and the model steps in the engine process.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def deployment_options(cfg: ServeSection) -> dict:
     """Serve options of the deployment, all from the validated ServeSection."""
     a = cfg.autoscaling
-    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    env = dict(REPLICA_ENV)
     if os.environ.get("MTNLG_API_KEY"):  # the builder's key reaches the replicas
-        actor["runtime_env"] = {"env_vars": {"MTNLG_API_KEY": os.environ["MTNLG_API_KEY"]}}
+        env["MTNLG_API_KEY"] = os.environ["MTNLG_API_KEY"]
+    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "runtime_env": {"env_vars": env}}
     return dict(
         autoscaling_config=dict(min_replicas=a.min_replicas, max_replicas=a.max_replicas,
                                 target_ongoing_requests=a.target_ongoing_requests,

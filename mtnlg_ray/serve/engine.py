@@ -2,8 +2,9 @@
 
 The pool is one `KVCache` of `max_slots` rows x `max_context` positions. Each running request
 owns one row (slot). Every `step()`:
-  1. admits waiting requests into free rows: one prefill `model(prompt, kv_cache, rows=[slot])`
-     each, whose last logits give the request's first token;
+  1. admits waiting requests into free rows and prefills them, `model(prompts (n, T), kv_cache,
+     rows=slots)`, one forward per prompt length (n choices of a prompt share one), whose last
+     logits give each request's first token;
   2. decodes every request that was already running with ONE batched forward,
      `model(last_tokens (B, 1), kv_cache, rows=busy_slots)`, each row at its own length
      (new requests take the lowest free row, so a batch of rows 0..B-1 passes rows=None and
@@ -13,17 +14,15 @@ owns one row (slot). Every `step()`:
 Requests beyond the free rows wait in a FIFO queue of at most `max_waiting`; `add` refuses more
 with `QueueFull`. `abort` frees a row immediately.
 
-`Engine` is synchronous and single-threaded (tests drive `step()` by hand). `AsyncEngine` runs the
-step loop in a background thread and hands outputs to asyncio consumers as they are produced.
+`Engine` is synchronous and single-threaded (tests drive `step()` by hand); async_engine.py steps
+it in a thread, engine_process.py in a child process, for asyncio servers.
 The engine knows nothing of tokenizers: stop strings need a `decode(ids) -> str` callable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -78,6 +77,18 @@ class Request:
     generated: list[int] = field(default_factory=list)
 
 
+def check_request(prompt: list[int], vocab_size: int, max_context: int) -> None:
+    """Raise ValueError (stating the numbers) if `prompt` can never run on this engine."""
+    if not prompt:
+        raise ValueError("the prompt has no tokens")
+    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len(prompt) >= max_context:
+        raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {max_context} tokens "
+                         f"(at most {max_context - 1} leave room to generate)")
+
+
 class Engine:
     """Synchronous continuous-batching engine over `model` (a GPT in eval mode)."""
 
@@ -118,14 +129,7 @@ class Engine:
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ValueError (stating the numbers) if this request can never run."""
-        if not prompt:
-            raise ValueError("the prompt has no tokens")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt) >= self.max_context:
-            raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {self.max_context} tokens "
-                             f"(at most {self.max_context - 1} leave room to generate)")
+        check_request(prompt, self.vocab_size, self.max_context)
 
     def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; it is admitted at the next step that finds a free row."""
@@ -162,25 +166,34 @@ class Engine:
         """Admit into free rows (prefill), decode the running rows together; outputs of this step."""
         outs: list[Output] = []
         decoding = [self.running[s] for s in sorted(self.running)]  # admitted in earlier steps, by row
-        prefills = 0
+        admitted = []
         while self.waiting and self.free:
             req = self.waiting.popleft()
             req.slot = heapq.heappop(self.free)
             self.running[req.slot] = req
-            prefills += 1
-            ids = torch.tensor([req.prompt], device=self.device)
-            want_all = req.params.prompt_logprobs  # else the LM head runs on the last position only
-            logits = self.model(ids, kv_cache=self.cache, rows=[req.slot], last_only=not want_all)
-            logits = logits[0, :, : self.vocab_size]  # (T or 1, V)
-            plp = prompt_logprob_entries(logits, req.prompt, req.params.logprobs or 0) if want_all else None
-            if req.params.max_tokens == 0:
-                self._release(req)
-                out = self._final(req, "length")
-            else:
-                tokens, lps = sample_batch(logits[-1:], [req.sampler])
-                out = self._accept(req, tokens[0], lps[0])
-            out.prompt_logprobs = plp
-            outs.append(out)
+            admitted.append(req)
+        prefills = len(admitted)
+        # Prompts of one length share a prefill forward (n choices of one prompt, templated prompts):
+        # one (n, T) batch instead of n (1, T) ones, each row at positions 0..T-1 of its own cache row.
+        batches: dict[tuple[int, bool], list[Request]] = {}
+        for req in admitted:
+            batches.setdefault((len(req.prompt), req.params.prompt_logprobs), []).append(req)
+        for (_, want_all), reqs in batches.items():  # want_all: the LM head on every position (echo logprobs)
+            ids = torch.tensor([r.prompt for r in reqs], device=self.device)  # (n, T)
+            logits = self.model(ids, kv_cache=self.cache, rows=[r.slot for r in reqs], last_only=not want_all)
+            logits = logits[:, :, : self.vocab_size]  # (n, T or 1, V)
+            live = [i for i, r in enumerate(reqs) if r.params.max_tokens > 0]
+            tokens, lps = sample_batch(logits[live, -1], [reqs[i].sampler for i in live]) if live else ([], [])
+            sampled = dict(zip(live, zip(tokens, lps)))
+            for i, req in enumerate(reqs):
+                plp = prompt_logprob_entries(logits[i], req.prompt, req.params.logprobs or 0) if want_all else None
+                if i in sampled:
+                    out = self._accept(req, *sampled[i])
+                else:  # max_tokens=0: prefill only (prompt logprobs)
+                    self._release(req)
+                    out = self._final(req, "length")
+                out.prompt_logprobs = plp
+                outs.append(out)
         if decoding:
             last = torch.tensor([[r.generated[-1]] for r in decoding], device=self.device)  # (B, 1)
             slots = [r.slot for r in decoding]
@@ -219,142 +232,3 @@ class Engine:
     def _final(self, req: Request, reason: str, error: str | None = None) -> Output:
         return Output(req.id, None, req.stops.flush() if reason == "length" else "", None, reason,
                       len(req.prompt), len(req.generated), error=error)
-
-
-class Group:
-    """Outputs of requests submitted together (the choices of one HTTP request), in arrival order.
-
-    `async for index, output in group` ends when every member has finished; `cancel()` aborts the
-    members still running (call it in a `finally`, e.g. when the client disconnects).
-    """
-
-    def __init__(self, engine: "AsyncEngine", ids: list[str]):
-        self.engine, self.ids = engine, ids
-        self.index = {rid: i for i, rid in enumerate(ids)}
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        self.open = set(ids)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> tuple[int, Output]:
-        if not self.open:
-            raise StopAsyncIteration
-        out = await self.queue.get()
-        if out.finished:
-            self.open.discard(out.request_id)
-        return self.index[out.request_id], out
-
-    async def next_batch(self) -> list[tuple[int, Output]]:
-        """Wait for the next output, then take every output already queued (one network write)."""
-        batch = [await self.__anext__()]
-        while self.open and not self.queue.empty():
-            batch.append(await self.__anext__())
-        return batch
-
-    def cancel(self) -> None:
-        for rid in self.open:
-            self.engine._abort(rid)
-        self.open.clear()
-
-
-class AsyncEngine:
-    """An `Engine` stepped by a background thread, for asyncio servers.
-
-    The thread owns the Engine; the event loop only appends commands to an inbox and receives
-    outputs through `loop.call_soon_threadsafe`, so a slow forward never blocks the server, and
-    the queue bound is exact on the loop side (`in_flight` counts until the final output arrives).
-    If a step raises, every request ends with finish_reason "error", new submissions raise
-    `EngineDead`, and `check_health()` raises (Serve then replaces the replica).
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.in_flight = 0
-        self.error: str | None = None
-        self._inbox: deque = deque()
-        self._wake = threading.Event()
-        self._routes: dict[str, Group] = {}
-        self._ids = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> Group:
-        """Queue all `requests` or none: ValueError (bad request), QueueFull, or EngineDead."""
-        self.check_health()
-        for prompt, params in requests:
-            self.engine.check(prompt, params)
-        if self.in_flight + len(requests) > self.engine.capacity:
-            raise QueueFull(f"{self.in_flight} requests in flight; capacity {self.engine.capacity}")
-        if self._thread is None:
-            self._loop = asyncio.get_running_loop()
-            self._thread = threading.Thread(target=self._run, name="engine-steps", daemon=True)
-            self._thread.start()
-        group = Group(self, [f"req-{next(self._ids)}" for _ in requests])
-        for rid, (prompt, params) in zip(group.ids, requests):
-            self._routes[rid] = group
-            self._inbox.append(("add", rid, prompt, params))
-        self.in_flight += len(requests)
-        self._wake.set()
-        return group
-
-    def check_health(self) -> None:
-        if self.error is not None:
-            raise EngineDead(f"engine step loop died: {self.error}")
-        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
-            raise EngineDead("engine step loop is not running")
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _abort(self, rid: str) -> None:  # loop side
-        if self._routes.pop(rid, None) is not None:
-            self.in_flight -= 1
-            self._inbox.append(("abort", rid))
-            self._wake.set()
-
-    def _deliver(self, outs: list[Output]) -> None:  # loop side
-        for out in outs:
-            group = self._routes.get(out.request_id)
-            if group is None:
-                continue  # aborted meanwhile
-            if out.finished:
-                del self._routes[out.request_id]
-                self.in_flight -= 1
-            group.queue.put_nowait(out)
-
-    def _run(self) -> None:  # the step thread
-        engine = self.engine
-        while not self._stopping:
-            self._wake.clear()
-            try:
-                refused = []
-                while self._inbox:
-                    cmd = self._inbox.popleft()
-                    if cmd[0] == "abort":
-                        engine.abort(cmd[1])
-                        continue
-                    try:
-                        engine.add(cmd[2], cmd[3], request_id=cmd[1])
-                    except (ValueError, QueueFull) as err:  # checked at submit; kept safe anyway
-                        refused.append(Output(cmd[1], None, finish_reason="error", error=str(err)))
-                if refused:
-                    self._loop.call_soon_threadsafe(self._deliver, refused)
-                if not engine.has_work:
-                    self._wake.wait(timeout=1.0)
-                    continue
-                outs = engine.step()
-            except Exception as err:  # noqa: BLE001 - every request must hear about it
-                self.error = f"{type(err).__name__}: {err}"
-                outs = engine.fail_all(self.error)
-                outs += [Output(c[1], None, finish_reason="error", error=self.error)
-                         for c in self._inbox if c[0] == "add"]
-                self._inbox.clear()
-                self._loop.call_soon_threadsafe(self._deliver, outs)
-                return
-            if outs:
-                self._loop.call_soon_threadsafe(self._deliver, outs)

@@ -18,7 +18,7 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mtnlg_ray.serve.engine import AsyncEngine
+from mtnlg_ray.serve.async_engine import EngineClient
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)
@@ -26,12 +26,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServeMetrics:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: EngineClient):
         r = self.registry = CollectorRegistry()
         Gauge("mtnlg:num_requests_running", "Requests holding a KV-cache row", registry=r).set_function(
-            lambda: engine.engine.num_running)
+            lambda: engine.num_running)
         Gauge("mtnlg:num_requests_waiting", "Requests queued for a row (engine side)", registry=r).set_function(
-            lambda: max(0, engine.in_flight - engine.engine.num_running))
+            lambda: max(0, engine.in_flight - engine.num_running))
         self.prompt_tokens = Counter("mtnlg:prompt_tokens", "Prefilled prompt tokens", registry=r)
         self.generation_tokens = Counter("mtnlg:generation_tokens", "Generated tokens", registry=r)
         self.success = Counter("mtnlg:request_success", "Finished requests", ["finished_reason"], registry=r)
@@ -45,7 +45,7 @@ class ServeMetrics:
                                buckets=BATCH_BUCKETS)
 
     def on_step(self, prefills: int, decode_batch: int) -> None:
-        """Engine hook (step thread): record the decode batch of this step."""
+        """Engine hook (after each step): record the decode batch of this step."""
         if decode_batch:
             self.batch.observe(decode_batch)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mtnlg_ray.model.generate import generate
-from mtnlg_ray.serve.engine import AsyncEngine, Engine, EngineDead, QueueFull
+from mtnlg_ray.serve.async_engine import AsyncEngine
+from mtnlg_ray.serve.engine import Engine, EngineDead, QueueFull
 from mtnlg_ray.serve.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0)
@@ -167,6 +168,40 @@ def test_queue_bound(tiny):
     while engine.has_work:
         engine.step()
     engine.add(tok.encode("x"), SamplingParams(max_tokens=2))
+
+
+class CountingModel(torch.nn.Module):
+    """A GPT that records the batch shape of every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.shapes = model, model.config, []
+
+    def forward(self, ids, *args, **kwargs):
+        self.shapes.append(tuple(ids.shape))
+        return self.inner(ids, *args, **kwargs)
+
+
+def test_prompts_of_one_length_share_a_prefill(tiny):
+    model, tok = tiny
+    ids = tok.encode("def f(x):\n    return x + 1\nclass A:\n    pass\n")
+    same = [ids[i:i + 8] for i in range(4)]  # four prompts of 8 tokens
+    other = ids[:5]
+    counting = CountingModel(model)
+    engine = Engine(counting, max_slots=6)
+    rids = [engine.add(p, SamplingParams(max_tokens=6, **GREEDY)) for p in same + [other]]
+    echo = engine.add(same[0], SamplingParams(max_tokens=0, logprobs=1, prompt_logprobs=True))
+    got, first = {r: [] for r in rids}, {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.request_id in got and out.token_id is not None:
+                got[out.request_id].append(out.token_id)
+            if out.request_id == echo:
+                first = out
+    assert sorted(counting.shapes[:3]) == [(1, 5), (1, 8), (4, 8)]  # one forward per (length, echo) group
+    for rid, prompt in zip(rids, same + [other]):
+        assert got[rid] == generate(model, [prompt], 6)[0][len(prompt):]
+    assert first.finish_reason == "length" and len(first.prompt_logprobs) == 8 and first.prompt_logprobs[0] is None
 
 
 def test_async_engine_streams_cancels_and_bounds(tiny):

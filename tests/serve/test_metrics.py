@@ -6,7 +6,8 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mtnlg_ray.serve.engine import AsyncEngine, Engine
+from mtnlg_ray.serve.async_engine import AsyncEngine
+from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.sampling import SamplingParams
 
@@ -23,7 +24,7 @@ def test_tracker_and_batch_histogram(tiny):
     async def main():
         aeng = AsyncEngine(Engine(model, max_slots=4))
         m = ServeMetrics(aeng)
-        aeng.engine.on_step = m.on_step
+        aeng.on_step = m.on_step
         prompts = [tok.encode(t) for t in ("a = 1", "def f():", "import re")]
         group = aeng.submit([(p, SamplingParams(max_tokens=6, temperature=0.0)) for p in prompts])
         tracker = Tracker(m, arrival=0.0)

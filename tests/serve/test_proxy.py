@@ -8,7 +8,7 @@ import json
 
 import yaml
 
-from mtnlg_ray.serve.proxy import CALLBACK, CALLBACK_ENV, CONTROLLER_OPTIONS, EndCutResponses
+from mtnlg_ray.serve.proxy import CALLBACK, CONTROLLER_OPTIONS, PROXY_ENV, EndCutResponses
 
 SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
 JSON_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
@@ -78,4 +78,4 @@ def test_the_callback_is_what_serve_loads_and_the_yamls_name_it():
     service = yaml.safe_load_all((root / "clusters/kuberay/rayservice.yaml").read_text())
     v2 = yaml.safe_load(next(d for d in service if d and d.get("kind") == "RayService")["spec"]["serveConfigV2"])
     for cfg in (config, v2):
-        assert cfg["controller_options"]["runtime_env"]["env_vars"][CALLBACK_ENV] == CALLBACK
+        assert cfg["controller_options"]["runtime_env"]["env_vars"] == PROXY_ENV  # what `mtnlg serve` sets
