@@ -1,7 +1,8 @@
 """The HTTP app on a real local Ray + Serve, deployed ONCE from jobs/configs/serve/serve_config.yaml
 (as `serve run` does, its controller_options included: the proxy middleware), on a free port, with an
-API key; exercised with the official openai client and raw HTTP. The last test kills the replica by its
-pid: its streams end with an error event, and Serve replaces it."""
+API key; exercised with the official openai client and raw HTTP. The last two tests kill, by pid, the
+replica's engine process, then the replica itself: their streams end with an error event, and Serve
+replaces the replica."""
 
 from __future__ import annotations
 
@@ -322,17 +323,60 @@ def test_overload_gets_503_with_retry_after(server):
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit status may wait for a reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for_success(http, since: float, within: float = 30) -> float:
+    """Seconds from `since` until a completion succeeds again (asserts it does within `within` s)."""
+    while time.time() - since < within:
+        try:
+            r = http.post("/v1/completions", json={"model": "mtnlg", "prompt": "x", "max_tokens": 2}, timeout=10)
+            if r.status_code == 200:
+                return time.time() - since
+            # until a new replica is up: Serve's 503 (no replica), or ours for a request the dead one held
+            assert r.status_code == 503, r.text
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"no successful request within {within} s")
+
+
+def stream_and_kill(url, pid: int, body: dict, n: int = 8) -> list:
+    """Start n streams, kill `pid` once each has its first chunk; the streams' results (none may hang)."""
+    firsts = [threading.Event() for _ in range(n)]
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(stream_completion, url, body, firsts[i]) for i in range(n)]
+        assert all(e.wait(60) for e in firsts)
+        os.kill(pid, signal.SIGKILL)
+        return [f.result(timeout=60) for f in futures]
+
+
+def test_dead_engine_process_fails_health_and_is_replaced(server, http):
+    info = replica_info(server)
+    body = {"model": "mtnlg", "prompt": "def main():", "max_tokens": 240, "ignore_eos": True}
+    results = stream_and_kill(server["url"], info["engine_pid"], body)  # the replica's engine process
+    killed = time.time()
+    for outcome, events in results:  # the replica itself ends them: an error event, then [DONE]
+        assert outcome == "error" and events[-2]["error"]["code"] == "engine_error", (outcome, events[-2:])
+    r = http.get("/health")  # the replica knows its engine is dead; Serve's check_health sees it too
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead", r.text
+    wait_for_success(http, killed)
+    new = replica_info(server)
+    assert new["pid"] != info["pid"] and new["engine_pid"] != info["engine_pid"]
+
+
 def test_killed_replica_is_replaced_and_its_streams_end(server, http):
     url = server["url"]
-    pid = replica_info(server)["pid"]
+    info = replica_info(server)
     body = {"model": "mtnlg", "prompt": "def main():", "max_tokens": 240, "ignore_eos": True}
-    firsts = [threading.Event() for _ in range(8)]
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(stream_completion, url, body, firsts[i]) for i in range(8)]
-        assert all(e.wait(60) for e in firsts)
-        os.kill(pid, signal.SIGKILL)  # the replica process (started by this test's Serve deployment)
-        killed = time.time()
-        results = [f.result(timeout=60) for f in futures]  # none may hang
+    results = stream_and_kill(url, info["pid"], body)  # the replica process (of this test's deployment)
+    killed = time.time()
     # Every stream the dead replica held ends with a final error event, then [DONE] (proxy.py's
     # middleware in Serve's proxy), after the text it had streamed: never a broken connection.
     for outcome, events in results:
@@ -341,18 +385,10 @@ def test_killed_replica_is_replaced_and_its_streams_end(server, http):
         err = events[-2]["error"]
         assert (err["type"], err["code"]) == ("server_error", "replica_failed") and err["message"], err
         assert all("error" not in e for e in events[:-2])  # the error event is the last one
-    recovered = None
-    while time.time() - killed < 30:
-        try:
-            r = http.post("/v1/completions", json={"model": "mtnlg", "prompt": "x", "max_tokens": 2}, timeout=10)
-            if r.status_code == 200:
-                recovered = time.time() - killed
-                break
-            # until a new replica is up: Serve's 503 (no replica), or ours for a request the dead one held
-            assert r.status_code == 503, r.text
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    assert recovered is not None, "no successful request within 30 s of the kill"
-    assert replica_info(server)["pid"] != pid
+    wait_for_success(http, killed)
+    assert replica_info(server)["pid"] != info["pid"]
     assert stream_completion(url, {**body, "max_tokens": 8})[0] == "done"  # streams work again
+    deadline = time.time() + 10  # the dead replica's engine process saw its pipe close and exited
+    while time.time() < deadline and running(info["engine_pid"]):
+        time.sleep(0.1)
+    assert not running(info["engine_pid"])
