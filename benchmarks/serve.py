@@ -5,8 +5,8 @@ tokenizer trained on stdlib sources), starts a local Ray + Serve on a free port 
 and sends `--requests` prompts of `--input-len` tokens, each generating exactly `--output-len`
 tokens (ignore_eos, greedy), keeping `concurrency` requests in flight. Per level: request
 throughput, output tokens/s, TTFT, TPOT and ITL (median and p99). The same workload also runs on
-the bare engine (AsyncEngine in this process, no HTTP or Serve; same thread count as the replica),
-which gives the HTTP/Serve overhead on TTFT. At concurrency 1 the two paths alternate request by
+the bare engine (AsyncEngine: the Engine stepped by a thread of this process, no HTTP or Serve; same
+thread count as the replica's engine process), which gives the HTTP/Serve overhead on TTFT. At concurrency 1 the two paths alternate request by
 request, so that both see the same load on a shared machine; higher levels run back to back.
 
     python benchmarks/serve.py           # concurrency 1, 4, 16 (about 3 minutes on 2 cores)
