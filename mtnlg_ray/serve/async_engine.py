@@ -128,8 +128,10 @@ class EngineClient:
                 self.in_flight -= 1
             group.queue.put_nowait(out)
 
-    def _fail_open(self, error: str) -> None:  # loop side: the stepper is gone; end what it held
+    def _fail_open(self, error: str, outs: list[Output] = ()) -> None:  # loop side: the stepper is gone
+        """Deliver its last outputs, then end every request still open with finish_reason "error"."""
         self.error = self.error or error
+        self._deliver(list(outs))
         self._deliver([Output(rid, None, finish_reason="error", error=self.error) for rid in list(self._routes)])
 
     def _start(self) -> None:
@@ -208,7 +210,7 @@ class AsyncEngine(EngineClient):
                 refused = [out for out in (apply(engine, self._inbox.popleft()) for _ in range(len(self._inbox)))
                            if out is not None]
                 if refused:
-                    self._loop.call_soon_threadsafe(self._deliver, refused)
+                    self._to_loop(self._deliver, refused)
                 if not engine.has_work:
                     if not self._inbox:
                         self._wake.wait(timeout=1.0)
@@ -216,9 +218,13 @@ class AsyncEngine(EngineClient):
                 outs = engine.step()
             except Exception as err:  # noqa: BLE001 - every request must hear about it
                 self.error = f"{type(err).__name__}: {err}"
-                outs = engine.fail_all(self.error)
-                self._loop.call_soon_threadsafe(self._deliver, outs)
-                self._loop.call_soon_threadsafe(self._fail_open, self.error)  # and whatever is still queued
+                self._to_loop(self._fail_open, self.error, engine.fail_all(self.error))
                 return
             if outs:
-                self._loop.call_soon_threadsafe(self._deliver, outs)
+                self._to_loop(self._deliver, outs)
+
+    def _to_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop has closed (its program ended): nobody is left to tell
+            self._stopping = True

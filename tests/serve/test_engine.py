@@ -1,16 +1,14 @@
 """Continuous batching engine, without Ray: batched output == each request alone, joins mid-flight,
-seeded sampling under different batch mixes, stop strings, cancellation, the queue bound, a dead loop."""
+prompts of one length share a prefill, seeded sampling under different batch mixes, stop strings,
+cancellation, the queue bound."""
 
 from __future__ import annotations
-
-import asyncio
 
 import pytest
 import torch
 
 from mtnlg_ray.model.generate import generate
-from mtnlg_ray.serve.async_engine import AsyncEngine
-from mtnlg_ray.serve.engine import Engine, EngineDead, QueueFull
+from mtnlg_ray.serve.engine import Engine, QueueFull
 from mtnlg_ray.serve.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0)
@@ -202,64 +200,3 @@ def test_prompts_of_one_length_share_a_prefill(tiny):
     for rid, prompt in zip(rids, same + [other]):
         assert got[rid] == generate(model, [prompt], 6)[0][len(prompt):]
     assert first.finish_reason == "length" and len(first.prompt_logprobs) == 8 and first.prompt_logprobs[0] is None
-
-
-def test_async_engine_streams_cancels_and_bounds(tiny):
-    model, tok = tiny
-
-    async def main():
-        aeng = AsyncEngine(Engine(model, max_slots=2, max_waiting=1, decode=tok.decode))
-        group = aeng.submit([(tok.encode("def"), SamplingParams(max_tokens=5, **GREEDY)),
-                             (tok.encode("class"), SamplingParams(max_tokens=8, **GREEDY))])
-        seen = {0: [], 1: []}
-        async for i, out in group:
-            seen[i].append(out)
-        assert [len(seen[0]), len(seen[1])] == [5, 8] and seen[1][-1].finish_reason == "length"
-        assert aeng.in_flight == 0
-
-        long = aeng.submit([(tok.encode("x"), SamplingParams(max_tokens=200))] * 3)  # 2 rows + 1 waiting
-        with pytest.raises(QueueFull):
-            aeng.submit([(tok.encode("y"), SamplingParams(max_tokens=1))])
-        async for _ in long:
-            break  # the first token arrived; the client goes away
-        long.cancel()
-        assert aeng.in_flight == 0
-        for _ in range(200):  # the step thread frees the rows at its next step
-            if aeng.engine.num_running == 0 and aeng.engine.num_waiting == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert aeng.engine.num_running == 0 and sorted(aeng.engine.free) == [0, 1]
-        aeng.shutdown()
-
-    asyncio.run(asyncio.wait_for(main(), 60))
-
-
-class BrokenModel(torch.nn.Module):
-    """A GPT that fails on its third forward (as a GPU fault would)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.config, self.calls = model, model.config, 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == 3:
-            raise RuntimeError("device lost")
-        return self.inner(*args, **kwargs)
-
-
-def test_dead_step_loop_fails_requests_and_health(tiny):
-    model, tok = tiny
-
-    async def main():
-        aeng = AsyncEngine(Engine(BrokenModel(model), max_slots=2))
-        aeng.check_health()
-        group = aeng.submit([(tok.encode("a"), SamplingParams(max_tokens=50))])
-        outs = [o async for _, o in group]
-        assert outs[-1].finish_reason == "error" and "device lost" in outs[-1].error
-        with pytest.raises(EngineDead, match="device lost"):
-            aeng.check_health()
-        with pytest.raises(EngineDead):
-            aeng.submit([(tok.encode("b"), SamplingParams(max_tokens=1))])
-
-    asyncio.run(asyncio.wait_for(main(), 60))
