@@ -1,15 +1,21 @@
 """Tokenize + pack throughput and memory: the Ray Data pipeline vs a single-process SentencePiece loop.
 
-    python benchmarks/data.py [--copies 1 4] [--actors 2] [--vocab 4096] [--seq-len 256]
+    python benchmarks/data.py [--copies 1 4] [--workers 2] [--vocab 4096] [--seq-len 256]
 
 Corpus: the interpreter's stdlib `.py` sources, `copies` times (each copy's documents made distinct
 by a header line), stored as Parquet files of 50 documents. Both sides read those files, encode every
 document, append EOD and cut rows of seq_len + 1 ids, written as Parquet shards.
-    single process   one Python process, `SentencePieceProcessor.encode(doc)` per document
-    Ray Data         `data/shards.pack`: read_parquet -> TokenizePack on an actor pool of
-                     `--actors` actors -> rows streamed to the driver's shard writer (what
-                     `mtnlg preprocess` runs); Ray started with 4 logical CPUs, as in the tests
-Peak memory is the PSS (shared pages split fairly), sampled every 0.2 s: of the process for the
+    single process   one Python process, `SentencePieceProcessor.encode(doc)` per document (the
+                     reference of the target); also, as a second reference, one process calling
+                     SentencePiece's own batch encode on all cores (threads), a file at a time
+    Ray Data         what `mtnlg preprocess` runs after cleaning: its corpus reader
+                     (`data/readers.read_corpus`, kind parquet), then `data/shards.pack`:
+                     blocks of 256 documents -> `tokenize_pack` tasks, `--workers` at a time
+                     (encode + pack + Parquet bytes) -> the driver writes the files in order;
+                     Ray started with 4 logical CPUs, as in the tests
+CPU-s: user + system CPU seconds of the process (single) or of the driver and all its descendants
+(Ray): the work each side does, which load from other jobs on the machine changes less than the wall
+time. Peak memory is the PSS (shared pages split fairly), sampled every 0.2 s: of the process for the
 single-process loop; summed over the driver and all its descendants (GCS, raylet, workers, actors,
 object store pages they map) for Ray. It must not grow with the corpus.
 """
@@ -30,7 +36,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtnlg_ray.data.readers import stdlib_files  # noqa: E402
+from mtnlg_ray.config import CorpusConfig  # noqa: E402
+from mtnlg_ray.data.readers import read_corpus, stdlib_files  # noqa: E402
 from mtnlg_ray.data.shards import ShardWriter, pack  # noqa: E402
 from mtnlg_ray.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
@@ -57,6 +64,20 @@ def _pss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system) of this process and all its descendants, reaped ones included."""
+    tree, todo, ticks = _children(), [os.getpid()], 0
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        todo += tree.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class PeakMemory:
@@ -107,12 +128,18 @@ def write_corpus(root: Path, copies: int) -> tuple[list[str], int]:
 
 
 # ---------------------------------------------------------------------------------------- the runs
-def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path) -> int:
-    """The reference: one process, encode per document, pack and write; returns tokens (incl. EOD)."""
+def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path, threads: int = 0) -> int:
+    """The reference: one process encodes every document (EOD appended), packs and writes; returns
+    tokens (incl. EOD). threads=0: `encode(doc)` per document (the loop the target is set against);
+    threads=n: SentencePiece's own batch encode of each file's documents on n threads."""
     writer, carry, tokens, row = ShardWriter(out, 4096, seq_len + 1), np.array([], np.int32), 0, seq_len + 1
     for f in files:
-        ids = [np.asarray(tok.sp.encode(d) + [tok.eod_id], np.int32) for d in pq.read_table(f)["text"].to_pylist()]
-        stream = np.concatenate([carry, *ids])
+        texts = pq.read_table(f)["text"].to_pylist()
+        if threads:
+            ids = tok.sp.encode(texts, return_type="numpy", add_eos=True, num_threads=threads)
+        else:
+            ids = [tok.sp.encode(d, return_type="numpy", add_eos=True) for d in texts]
+        stream = np.concatenate([carry, *ids]).astype(np.int32, copy=False)
         tokens += sum(len(x) for x in ids)
         n = len(stream) // row
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * row)
@@ -122,17 +149,17 @@ def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path) ->
     return tokens
 
 
-def ray_pipeline(files: list[str], tok: Tokenizer, seq_len: int, out: Path, actors: int) -> int:
-    import ray
-
-    stats = pack(ray.data.read_parquet(files, override_num_blocks=len(files)), tok.path, seq_len, out, num_actors=actors, splits=("train",))
+def ray_pipeline(files: list[str], tok: Tokenizer, seq_len: int, out: Path, workers: int) -> int:
+    """What `mtnlg preprocess` runs after cleaning: its corpus reader, then `pack` (no split column: all train)."""
+    docs = read_corpus(CorpusConfig(kind="parquet", paths=files, text_field="text"))
+    stats = pack(docs, tok.path, seq_len, out, num_workers=workers, splits=("train",))
     return stats["train"]["doc_tokens"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 4], help="corpus sizes, in copies of the stdlib")
-    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="tokenizer tasks at a time")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -146,32 +173,42 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     DataContext.get_current().execution_options.preserve_order = True
     DataContext.get_current().enable_progress_bars = False
-    ray_pipeline(write_corpus(tmp / "warm", 1)[0][:2], tok, args.seq_len, tmp / "warm_out", args.actors)  # warm up
+    corpora = {copies: write_corpus(tmp / f"corpus{copies}", copies) for copies in args.copies}
+    # warm-up, one Ray run per corpus size: starts Ray's worker processes (Ray Data imported), as the
+    # read and clean stages of `mtnlg preprocess` have by the time it packs, and takes Ray's resident
+    # memory (object store pages, worker heaps), which rises over a session's first runs whatever their
+    # size, to its plateau, so that the peaks below compare corpus sizes and not run order
+    for copies, (files, _) in corpora.items():
+        ray_pipeline(files, tok, args.seq_len, tmp / f"warm_{copies}", args.workers)
 
     rows = []
-    for copies in args.copies:
-        files, nbytes = write_corpus(tmp / f"corpus{copies}", copies)
+    for copies, (files, nbytes) in corpora.items():
         results = {}
+        cores = len(os.sched_getaffinity(0))
         for name, run in (("single", lambda o: single_process(files, tok, args.seq_len, o)),
-                          ("ray", lambda o: ray_pipeline(files, tok, args.seq_len, o, args.actors))):
+                          ("threads", lambda o: single_process(files, tok, args.seq_len, o, cores)),
+                          ("ray", lambda o: ray_pipeline(files, tok, args.seq_len, o, args.workers))):
             with PeakMemory(tree=name == "ray") as mem:
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), tree_cpu_s()
                 tokens = run(tmp / f"out_{name}_{copies}")
-                wall = time.perf_counter() - t
-            results[name] = (tokens, wall, mem.peak)
-            print(f"  {name:6s} x{copies}: {tokens} tokens in {wall:.1f} s, peak {mem.peak / 2**20:.0f} MiB", flush=True)
-        assert results["single"][0] == results["ray"][0], "both sides must encode the same tokens"
+                wall, cpu = time.perf_counter() - t, tree_cpu_s() - cpu
+            results[name] = (tokens, wall, mem.peak, cpu)
+            print(f"  {name:7s} x{copies}: {tokens} tokens in {wall:.1f} s ({cpu:.1f} CPU-s), peak "
+                  f"{mem.peak / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
+        assert results["single"][0] == results["threads"][0] == results["ray"][0], "all must encode the same tokens"
         rows.append((copies, nbytes, results))
 
     load = os.getloadavg()[0]
-    print(f"\ntokenize + pack, vocab {args.vocab} BPE, rows of {args.seq_len + 1}, {os.cpu_count()} cores "
-          f"(1-min load average at the end: {load:.1f}), {args.actors} tokenizer actors\n")
-    print("| corpus | MB | tokens | single process tok/s | Ray Data tok/s | speed-up | peak MiB single | peak MiB Ray |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\ntokenize + pack, vocab {args.vocab} BPE, rows of {args.seq_len + 1}, {cores} cores "
+          f"(1-min load average at the end: {load:.1f}), {args.workers} tokenizer tasks at a time\n")
+    print(f"| corpus | MB | tokens | single process tok/s | Ray Data tok/s | speed-up | 1 process, {cores} threads "
+          "tok/s | CPU-s single | CPU-s Ray | peak MiB single | peak MiB Ray |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for copies, nbytes, r in rows:
-        (tok_s, wall_s, mem_s), (_, wall_r, mem_r) = r["single"], r["ray"]
+        (tok_s, wall_s, mem_s, cpu_s), (_, wall_r, mem_r, cpu_r) = r["single"], r["ray"]
         print(f"| stdlib x{copies} | {nbytes / 1e6:.1f} | {tok_s:,} | {tok_s / wall_s:,.0f} | {tok_s / wall_r:,.0f} | "
-              f"{wall_s / wall_r:.2f}x | {mem_s / 2**20:.0f} | {mem_r / 2**20:.0f} |")
+              f"{wall_s / wall_r:.2f}x | {tok_s / r['threads'][1]:,.0f} | {cpu_s:.1f} | {cpu_r:.1f} | "
+              f"{mem_s / 2**20:.0f} | {mem_r / 2**20:.0f} |")
     if len(rows) > 1:
         (c0, _, r0), (c1, _, r1) = rows[0], rows[-1]
         print(f"\nRay peak memory x{c1} / x{c0}: {r1['ray'][2] / r0['ray'][2]:.2f} "

@@ -25,6 +25,7 @@ manifest.json
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,6 +46,8 @@ from mtnlg_ray.fileio import atomic_dir
 FORMAT_VERSION = 1
 ROW_GROUP = 128  # rows per Parquet row group: the unit data/dataset.py shuffles and reads
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
+OUT_SCHEMA = pa.schema([("split", pa.string()), ("shard", pa.binary()), ("rows", pa.int64()),
+                        ("tail", pa.list_(pa.int32())), ("docs", pa.int64()), ("doc_tokens", pa.int64())])
 
 
 def write_manifest(root: str | Path, tokenizer_sha256: str, vocab_size: int, eod_id: int, seq_len: int,
@@ -74,47 +77,83 @@ def write_manifest(root: str | Path, tokenizer_sha256: str, vocab_size: int, eod
 
 # -------------------------------------------------------------------------------- tokenize + pack
 class TokenizePack:
-    """Ray Data actor (tokenizer loaded once per actor): a batch of documents -> packed rows.
+    """A batch of documents -> finished shard files (the tokenizer is loaded once, at construction).
 
+    `model`: the SentencePiece model's bytes (workers need no filesystem shared with the driver).
     Per split present in the batch: each document is encoded and followed by EOD, the ids are
-    concatenated and cut into full rows of seq_len + 1. The remainder (< seq_len + 1 ids) leaves
-    as one extra row with full=False carrying the counts (docs, doc_tokens); the driver packs tails.
+    concatenated and cut into full rows of seq_len + 1, and the rows are encoded here as Parquet
+    files (at most `rows_per_shard` rows each, row groups of ROW_GROUP): the driver only writes
+    the bytes to disk. Output (OUT_SCHEMA), one row per file:
+        split       train / val
+        shard       Parquet file bytes (empty when the batch filled no row)
+        rows        rows in `shard`
+        tail        the batch's last < seq_len + 1 ids (last row of the split only; the driver packs tails)
+        docs, doc_tokens   documents and ids incl. EOD of the batch (last row of the split only)
+    `num_threads` SentencePiece threads per call.
     """
 
-    def __init__(self, tokenizer_path: str, seq_len: int):
-        from mtnlg_ray.data.tokenizer import Tokenizer
+    def __init__(self, model: bytes, seq_len: int, rows_per_shard: int = 4096, num_threads: int = 1):
+        import sentencepiece as spm
 
-        self.tok = Tokenizer(tokenizer_path)
-        self.row = seq_len + 1
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
+        self.row, self.rows_per_shard, self.num_threads = seq_len + 1, rows_per_shard, num_threads
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         splits = batch["split"].to_pylist() if "split" in batch.column_names else ["train"] * batch.num_rows
-        ids = self.tok.encode_batch(batch["text"].to_pylist())
+        # int32 arrays, EOD (the model's eos) appended: no Python int per token
+        ids = self.sp.encode(batch["text"].to_pylist(), return_type="numpy", add_eos=True,
+                             num_threads=self.num_threads)
+        if not ids:
+            return OUT_SCHEMA.empty_table()
         return pa.concat_tables([self._pack([x for x, s in zip(ids, splits) if s == name], name)
                                  for name in sorted(set(splits))])
 
-    def _pack(self, ids: list[list[int]], split: str) -> pa.Table:
-        lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, len(ids))
-        flat = np.empty(int(lengths.sum()), np.int32)
-        ends = np.cumsum(lengths)
-        for doc, end, n in zip(ids, ends, lengths):
-            flat[end - n:end - 1] = doc
-        flat[ends - 1] = self.tok.eod_id  # EOD after every document
+    def _pack(self, ids: list[np.ndarray], split: str) -> pa.Table:
+        flat = np.concatenate(ids).astype(np.int32, copy=False)
         n_full = len(flat) // self.row
-        offsets = np.append(np.arange(n_full + 1, dtype=np.int32) * self.row, len(flat)).astype(np.int32)
-        return pa.table({
-            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-            "split": pa.array([split] * (n_full + 1)),
-            "full": pa.array([True] * n_full + [False]),
-            "docs": pa.array([0] * n_full + [len(ids)], pa.int64()),
-            "doc_tokens": pa.array([0] * n_full + [int(lengths.sum())], pa.int64()),
-        })
+        shards, rows = [], []
+        for lo in range(0, n_full, self.rows_per_shard):
+            hi = min(n_full, lo + self.rows_per_shard)
+            offsets = pa.array(np.arange(hi - lo + 1, dtype=np.int32) * self.row)
+            table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, flat[lo * self.row:hi * self.row])},
+                             schema=SCHEMA)
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, row_group_size=ROW_GROUP)
+            shards.append(sink.getvalue().to_pybytes())
+            rows.append(hi - lo)
+        shards, rows = shards or [b""], rows or [0]
+        last = [0] * (len(rows) - 1)  # the batch's counts and tail go on its last row
+        return pa.table({"split": [split] * len(rows), "shard": shards, "rows": rows,
+                         "tail": [[]] * (len(rows) - 1) + [flat[n_full * self.row:]],
+                         "docs": last + [len(ids)], "doc_tokens": last + [len(flat)]}, schema=OUT_SCHEMA)
+
+
+_PACKER: dict[tuple, TokenizePack] = {}  # per worker process: the TokenizePack of the latest job
+
+
+def tokenize_pack(batch: pa.Table, model: bytes, model_sha256: str, seq_len: int, rows_per_shard: int,
+                  num_workers: int) -> pa.Table:
+    """Ray Data UDF: TokenizePack, built (tokenizer loaded) once per worker process and job.
+
+    Encode threads: twice this task's share of the node's cores (2 with 2 tasks on 2 cores), so a
+    task running alone (Ray Data's first second, when it runs one task at a time; the last batches)
+    keeps every core busy; when all run, the OS shares the cores (measured: faster than 1 thread).
+    """
+    cores = len(os.sched_getaffinity(0))
+    threads = min(cores, max(1, -(-2 * cores // num_workers)))
+    key = (model_sha256, seq_len, rows_per_shard, threads)
+    if key not in _PACKER:
+        _PACKER.clear()
+        _PACKER[key] = TokenizePack(model, seq_len, rows_per_shard, threads)
+    return _PACKER[key](batch)
 
 
 class ShardWriter:
-    """Streams rows into `dir/part-NNNNN.parquet`, `rows_per_shard` rows each, in row groups of ROW_GROUP.
+    """One split's `dir/part-NNNNN.parquet` files, numbered in the order they arrive.
 
-    Rows that do not fill a row of their own (batch tails) are carried and packed as they arrive.
+    `write` streams rows into shards of `rows_per_shard` rows (row groups of ROW_GROUP); `put_file`
+    stores a finished shard (TokenizePack's bytes) under the next number; `add_tail` packs batch
+    tails (ids that fill no row of their own) as they arrive.
     """
 
     def __init__(self, directory: Path, rows_per_shard: int, row_len: int):
@@ -124,13 +163,16 @@ class ShardWriter:
         self.carry = np.array([], np.int32)  # tail ids not yet a full row
         self.docs = self.doc_tokens = 0
 
+    def _next_path(self) -> Path:
+        self.shards += 1
+        return self.dir / f"part-{self.shards - 1:05d}.parquet"
+
     def write(self, rows: pa.ListArray) -> int:
         """Write full rows; returns how many."""
         n = len(rows)
         while len(rows):
             if self.writer is None:
-                self.writer = pq.ParquetWriter(self.dir / f"part-{self.shards:05d}.parquet", SCHEMA)
-                self.shards += 1
+                self.writer = pq.ParquetWriter(self._next_path(), SCHEMA)
             take = min(len(rows), self.rows_per_shard - self.in_shard)
             self.writer.write_table(pa.table({"input_ids": rows.slice(0, take)}, schema=SCHEMA), ROW_GROUP)
             rows, self.in_shard = rows.slice(take), self.in_shard + take
@@ -138,14 +180,33 @@ class ShardWriter:
                 self.close()
         return n
 
+    def put_file(self, data: pa.Buffer) -> None:
+        """Store a finished Parquet file (bytes) as the next shard."""
+        with open(self._next_path(), "wb") as f:
+            f.write(memoryview(data))
+
     def add_tail(self, ids: np.ndarray) -> int:
-        """Append tail ids to the carry and write the full rows it now holds; returns how many."""
+        """Append batch-tail ids; their full rows are written a whole shard at a time (the rest by
+        `finish`), so tails never make small shards. Returns rows written."""
         self.carry = np.concatenate([self.carry, ids.astype(np.int32)])
+        return self._write_carry(whole_shards=True)
+
+    def _write_carry(self, whole_shards: bool) -> int:
         n = len(self.carry) // self.row_len
+        if whole_shards:
+            n -= n % self.rows_per_shard
+        if not n:
+            return 0
         rows = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * self.row_len),
                                         pa.array(self.carry[: n * self.row_len]))
         self.carry = self.carry[n * self.row_len:]
         return self.write(rows)
+
+    def finish(self) -> int:
+        """Write the full rows still carried, close the last shard; returns rows written."""
+        n = self._write_carry(whole_shards=False)
+        self.close()
+        return n
 
     def close(self) -> None:
         if self.writer is not None:
@@ -154,38 +215,47 @@ class ShardWriter:
 
 
 def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_root: Path,
-         rows_per_shard: int = 4096, num_actors: int = 2, batch_docs: int = 64,
+         rows_per_shard: int = 4096, num_workers: int = 2, batch_docs: int = 256,
          splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict]:
-    """Tokenize (actor pool) and pack `docs` into `out_root/<split>/part-*.parquet`; counts per split.
+    """Tokenize and pack `docs` into `out_root/<split>/part-*.parquet`; counts per split.
 
-    `docs` has a `text` column and a `split` column (absent: all "train"), in several blocks (each
-    block is one actor's work item). Give it a materialized dataset, or make sure the cluster has
-    CPUs beyond the `num_actors` the actors hold: upstream tasks need one. Rows arrive at the driver
-    in dataset order (preserve_order) and are written as they come, so memory stays flat however
-    large the corpus. The last < seq_len + 1 ids of a split fill no row and are dropped
-    (`dropped_tail_tokens`): `rows * (seq_len + 1) + dropped_tail_tokens = doc_tokens`.
+    `docs` has a `text` column and a `split` column (absent: all "train"), in blocks of any size:
+    it is cut into blocks of `batch_docs` documents, each one `tokenize_pack` call, at most
+    `num_workers` at a time (one CPU each). The calls are Ray Data tasks, not
+    an actor pool: a task runs in a worker process that Ray keeps between stages and jobs, and the
+    tokenizer is loaded once per process (`_PACKER`), while every actor would be a fresh process
+    that imports Ray Data again (2-4 s of both cores on a 2-core machine, before any token).
+    The workers encode, pack and write Parquet into memory; the files reach the driver in dataset
+    order (preserve_order) and are written as they come, so memory stays flat however large the
+    corpus, and the shards (names included) are the same in every run. A shard holds the rows of
+    one batch (at most `rows_per_shard`); the driver packs the batch tails into shards of their
+    own (`rows_per_shard` rows, the last one fewer). The last < seq_len + 1 ids of a split fill no
+    row and are dropped (`dropped_tail_tokens`): `rows * (seq_len + 1) + dropped_tail_tokens = doc_tokens`.
     """
     columns = [c for c in ("text", "split") if c in docs.columns()]
-    # The actors must leave one CPU to the read / repartition tasks that feed them: on a 2-CPU Ray,
-    # two 1-CPU actors starve those tasks and the pipeline stalls with no error.
-    actor_cpus = max(0.25, min(1.0, (ray.cluster_resources().get("CPU", 1.0) - 1.0) / num_actors))
-    packed = docs.select_columns(columns).map_batches(
-        TokenizePack, fn_constructor_args=(str(tokenizer_path), seq_len), batch_size=batch_docs,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
+    # The tokenizer tasks must leave one CPU to the tasks that feed them: on a 2-CPU Ray, two 1-CPU
+    # tokenizer tasks starve those tasks and the pipeline stalls with no error.
+    task_cpus = max(0.25, min(1.0, (ray.cluster_resources().get("CPU", 1.0) - 1.0) / num_workers))
+    model = Path(tokenizer_path).read_bytes()
+    batches = docs.select_columns(columns).repartition(target_num_rows_per_block=batch_docs, strict=True)
+    packed = batches.map_batches(
+        tokenize_pack, fn_args=(model, hashlib.sha256(model).hexdigest(), seq_len, rows_per_shard, num_workers),
+        batch_size=batch_docs, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=num_workers),
+        num_cpus=task_cpus)
+    packed.context.execution_options.preserve_order = True  # shards in document order, the same every run
     writers = {name: ShardWriter(out_root / name, rows_per_shard, seq_len + 1) for name in splits}
     with tqdm(desc="tokenize + pack", unit=" rows", mininterval=2, disable=None) as bar:
         for table in packed.iter_batches(batch_format="pyarrow", batch_size=None):
-            for name, w in writers.items():
-                part = table.filter(pc.equal(table["split"], name))
-                full = part["full"].to_numpy(zero_copy_only=False)
-                n = w.write(part["input_ids"].combine_chunks().filter(pa.array(full)))
-                tails = part.filter(pa.array(~full))
-                n += w.add_tail(tails["input_ids"].combine_chunks().flatten().to_numpy())
-                w.docs += int(pc.sum(tails["docs"]).as_py() or 0)
-                w.doc_tokens += int(pc.sum(tails["doc_tokens"]).as_py() or 0)
+            for split, shard, rows, tail, n_docs, n_tokens in zip(*(table[c] for c in OUT_SCHEMA.names)):
+                w = writers[split.as_py()]
+                if rows.as_py():
+                    w.put_file(shard.as_buffer())
+                n = rows.as_py() + w.add_tail(tail.values.to_numpy(zero_copy_only=False))
+                w.docs += n_docs.as_py()
+                w.doc_tokens += n_tokens.as_py()
                 bar.update(n)
-    for w in writers.values():
-        w.close()
+        for w in writers.values():
+            bar.update(w.finish())
     return {name: {"documents": w.docs, "doc_tokens": w.doc_tokens, "dropped_tail_tokens": len(w.carry)}
             for name, w in writers.items()}
 
@@ -230,7 +300,7 @@ def _label_split(batch: pa.Table, cut: int | None = None, name: str | None = Non
 
 
 def run_preprocess(job: PreprocessJob) -> Path:
-    """read -> clean -> tokenizer -> tokenize + pack (actor pool) -> Parquet shards + manifest.json."""
+    """read -> clean -> tokenizer -> tokenize + pack (Ray Data tasks) -> Parquet shards + manifest.json."""
     from mtnlg_ray.data.clean import clean_corpus, format_report
     from mtnlg_ray.data.readers import corpus_files, read_corpus
 
@@ -254,12 +324,12 @@ def run_preprocess(job: PreprocessJob) -> Path:
         report = {"corpus": report, "val_corpus": val_report}
         docs = kept.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"name": "train"}).union(
             val_docs.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"name": "val"}))
-    # hash order (neighbours unrelated, stable), materialized in blocks of 64 documents: the actor
-    # pool's work items, with no upstream task left to compete with the actors for CPUs
-    docs = docs.sort(["split", "content_hash"]).repartition(target_num_rows_per_block=64).materialize()
+    # hash order (neighbours unrelated, stable), materialized: no upstream stage left to compete with
+    # the tokenizer tasks for CPUs (pack cuts it into the tokenizer's work items)
+    docs = docs.sort(["split", "content_hash"]).materialize()
     with atomic_dir(out) as tmp:
         tok = _tokenizer(job, docs, tmp)
-        print(f"[preprocess] tokenizing and packing on {job.pack.num_actors} tokenizer actors", flush=True)
+        print(f"[preprocess] tokenizing and packing, {job.pack.num_actors} tokenizer tasks at a time", flush=True)
         stats = pack(docs, tok.path, job.pack.seq_len, tmp, job.pack.rows_per_shard, job.pack.num_actors)
         if not stats["train"]["documents"]:
             raise UserError("corpus: no training documents (all went to val; lower pack.val_fraction)")

@@ -35,28 +35,42 @@ def _shard_ids(directory: Path) -> list[list[int]]:
 
 
 def test_tokenize_pack_keeps_every_token(tiny_tokenizer):
-    docs = ["x = 1\n", "def f():\n    return 2\n", "", "class A:\n    pass\n" * 7]
-    out = TokenizePack(str(tiny_tokenizer.path), seq_len=8)(pa.table({"text": docs, "split": ["train"] * 4}))
-    full = out.filter(out["full"])
-    tail = out.filter(pa.compute.invert(out["full"]))
-    assert tail.num_rows == 1 and tail["docs"][0].as_py() == 4
-    assert all(len(r) == 9 for r in full["input_ids"].to_pylist())
-    stream = [i for d in docs for i in tiny_tokenizer.encode(d) + [tiny_tokenizer.eod_id]]
-    assert [i for r in out["input_ids"].to_pylist() for i in r] == stream  # rows then tail = the whole stream
-    assert tail["doc_tokens"][0].as_py() == len(stream) and len(tail["input_ids"][0]) < 9
+    """A tokenizer call's output: Parquet shards of full rows (at most rows_per_shard each), then the tail."""
+    docs = ["x = 1\n", "def f():\n    return 2\n", "", "class A:\n    pass\n" * 7, "y = 2\n"]
+    splits = ["train", "train", "train", "train", "val"]
+    pack_batch = TokenizePack(tiny_tokenizer.path.read_bytes(), seq_len=8, rows_per_shard=2)
+    out = pack_batch(pa.table({"text": docs, "split": splits}))
+    train = out.filter(pa.compute.equal(out["split"], "train")).to_pylist()
+    shards = [pq.read_table(pa.BufferReader(r["shard"]))["input_ids"].to_pylist() for r in train if r["rows"]]
+    assert [len(s) for s in shards] == [r["rows"] for r in train if r["rows"]] and max(map(len, shards)) == 2
+    assert all(len(row) == 9 for s in shards for row in s)
+    assert [r["docs"] for r in train] == [0] * (len(train) - 1) + [4]  # counts and tail on the last row only
+    stream = [i for d in docs[:4] for i in tiny_tokenizer.encode(d) + [tiny_tokenizer.eod_id]]
+    tail = train[-1]["tail"]
+    assert [i for s in shards for row in s for i in row] + tail == stream and len(tail) < 9
+    assert train[-1]["doc_tokens"] == len(stream)
+    val = out.filter(pa.compute.equal(out["split"], "val")).to_pylist()
+    assert len(val) == 1 and val[0]["rows"] == 0 and val[0]["shard"] == b"" and val[0]["docs"] == 1
+    assert val[0]["tail"] == tiny_tokenizer.encode(docs[4]) + [tiny_tokenizer.eod_id]
 
 
 def test_pack_token_count(ray_session, tiny_tokenizer, tmp_path):
     docs = _docs(12)
-    ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=4)
-    stats = pack(ds, tiny_tokenizer.path, seq_len=32, out_root=tmp_path, rows_per_shard=50, num_actors=2,
+    ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=1)  # one block, cut into 4 batches
+    stats = pack(ds, tiny_tokenizer.path, seq_len=32, out_root=tmp_path, rows_per_shard=50, num_workers=2,
                  batch_docs=3)["train"]
     rows = _shard_ids(tmp_path / "train")
+    assert max(pq.read_metadata(f).num_rows for f in (tmp_path / "train").glob("*.parquet")) == 50
+    # with room for every row in one shard: a shard per batch of 3 documents, + the packed tails
+    again = pack(ds, tiny_tokenizer.path, seq_len=32, out_root=tmp_path / "big", rows_per_shard=10**6,
+                 num_workers=2, batch_docs=3)["train"]
+    assert again == stats and _shard_ids(tmp_path / "big" / "train") == rows
+    names = [f.name for f in sorted((tmp_path / "big" / "train").glob("*"))]
+    assert names == [f"part-{i:05d}.parquet" for i in range(5)]
     expected = sum(len(tiny_tokenizer.encode(d)) + 1 for d in docs)  # + EOD per document
     assert stats["documents"] == 12 and stats["doc_tokens"] == expected
     assert all(len(r) == 33 for r in rows)
     assert len(rows) * 33 + stats["dropped_tail_tokens"] == expected and stats["dropped_tail_tokens"] < 33
-    assert sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "train").glob("*.parquet"))[-1] == 50
     # the rows hold exactly the stream's tokens (EODs included) minus the dropped tail
     stream = Counter(i for d in docs for i in tiny_tokenizer.encode(d) + [tiny_tokenizer.eod_id])
     stored = Counter(i for r in rows for i in r)
