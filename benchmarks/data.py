@@ -15,9 +15,10 @@ document, append EOD and cut rows of seq_len + 1 ids, written as Parquet shards.
                      Ray started with 4 logical CPUs, as in the tests
 CPU-s: user + system CPU seconds of the process (single) or of the driver and all its descendants
 (Ray): the work each side does, which load from other jobs on the machine changes less than the wall
-time. Peak memory is the PSS (shared pages split fairly), sampled every 0.2 s: of the process for the
-single-process loop; summed over the driver and all its descendants (GCS, raylet, workers, actors,
-object store pages they map) for Ray. It must not grow with the corpus.
+time. Peak memory is the PSS (shared pages split fairly), sampled every 0.2 s in a separate run of
+each side (the sampling costs CPU): of the process for the single-process loop; summed over the
+driver and all its descendants (GCS, raylet, workers, actors, object store pages they map) for Ray.
+It must not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -185,16 +186,23 @@ def main() -> None:
     for copies, (files, nbytes) in corpora.items():
         results = {}
         cores = len(os.sched_getaffinity(0))
-        for name, run in (("single", lambda o: single_process(files, tok, args.seq_len, o)),
-                          ("threads", lambda o: single_process(files, tok, args.seq_len, o, cores)),
-                          ("ray", lambda o: ray_pipeline(files, tok, args.seq_len, o, args.workers))):
+        runs = {"single": lambda o: single_process(files, tok, args.seq_len, o),
+                "threads": lambda o: single_process(files, tok, args.seq_len, o, cores),
+                "ray": lambda o: ray_pipeline(files, tok, args.seq_len, o, args.workers)}
+        for name, run in runs.items():  # timed, without the memory sampler
+            t, cpu = time.perf_counter(), tree_cpu_s()
+            tokens = run(tmp / f"out_{name}_{copies}")
+            wall, cpu = time.perf_counter() - t, tree_cpu_s() - cpu
+            results[name] = [tokens, wall, 0, cpu]
+            print(f"  {name:7s} x{copies}: {tokens} tokens in {wall:.1f} s ({cpu:.1f} CPU-s), "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+        # peak memory in runs of their own: one PSS sample of Ray's ~12 processes costs ~40 ms of
+        # CPU (the kernel walks their mappings), a fifth of a core at 0.2 s, which would slow Ray's run
+        for name in ("single", "ray"):
             with PeakMemory(tree=name == "ray") as mem:
-                t, cpu = time.perf_counter(), tree_cpu_s()
-                tokens = run(tmp / f"out_{name}_{copies}")
-                wall, cpu = time.perf_counter() - t, tree_cpu_s() - cpu
-            results[name] = (tokens, wall, mem.peak, cpu)
-            print(f"  {name:7s} x{copies}: {tokens} tokens in {wall:.1f} s ({cpu:.1f} CPU-s), peak "
-                  f"{mem.peak / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
+                runs[name](tmp / f"mem_{name}_{copies}")
+            results[name][2] = mem.peak
+            print(f"  {name:7s} x{copies}: peak {mem.peak / 2**20:.0f} MiB", flush=True)
         assert results["single"][0] == results["threads"][0] == results["ray"][0], "all must encode the same tokens"
         rows.append((copies, nbytes, results))
 
