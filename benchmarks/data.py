@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -222,6 +223,7 @@ def main() -> None:
         print(f"\nRay peak memory x{c1} / x{c0}: {r1['ray'][2] / r0['ray'][2]:.2f} "
               f"(corpus {c1 / c0:.0f}x larger; flat = streaming)")
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)  # corpora and shards: ~100 MB per size
 
 
 if __name__ == "__main__":
