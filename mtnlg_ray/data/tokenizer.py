@@ -53,7 +53,7 @@ class Tokenizer:
         """Token ids of `text` (no EOD added); return_tensors="pt" gives a (1, T) LongTensor."""
         ids = self.sp.encode(text)
         if return_tensors == "pt":
-            import torch  # lazily: Ray Data tokenizer actors never pay torch's import time
+            import torch  # lazily: Ray Data tokenizer tasks never pay torch's import time
 
             return torch.tensor([ids], dtype=torch.long)
         return ids
