@@ -14,6 +14,7 @@ from mtnlg_ray.config.base import Section, apply_overrides, dump_yaml, load_job,
 from mtnlg_ray.config.model import ModelConfig
 from mtnlg_ray.config.data import CorpusConfig, CleanConfig, TokenizerConfig, PackConfig, PreprocessJob
 from mtnlg_ray.config.train import (
+    HYPERPARAMETERS,
     DatasetSpec,
     DataConfig,
     ParallelConfig,
@@ -33,6 +34,7 @@ from mtnlg_ray.config.train import (
 from mtnlg_ray.config.serve import AutoscalingSection, ServeSection, ServeJob
 
 __all__ = [
+    "HYPERPARAMETERS",
     "Section",
     "apply_overrides",
     "dump_yaml",
