@@ -35,13 +35,9 @@ def load_state_any(path: str | Path, step: int | None = None) -> tuple[ModelConf
     The tokenizer source is a tokenizer.model file or a directory with GPT-2's vocab.json + merges.txt.
 
     `step` picks a checkpoint of a run directory (default: its latest valid one)."""
-    from mtnlg_ray.train.storage import is_uri
+    from mtnlg_ray.train.remote import local_source
 
-    if is_uri(str(path)):  # a run (or checkpoint) on remote storage, as Ray Train wrote it
-        from mtnlg_ray.train.checkpoint import load_run_state
-
-        return load_run_state(str(path), step=step)
-    p = Path(path)
+    p = local_source(path, step)  # a run on s3:// / gs://: its checkpoint, fetched to this node
     if not p.exists():
         raise UserError(f"{p}: no such checkpoint, run directory or GPT-2 directory")
     if is_native_checkpoint(p):

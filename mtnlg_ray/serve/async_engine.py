@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 
 from mtnlg_ray.serve.engine import Engine, EngineDead, Output, QueueFull, check_request
@@ -59,7 +60,7 @@ class Group:
         self.open.clear()
 
 
-class EngineClient:
+class EngineClient(ABC):
     """Loop side of an engine stepping elsewhere. Subclasses start the stepper (`_start`), carry
     commands to it (`_post`), report whether it still runs (`_alive`) and its load (properties),
     and hand each step's outputs to `_deliver` on the loop, and its batch shape to `on_step`.
@@ -134,17 +135,21 @@ class EngineClient:
         self._deliver(list(outs))
         self._deliver([Output(rid, None, finish_reason="error", error=self.error) for rid in list(self._routes)])
 
+    @abstractmethod
     def _start(self) -> None:
-        raise NotImplementedError
+        """Start the stepper (thread or child process)."""
 
+    @abstractmethod
     def _post(self, cmd: tuple) -> None:
-        raise NotImplementedError
+        """Send a command to the stepper (`apply` carries it out)."""
 
+    @abstractmethod
     def _alive(self) -> bool:
-        raise NotImplementedError
+        """Whether the stepper is still running."""
 
+    @abstractmethod
     def shutdown(self) -> None:
-        raise NotImplementedError
+        """Stop the stepper and release the model."""
 
 
 def apply(engine: Engine, cmd: tuple) -> Output | None:

@@ -314,17 +314,10 @@ def load_run_state(path: str | Path, step: int | None = None) -> tuple[ModelConf
 
     LoRA runs are merged into plain weights, so the result is an ordinary GPT state dict.
     """
-    from mtnlg_ray.train.storage import is_uri
-
-    if is_uri(str(path)):  # s3://, gs://, ...: fetch the chosen checkpoint into the local cache
-        from mtnlg_ray.train.remote import fetch_run_checkpoint
-
-        ckpt = fetch_run_checkpoint(str(path), step)
-    else:
-        p = Path(path)
-        if not p.is_dir():
-            raise UserError(f"{p}: no such run or checkpoint directory")
-        ckpt = pick_checkpoint(p, step)
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{p}: no such run or checkpoint directory")
+    ckpt = pick_checkpoint(p, step)
     cfg, meta = read_config(ckpt)
     tensors = consolidate(ckpt)
     lora = (meta.get("job") or {}).get("lora")

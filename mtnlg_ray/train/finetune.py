@@ -36,17 +36,12 @@ def init_tokenizer(path: str | Path) -> Path:
     from mtnlg_ray.model.checkpoint import is_native_checkpoint
     from mtnlg_ray.model.convert import is_hf_gpt2_dir
     from mtnlg_ray.train.checkpoint import pick_checkpoint
-    from mtnlg_ray.train.storage import is_uri
+    from mtnlg_ray.train.remote import local_source
 
-    if is_uri(str(path)):
-        from mtnlg_ray.train.remote import fetch_run_checkpoint
-
-        tok = fetch_run_checkpoint(str(path)) / TOKENIZER
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise UserError(f"init_from: {p}: no such checkpoint, run directory or GPT-2 directory")
-        tok = (p if is_native_checkpoint(p) or is_hf_gpt2_dir(p) else pick_checkpoint(p)) / TOKENIZER
+    p = local_source(path)
+    if not p.exists():
+        raise UserError(f"init_from: {p}: no such checkpoint, run directory or GPT-2 directory")
+    tok = (p if is_native_checkpoint(p) or is_hf_gpt2_dir(p) else pick_checkpoint(p)) / TOKENIZER
     if not tok.is_file():
         raise UserError(f"init_from: {path} has no {TOKENIZER}; fine-tuning needs the SentencePiece model the "
                         f"checkpoint was trained with (set sft.tokenizer to it)")

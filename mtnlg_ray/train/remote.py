@@ -7,7 +7,9 @@ lock) and once per checkpoint (a `.complete` marker). That suits checkpoints of 
 of GB; for larger models use a shared filesystem path, which every rank reads in place.
 
     resolve_resume_from(ray_checkpoint)   resume: the newest verifying checkpoint (local or remote)
-    fetch_run_checkpoint(uri, step)       export / serve / fine-tune from s3://.../run_name
+    local_source(path, step)              what every loader opens: a local path as is, or for a URI
+                                          (export / serve / fine-tune from s3://.../run_name) the
+                                          fetched checkpoint directory, which loaders read like a run
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from filelock import FileLock
 
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.train.checkpoint import CKPT_RE, resolve_resume, step_of, verify_checkpoint, verify_files
+from mtnlg_ray.train.storage import is_uri
 
 # MTNLG_CHECKPOINT_CACHE: where fetched checkpoints are kept on each node
 CACHE_ROOT = Path(os.environ.get("MTNLG_CHECKPOINT_CACHE", "/tmp/mtnlg-checkpoint-cache"))
@@ -120,3 +123,11 @@ def fetch_run_checkpoint(uri: str, step: int | None = None) -> Path:
             return local
         problems.append(problem.replace(str(local), cand))
     raise UserError(f"{uri}: no valid checkpoint ({'; '.join(problems)})")
+
+
+def local_source(path: str | Path, step: int | None = None) -> Path:
+    """`path` itself (file:// dropped), or for a remote storage URI a verified local copy of the run's
+    checkpoint (the latest, or the one at `step`): a checkpoint directory, which every loader accepts
+    where a run directory goes."""
+    path = str(path)
+    return fetch_run_checkpoint(path, step) if is_uri(path) else Path(path.removeprefix("file://"))

@@ -66,14 +66,9 @@ def _init_model_config(path: str) -> ModelConfig:
     """The ModelConfig of a fine-tuning start point, reading as little as possible."""
     from mtnlg_ray.model.checkpoint import is_native_checkpoint, read_config
     from mtnlg_ray.model.convert import is_hf_gpt2_dir
+    from mtnlg_ray.train.remote import local_source
 
-    from mtnlg_ray.train.storage import is_uri
-
-    if is_uri(path):  # a run on s3:// / gs://
-        from mtnlg_ray.train.remote import fetch_run_checkpoint
-
-        return read_config(fetch_run_checkpoint(path))[0]
-    p = Path(path)
+    p = local_source(path)  # a run on s3:// / gs://: its checkpoint, fetched to this node
     if is_native_checkpoint(p):
         return read_config(p)[0]
     if not is_hf_gpt2_dir(p):

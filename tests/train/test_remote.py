@@ -70,3 +70,8 @@ def test_local_checkpoint_is_read_in_place(tmp_path):
     run = make_run(tmp_path)
     local, skipped = remote.resolve_resume_from(Checkpoint(str(run / "checkpoint_00000004_2026-11-29_00-00-04")))
     assert local == run / "checkpoint_00000004_2026-11-29_00-00-04" and skipped == []
+
+
+def test_local_source_passes_local_paths_through(tmp_path):
+    run = make_run(tmp_path / "store", steps=(2, 4))
+    assert remote.local_source(run) == run and remote.local_source(f"file://{run}") == run
