@@ -101,7 +101,7 @@ def main() -> None:
 
     print(f"\nDecode throughput, {prompt_len}-token prompts, {new_tokens} new tokens, greedy, "
           f"{torch.get_num_threads()} threads, fp32 CPU (tokens/s; higher is better)\n")
-    print(f"| model | batch | ours (KV cache) | transformers generate | ours full recompute | ours / transformers | ours / recompute |")
+    print("| model | batch | ours (KV cache) | transformers generate | ours full recompute | ours / transformers | ours / recompute |")
     print("|---|---|---|---|---|---|---|")
     for name, batch, ours_tps, hf_tps, full_tps in rows:
         if hf_tps is None:

@@ -126,7 +126,7 @@ def main() -> int:
     print(f"\nGPT {SMALL['n_layers']}x{SMALL['d_model']}, {cfg.max_seq_len}-token rows, vocab {vocab}, "
           f"global batch {global_batch} (micro {mb}), {args.steps} steps, {args.device}, {dtype}, "
           f"{fpt / 1e6:.1f} MFLOP/token")
-    print(f"| run | devices | tokens/s | vs bare | model FLOP/s | MFU |\n|---|---:|---:|---:|---:|---:|")
+    print("| run | devices | tokens/s | vs bare | model FLOP/s | MFU |\n|---|---:|---:|---:|---:|---:|")
     for name, tps, flops, devices in rows:
         ratio = f"{tps / bare:.2f}x" if tps else ""
         mfu = flops / (PEAK[0] * devices) if tps else 1.0  # against the measured peak of the devices used
