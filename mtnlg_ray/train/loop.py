@@ -138,8 +138,10 @@ def setup_model(job, model_cfg: ModelConfig, device: torch.device):
     if getattr(job, "lora", None) is not None:
         from mtnlg_ray.model.lora import apply_lora
 
-        def transform(m):
+        def add_lora(m):
             return apply_lora(m, job.lora)
+
+        transform = add_lora
     model = parallelize(model_cfg, dims, job.parallel, device, init_state=init_state, seed=job.train.seed,
                         model_transform=transform)
     del init_state
