@@ -3,16 +3,21 @@
     python benchmarks/data.py [--copies 1 4] [--workers 2] [--vocab 4096] [--seq-len 256]
 
 Corpus: the interpreter's stdlib `.py` sources, `copies` times (each copy's documents made distinct
-by a header line), stored as Parquet files of 50 documents. Both sides read those files, encode every
-document, append EOD and cut rows of seq_len + 1 ids, written as Parquet shards.
+by a header line), stored as Parquet files of 50 documents. Every run reads those files, encodes every
+document, appends EOD and cuts rows of seq_len + 1 ids, written as Parquet shards; all must give the
+same tokens.
     single process   one Python process, `SentencePieceProcessor.encode(doc)` per document (the
-                     reference of the target); also, as a second reference, one process calling
-                     SentencePiece's own batch encode on all cores (threads), a file at a time
+                     reference of the target)
     Ray Data         what `mtnlg preprocess` runs after cleaning: its corpus reader
                      (`data/readers.read_corpus`, kind parquet), then `data/shards.pack`:
                      blocks of 256 documents -> `tokenize_pack` tasks, `--workers` at a time
                      (encode + pack + Parquet bytes) -> the driver writes the files in order;
                      Ray started with 4 logical CPUs, as in the tests
+    Ray actor pool   the same with `pack.compute: actors` (`--workers` TokenizePack actors)
+    1 process, cuts  the single-process loop with the pipeline's encoder (`data/tokenizer.
+                     encode_documents`: long documents cut at word starts, the same ids): how much
+                     of the speed-up is the encoder's and how much the parallel pipeline's
+    2 threads        one process calling SentencePiece's own batch encode on all cores, a file at a time
 CPU-s: user + system CPU seconds of the process (single) or of the driver and all its descendants
 (Ray): the work each side does, which load from other jobs on the machine changes less than the wall
 time. Peak memory is the PSS (shared pages split fairly), sampled every 0.2 s in a separate run of
@@ -41,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtnlg_ray.config import CorpusConfig  # noqa: E402
 from mtnlg_ray.data.readers import read_corpus, stdlib_files  # noqa: E402
 from mtnlg_ray.data.shards import ShardWriter, pack  # noqa: E402
-from mtnlg_ray.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from mtnlg_ray.data.tokenizer import Tokenizer, cuts_are_exact, encode_documents, train_tokenizer  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -130,14 +135,19 @@ def write_corpus(root: Path, copies: int) -> tuple[list[str], int]:
 
 
 # ---------------------------------------------------------------------------------------- the runs
-def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path, threads: int = 0) -> int:
+def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path, threads: int = 0,
+                   cuts: bool = False) -> int:
     """The reference: one process encodes every document (EOD appended), packs and writes; returns
     tokens (incl. EOD). threads=0: `encode(doc)` per document (the loop the target is set against);
-    threads=n: SentencePiece's own batch encode of each file's documents on n threads."""
+    threads=n: SentencePiece's own batch encode of each file's documents on n threads; cuts: the
+    pipeline's `encode_documents` on one thread."""
     writer, carry, tokens, row = ShardWriter(out, 4096, seq_len + 1), np.array([], np.int32), 0, seq_len + 1
+    exact = cuts_are_exact(tok.path.read_bytes())
     for f in files:
         texts = pq.read_table(f)["text"].to_pylist()
-        if threads:
+        if cuts:
+            ids = encode_documents(tok.sp, texts, exact)
+        elif threads:
             ids = tok.sp.encode(texts, return_type="numpy", add_eos=True, num_threads=threads)
         else:
             ids = [tok.sp.encode(d, return_type="numpy", add_eos=True) for d in texts]
@@ -151,10 +161,11 @@ def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path, th
     return tokens
 
 
-def ray_pipeline(files: list[str], tok: Tokenizer, seq_len: int, out: Path, workers: int) -> int:
+def ray_pipeline(files: list[str], tok: Tokenizer, seq_len: int, out: Path, workers: int,
+                 compute: str = "tasks") -> int:
     """What `mtnlg preprocess` runs after cleaning: its corpus reader, then `pack` (no split column: all train)."""
     docs = read_corpus(CorpusConfig(kind="parquet", paths=files, text_field="text"))
-    stats = pack(docs, tok.path, seq_len, out, num_workers=workers, splits=("train",))
+    stats = pack(docs, tok.path, seq_len, out, num_workers=workers, splits=("train",), compute=compute)
     return stats["train"]["doc_tokens"]
 
 
@@ -183,40 +194,55 @@ def main() -> None:
     for copies, (files, _) in corpora.items():
         ray_pipeline(files, tok, args.seq_len, tmp / f"warm_{copies}", args.workers)
 
-    rows = []
-    for copies, (files, nbytes) in corpora.items():
-        results = {}
-        cores = len(os.sched_getaffinity(0))
-        runs = {"single": lambda o: single_process(files, tok, args.seq_len, o),
+    cores = len(os.sched_getaffinity(0))
+    results: dict[int, dict[str, list]] = {copies: {} for copies in corpora}
+
+    def runs(copies: int) -> dict:
+        files = corpora[copies][0]
+        return {"single": lambda o: single_process(files, tok, args.seq_len, o),
+                "cuts": lambda o: single_process(files, tok, args.seq_len, o, cuts=True),
                 "threads": lambda o: single_process(files, tok, args.seq_len, o, cores),
-                "ray": lambda o: ray_pipeline(files, tok, args.seq_len, o, args.workers)}
-        for name, run in runs.items():  # timed, without the memory sampler
-            t, cpu = time.perf_counter(), tree_cpu_s()
-            tokens = run(tmp / f"out_{name}_{copies}")
-            wall, cpu = time.perf_counter() - t, tree_cpu_s() - cpu
-            results[name] = [tokens, wall, 0, cpu]
-            print(f"  {name:7s} x{copies}: {tokens} tokens in {wall:.1f} s ({cpu:.1f} CPU-s), "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+                "ray": lambda o: ray_pipeline(files, tok, args.seq_len, o, args.workers),
+                "actors": lambda o: ray_pipeline(files, tok, args.seq_len, o, args.workers, "actors")}
+
+    def timed(copies: int, name: str) -> None:  # without the memory sampler
+        t, cpu = time.perf_counter(), tree_cpu_s()
+        tokens = runs(copies)[name](tmp / f"out_{name}_{copies}")
+        wall, cpu = time.perf_counter() - t, tree_cpu_s() - cpu
+        results[copies][name] = [tokens, wall, 0, cpu]
+        print(f"  {name:7s} x{copies}: {tokens} tokens in {wall:.1f} s ({cpu:.1f} CPU-s), "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+    for copies in corpora:
+        for name in ("single", "cuts", "threads", "ray"):
+            timed(copies, name)
         # peak memory in runs of their own: one PSS sample of Ray's ~12 processes costs ~40 ms of
         # CPU (the kernel walks their mappings), a fifth of a core at 0.2 s, which would slow Ray's run
         for name in ("single", "ray"):
             with PeakMemory(tree=name == "ray") as mem:
-                runs[name](tmp / f"mem_{name}_{copies}")
-            results[name][2] = mem.peak
+                runs(copies)[name](tmp / f"mem_{name}_{copies}")
+            results[copies][name][2] = mem.peak
             print(f"  {name:7s} x{copies}: peak {mem.peak / 2**20:.0f} MiB", flush=True)
-        assert results["single"][0] == results["threads"][0] == results["ray"][0], "all must encode the same tokens"
-        rows.append((copies, nbytes, results))
+    # the actor pools last: Ray replaces their processes when they exit, work that would land in the
+    # other runs (their CPU-s are not counted: the actors are not this process's descendants)
+    for copies in corpora:
+        timed(copies, "actors")
+        assert len({r[0] for r in results[copies].values()}) == 1, "all must encode the same tokens"
+    rows = [(copies, nbytes, results[copies]) for copies, (_, nbytes) in corpora.items()]
 
     load = os.getloadavg()[0]
     print(f"\ntokenize + pack, vocab {args.vocab} BPE, rows of {args.seq_len + 1}, {cores} cores "
           f"(1-min load average at the end: {load:.1f}), {args.workers} tokenizer tasks at a time\n")
-    print(f"| corpus | MB | tokens | single process tok/s | Ray Data tok/s | speed-up | 1 process, {cores} threads "
-          "tok/s | CPU-s single | CPU-s Ray | peak MiB single | peak MiB Ray |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| corpus | MB | tokens | single process tok/s | Ray Data tok/s | speed-up | Ray actor pool tok/s | "
+          f"speed-up | 1 process, cuts tok/s | Ray / cuts | 1 process, {cores} threads tok/s | CPU-s single | "
+          "CPU-s Ray | peak MiB single | peak MiB Ray |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for copies, nbytes, r in rows:
         (tok_s, wall_s, mem_s, cpu_s), (_, wall_r, mem_r, cpu_r) = r["single"], r["ray"]
+        wall_a, wall_c, wall_t = r["actors"][1], r["cuts"][1], r["threads"][1]
         print(f"| stdlib x{copies} | {nbytes / 1e6:.1f} | {tok_s:,} | {tok_s / wall_s:,.0f} | {tok_s / wall_r:,.0f} | "
-              f"{wall_s / wall_r:.2f}x | {tok_s / r['threads'][1]:,.0f} | {cpu_s:.1f} | {cpu_r:.1f} | "
+              f"{wall_s / wall_r:.2f}x | {tok_s / wall_a:,.0f} | {wall_s / wall_a:.2f}x | {tok_s / wall_c:,.0f} | "
+              f"{wall_c / wall_r:.2f}x | {tok_s / wall_t:,.0f} | {cpu_s:.1f} | {cpu_r:.1f} | "
               f"{mem_s / 2**20:.0f} | {mem_r / 2**20:.0f} |")
     if len(rows) > 1:
         (c0, _, r0), (c1, _, r1) = rows[0], rows[-1]

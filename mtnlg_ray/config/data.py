@@ -60,13 +60,15 @@ class TokenizerConfig(Section):
 
 
 class PackConfig(Section):
-    """Tokenize on Ray Data tasks (tokenizer cached per worker process), EOD after each document,
-    pack into rows of seq_len + 1 ids (data/shards.py says why tasks rather than an actor pool)."""
+    """Tokenize on Ray Data tasks or an actor pool (the tokenizer loaded once per worker process or
+    actor), EOD after each document, pack into rows of seq_len + 1 ids (data/shards.py: `pack`)."""
 
     seq_len: int = Field(256, gt=0, description="rows hold seq_len + 1 token ids")
     val_fraction: float = Field(0.02, ge=0, lt=1, description="documents sent to val, by content hash")
     rows_per_shard: int = Field(4096, gt=0)
-    num_actors: int = Field(2, gt=0, description="tokenize + pack tasks running at a time")
+    num_actors: int = Field(2, gt=0, description="tokenize + pack tasks (or actors) running at a time")
+    compute: Literal["tasks", "actors"] = Field(
+        "tasks", description="tasks: reused Ray worker processes (faster start); actors: a Ray Data actor pool")
 
 
 class PreprocessJob(Section):

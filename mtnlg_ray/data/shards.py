@@ -35,11 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+import sentencepiece as spm
 from ray.data.context import DataContext
 from ray.data.expressions import col
 from tqdm import tqdm
 
 from mtnlg_ray.config import PreprocessJob
+from mtnlg_ray.data.tokenizer import Tokenizer, cuts_are_exact, encode_documents, train_tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.fileio import atomic_dir
 
@@ -89,20 +91,17 @@ class TokenizePack:
         rows        rows in `shard`
         tail        the batch's last < seq_len + 1 ids (last row of the split only; the driver packs tails)
         docs, doc_tokens   documents and ids incl. EOD of the batch (last row of the split only)
-    `num_threads` SentencePiece threads per call.
+    `num_workers`: how many TokenizePacks run at a time; each encodes on `encode_threads(num_workers)`.
     """
 
-    def __init__(self, model: bytes, seq_len: int, rows_per_shard: int = 4096, num_threads: int = 1):
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor(model_proto=model)
-        self.row, self.rows_per_shard, self.num_threads = seq_len + 1, rows_per_shard, num_threads
+    def __init__(self, model: bytes, seq_len: int, rows_per_shard: int = 4096, num_workers: int = 1):
+        self.sp, self.exact_cuts = spm.SentencePieceProcessor(model_proto=model), cuts_are_exact(model)
+        self.row, self.rows_per_shard, self.num_threads = seq_len + 1, rows_per_shard, encode_threads(num_workers)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         splits = batch["split"].to_pylist() if "split" in batch.column_names else ["train"] * batch.num_rows
-        # int32 arrays, EOD (the model's eos) appended: no Python int per token
-        ids = self.sp.encode(batch["text"].to_pylist(), return_type="numpy", add_eos=True,
-                             num_threads=self.num_threads)
+        # int32 arrays, EOD appended: no Python int per token; long documents in exact segments
+        ids = encode_documents(self.sp, batch["text"].to_pylist(), self.exact_cuts, self.num_threads)
         if not ids:
             return OUT_SCHEMA.empty_table()
         return pa.concat_tables([self._pack([x for x, s in zip(ids, splits) if s == name], name)
@@ -128,23 +127,26 @@ class TokenizePack:
                          "docs": last + [len(ids)], "doc_tokens": last + [len(flat)]}, schema=OUT_SCHEMA)
 
 
+def encode_threads(num_workers: int) -> int:
+    """SentencePiece threads per tokenizer worker: twice its share of this node's cores (2 with 2
+    workers on 2 cores), so a worker running alone keeps every core busy (Ray Data runs one task at
+    a time for the first second of every execution: its resource limits are zero until the
+    autoscaling coordinator's first answer, polled once a second; and the last batch runs alone);
+    when all run, the OS shares the cores (measured: faster than 1 thread each)."""
+    cores = len(os.sched_getaffinity(0))
+    return min(cores, max(1, -(-2 * cores // num_workers)))
+
+
 _PACKER: dict[tuple, TokenizePack] = {}  # per worker process: the TokenizePack of the latest job
 
 
 def tokenize_pack(batch: pa.Table, model: bytes, model_sha256: str, seq_len: int, rows_per_shard: int,
                   num_workers: int) -> pa.Table:
-    """Ray Data UDF: TokenizePack, built (tokenizer loaded) once per worker process and job.
-
-    Encode threads: twice this task's share of the node's cores (2 with 2 tasks on 2 cores), so a
-    task running alone (Ray Data's first second, when it runs one task at a time; the last batches)
-    keeps every core busy; when all run, the OS shares the cores (measured: faster than 1 thread).
-    """
-    cores = len(os.sched_getaffinity(0))
-    threads = min(cores, max(1, -(-2 * cores // num_workers)))
-    key = (model_sha256, seq_len, rows_per_shard, threads)
+    """Ray Data task UDF: TokenizePack, built (tokenizer loaded) once per worker process and job."""
+    key = (model_sha256, seq_len, rows_per_shard, num_workers)
     if key not in _PACKER:
         _PACKER.clear()
-        _PACKER[key] = TokenizePack(model, seq_len, rows_per_shard, threads)
+        _PACKER[key] = TokenizePack(model, seq_len, rows_per_shard, num_workers)
     return _PACKER[key](batch)
 
 
@@ -216,15 +218,18 @@ class ShardWriter:
 
 def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_root: Path,
          rows_per_shard: int = 4096, num_workers: int = 2, batch_docs: int = 256,
-         splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict]:
+         splits: tuple[str, ...] = ("train", "val"), compute: str = "tasks") -> dict[str, dict]:
     """Tokenize and pack `docs` into `out_root/<split>/part-*.parquet`; counts per split.
 
     `docs` has a `text` column and a `split` column (absent: all "train"), in blocks of any size:
-    it is cut into blocks of `batch_docs` documents, each one `tokenize_pack` call, at most
-    `num_workers` at a time (one CPU each). The calls are Ray Data tasks, not
-    an actor pool: a task runs in a worker process that Ray keeps between stages and jobs, and the
-    tokenizer is loaded once per process (`_PACKER`), while every actor would be a fresh process
-    that imports Ray Data again (2-4 s of both cores on a 2-core machine, before any token).
+    it is cut into blocks of `batch_docs` documents, each one TokenizePack call, at most
+    `num_workers` at a time. `compute`:
+        tasks    Ray Data tasks (`tokenize_pack`); the tokenizer is loaded once per worker process
+                 (`_PACKER`), and Ray keeps those processes between stages and jobs (the default)
+        actors   an actor pool of `num_workers` TokenizePack actors, the tokenizer loaded once per
+                 actor; every actor is a fresh process that imports Ray Data again before its first
+                 token (measured on 2 cores: 12 MB in 4.1 s against 2.0 s with tasks), so this
+                 pays off only when that start-up is small next to the corpus
     The workers encode, pack and write Parquet into memory; the files reach the driver in dataset
     order (preserve_order) and are written as they come, so memory stays flat however large the
     corpus, and the shards (names included) are the same in every run. A shard holds the rows of
@@ -232,16 +237,21 @@ def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_r
     own (`rows_per_shard` rows, the last one fewer). The last < seq_len + 1 ids of a split fill no
     row and are dropped (`dropped_tail_tokens`): `rows * (seq_len + 1) + dropped_tail_tokens = doc_tokens`.
     """
-    columns = [c for c in ("text", "split") if c in docs.columns()]
-    # The tokenizer tasks must leave one CPU to the tasks that feed them: on a 2-CPU Ray, two 1-CPU
-    # tokenizer tasks starve those tasks and the pipeline stalls with no error.
+    # The tokenizer workers must leave one CPU to the tasks that feed them: on a 2-CPU Ray, two 1-CPU
+    # tokenizer workers starve those tasks and the pipeline stalls with no error.
     task_cpus = max(0.25, min(1.0, (ray.cluster_resources().get("CPU", 1.0) - 1.0) / num_workers))
     model = Path(tokenizer_path).read_bytes()
-    batches = docs.select_columns(columns).repartition(target_num_rows_per_block=batch_docs, strict=True)
-    packed = batches.map_batches(
-        tokenize_pack, fn_args=(model, hashlib.sha256(model).hexdigest(), seq_len, rows_per_shard, num_workers),
-        batch_size=batch_docs, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=num_workers),
-        num_cpus=task_cpus)
+    # (no select_columns: it needs the schema, which costs a lazy dataset an extra execution)
+    batches = docs.repartition(target_num_rows_per_block=batch_docs, strict=True)
+    if compute == "actors":
+        udf = dict(fn=TokenizePack, fn_constructor_args=(model, seq_len, rows_per_shard, num_workers),
+                   compute=ray.data.ActorPoolStrategy(size=num_workers))
+    elif compute == "tasks":
+        udf = dict(fn=tokenize_pack, compute=ray.data.TaskPoolStrategy(size=num_workers),
+                   fn_args=(model, hashlib.sha256(model).hexdigest(), seq_len, rows_per_shard, num_workers))
+    else:
+        raise UserError(f"pack.compute: {compute!r} is neither 'tasks' nor 'actors'")
+    packed = batches.map_batches(**udf, batch_size=batch_docs, batch_format="pyarrow", num_cpus=task_cpus)
     packed.context.execution_options.preserve_order = True  # shards in document order, the same every run
     writers = {name: ShardWriter(out_root / name, rows_per_shard, seq_len + 1) for name in splits}
     with tqdm(desc="tokenize + pack", unit=" rows", mininterval=2, disable=None) as bar:
@@ -269,8 +279,6 @@ def _ensure_ray() -> None:
 
 def _tokenizer(job: PreprocessJob, docs: ray.data.Dataset, out: Path):
     """Load `tokenizer.path` (checked against tokenizer.vocab_size when set) or train on a sample."""
-    from mtnlg_ray.data.tokenizer import Tokenizer, train_tokenizer
-
     cfg = job.tokenizer
     if cfg.path:
         tok = Tokenizer(cfg.path)
@@ -300,7 +308,7 @@ def _label_split(batch: pa.Table, cut: int | None = None, name: str | None = Non
 
 
 def run_preprocess(job: PreprocessJob) -> Path:
-    """read -> clean -> tokenizer -> tokenize + pack (Ray Data tasks) -> Parquet shards + manifest.json."""
+    """read -> clean -> tokenizer -> tokenize + pack (Ray Data) -> Parquet shards + manifest.json."""
     from mtnlg_ray.data.clean import clean_corpus, format_report
     from mtnlg_ray.data.readers import corpus_files, read_corpus
 
@@ -329,8 +337,10 @@ def run_preprocess(job: PreprocessJob) -> Path:
     docs = docs.sort(["split", "content_hash"]).materialize()
     with atomic_dir(out) as tmp:
         tok = _tokenizer(job, docs, tmp)
-        print(f"[preprocess] tokenizing and packing, {job.pack.num_actors} tokenizer tasks at a time", flush=True)
-        stats = pack(docs, tok.path, job.pack.seq_len, tmp, job.pack.rows_per_shard, job.pack.num_actors)
+        print(f"[preprocess] tokenizing and packing, {job.pack.num_actors} tokenizer {job.pack.compute} at a time",
+              flush=True)
+        stats = pack(docs, tok.path, job.pack.seq_len, tmp, job.pack.rows_per_shard, job.pack.num_actors,
+                     compute=job.pack.compute)
         if not stats["train"]["documents"]:
             raise UserError("corpus: no training documents (all went to val; lower pack.val_fraction)")
         manifest = write_manifest(tmp, tok.sha256, tok.vocab_size, tok.eod_id, job.pack.seq_len, extra_splits=stats,

@@ -77,6 +77,19 @@ def test_pack_token_count(ray_session, tiny_tokenizer, tmp_path):
     assert not stored - stream and sum((stream - stored).values()) == stats["dropped_tail_tokens"]
 
 
+def test_actor_pool_writes_the_same_shards_as_tasks(ray_session, tiny_tokenizer, tmp_path):
+    """pack.compute: actors (a Ray Data actor pool, the tokenizer loaded once per actor) = tasks, byte for byte."""
+    ds = ray.data.from_items([{"text": d} for d in _docs(6)], override_num_blocks=2)
+    stats = {compute: pack(ds, tiny_tokenizer.path, seq_len=32, out_root=tmp_path / compute, num_workers=1,
+                           batch_docs=2, compute=compute) for compute in ("tasks", "actors")}
+    assert stats["tasks"] == stats["actors"] and stats["tasks"]["train"]["documents"] == 6
+    files = {c: sorted((tmp_path / c / "train").glob("*.parquet")) for c in stats}
+    assert [f.name for f in files["tasks"]] == [f.name for f in files["actors"]] and len(files["tasks"]) >= 3
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(files["tasks"], files["actors"]))
+    with pytest.raises(UserError, match="pack.compute: 'threads'"):
+        pack(ds, tiny_tokenizer.path, seq_len=32, out_root=tmp_path / "bad", compute="threads")
+
+
 def _job(tmp_path, name, *sets):
     return load_job(CONFIGS / "stdlib.yaml", PreprocessJob,
                     [f"output_dir={tmp_path / name}", "corpus.max_files=30", "tokenizer.vocab_size=600",

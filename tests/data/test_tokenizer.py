@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-from mtnlg_ray.data.tokenizer import EOD, ROLE_TOKENS, Tokenizer, train_tokenizer
+import numpy as np
+import sentencepiece as spm
+
+from mtnlg_ray.data.tokenizer import EOD, ROLE_TOKENS, Tokenizer, cuts_are_exact, encode_documents, train_tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.fileio import file_sha256
 
@@ -41,3 +45,24 @@ def test_train_unigram_and_errors(tmp_path):
         Tokenizer(tmp_path / "junk.model")
     with pytest.raises(UserError, match="tokenizer model not found"):
         Tokenizer(tmp_path / "missing.model")
+
+
+def test_documents_cut_at_word_starts_encode_to_the_same_ids(tiny_tokenizer, tmp_path):
+    """encode_documents cuts long texts into parts at word starts: exactly the whole text's ids + EOD."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / n).read_text() for n in ("fnmatch.py", "textwrap.py", "argparse.py")]
+    texts += ["x" * 5000, "a  b\n" * 900 + "    " * 300, "", "<|user|> hi <|end|>" * 200]  # no word start; runs of spaces
+    model = tiny_tokenizer.path.read_bytes()
+    assert cuts_are_exact(model)
+    sp = tiny_tokenizer.sp
+    for chars in (16, 64, 4096):
+        got = encode_documents(sp, texts, exact_cuts=True, num_threads=2, segment_chars=chars)
+        for text, ids in zip(texts, got):
+            assert ids.dtype == np.int32 and ids.tolist() == sp.encode(text) + [tiny_tokenizer.eod_id]
+    # models whose encoding a cut could change are never cut
+    unigram = train_tokenizer(texts[:2], tmp_path / "u.model", vocab_size=400, model_type="unigram")
+    assert not cuts_are_exact(unigram.path.read_bytes())
+    buf = io.BytesIO()  # SentencePiece's defaults: NFKC, a dummy prefix, collapsed whitespace
+    lines = [line for t in texts[:3] for line in t.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=300, minloglevel=2)
+    assert not cuts_are_exact(buf.getvalue())
