@@ -47,8 +47,8 @@ class Result:
         return (self.latency - self.ttft) / max(1, self.output_tokens - 1)
 
 
-def build_checkpoint(out: Path, vocab: int, context: int) -> Path:
-    """A 6x384 GPT with random weights (seed 0) and a tokenizer trained on stdlib sources."""
+def build_checkpoint(out: Path, vocab: int, context: int, n_layers: int = 6, d_model: int = 384) -> Path:
+    """A GPT (64-wide heads) with random weights (seed 0) and a tokenizer trained on stdlib sources."""
     from mtnlg_ray.config import ModelConfig
     from mtnlg_ray.data.tokenizer import train_tokenizer
     from mtnlg_ray.model.checkpoint import save_checkpoint
@@ -58,7 +58,8 @@ def build_checkpoint(out: Path, vocab: int, context: int) -> Path:
     docs = [p.read_text(errors="replace") for p in sorted(lib.glob("*.py"))[:60]]
     tok = train_tokenizer(docs, out / "tokenizer.model", vocab_size=vocab)
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=6, d_model=384, n_heads=6, max_seq_len=context, vocab_size=tok.vocab_size)
+    cfg = ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=d_model // 64, max_seq_len=context,
+                      vocab_size=tok.vocab_size)
     return save_checkpoint(GPT(cfg).state_dict(), cfg, out / "ckpt", tokenizer_path=out / "tokenizer.model")
 
 
@@ -201,7 +202,7 @@ def ms(pair) -> str:
 
 
 def report(http: dict, bare: dict, args) -> None:
-    print(f"\nServing benchmark: 6x384 GPT (random weights), prompts {args.input_len} tokens, "
+    print(f"\nServing benchmark: {args.n_layers}x{args.d_model} GPT (random weights), prompts {args.input_len} tokens, "
           f"{args.output_len} generated (ignore_eos, greedy), streaming; one replica, {REPLICA_THREADS} torch thread")
     print(f"load average at start: {args.load:.2f} on {os.cpu_count()} cores\n")
     head = (f"| {'path':<13} | {'conc':>4} | {'req/s':>6} | {'out tok/s':>9} | {'TTFT ms med / p99':>17} | "
@@ -229,11 +230,13 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--slots", type=int, default=16, help="KV-cache rows (max batch) of the engine")
+    parser.add_argument("--n-layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=384, help="width (heads of 64)")
     args = parser.parse_args()
     args.load = os.getloadavg()[0]
     per_level = {1: 4, 4: 8, 16: 32} if args.quick else {1: 12, 4: 24, 16: 64}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_checkpoint(Path(tmp), vocab=4096, context=1024)
+        ckpt = build_checkpoint(Path(tmp), vocab=4096, context=1024, n_layers=args.n_layers, d_model=args.d_model)
         from mtnlg_ray.data.tokenizer import Tokenizer
 
         tok = Tokenizer(Path(tmp) / "tokenizer.model")
