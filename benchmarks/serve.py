@@ -149,7 +149,7 @@ def summarize(results: list[Result], wall: float) -> dict:
             "itl": (statistics.median(itl), pct(itl, 99))}
 
 
-def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> tuple[dict, dict]:
+def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas: int = 1) -> tuple[dict, dict]:
     """Each concurrency level on the bare engine, then through HTTP + Serve, back to back (same machine load)."""
     import httpx
     import ray
@@ -163,7 +163,8 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int) -> tuple[
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     job = ServeJob.model_validate({"serve": dict(
         checkpoint=str(ckpt), port=0, max_batch_slots=slots, max_waiting=64, max_ongoing_requests=64,
-        max_queued_requests=-1, num_cpus=REPLICA_THREADS)})
+        max_queued_requests=-1, num_cpus=REPLICA_THREADS,
+        autoscaling=dict(min_replicas=replicas, max_replicas=replicas))})
     url = deploy(job)
     torch.set_num_threads(REPLICA_THREADS)
     loaded = load_model(ckpt)
@@ -203,7 +204,8 @@ def ms(pair) -> str:
 
 def report(http: dict, bare: dict, args) -> None:
     print(f"\nServing benchmark: {args.n_layers}x{args.d_model} GPT (random weights), prompts {args.input_len} tokens, "
-          f"{args.output_len} generated (ignore_eos, greedy), streaming; one replica, {REPLICA_THREADS} torch thread")
+          f"{args.output_len} generated (ignore_eos, greedy), streaming; {args.replicas} replica(s), "
+          f"{REPLICA_THREADS} torch thread each")
     print(f"load average at start: {args.load:.2f} on {os.cpu_count()} cores\n")
     head = (f"| {'path':<13} | {'conc':>4} | {'req/s':>6} | {'out tok/s':>9} | {'TTFT ms med / p99':>17} | "
             f"{'TPOT ms med / p99':>17} | {'ITL ms med / p99':>17} |")
@@ -230,6 +232,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--slots", type=int, default=16, help="KV-cache rows (max batch) of the engine")
+    parser.add_argument("--replicas", type=int, default=1, help="Serve replicas (the bare engine is always one)")
     parser.add_argument("--n-layers", type=int, default=6)
     parser.add_argument("--d-model", type=int, default=384, help="width (heads of 64)")
     args = parser.parse_args()
@@ -242,7 +245,7 @@ def main() -> None:
         tok = Tokenizer(Path(tmp) / "tokenizer.model")
         prompts = make_prompts(tok, max(per_level.values()), args.input_len)
         prompts_at = {c: prompts[:n] for c, n in per_level.items()}
-        http, bare = run_all(ckpt, prompts_at, args.output_len, args.slots)
+        http, bare = run_all(ckpt, prompts_at, args.output_len, args.slots, args.replicas)
     report(http, bare, args)
 
 

@@ -311,10 +311,13 @@ def test_client_disconnect_frees_the_rows(server, http):
 
 def test_overload_gets_503_with_retry_after(server):
     body = {"model": "mtnlg", "prompt": "x", "max_tokens": 200, "ignore_eos": True}
+    start = threading.Barrier(32)  # all 32 at once: a request takes well under a second on this model
 
     def post(_):
-        return httpx.post(server["url"] + "/v1/completions", json=body, timeout=120,
-                          headers={"Authorization": f"Bearer {KEY}"})
+        with httpx.Client(base_url=server["url"], timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as client:
+            client.get("/health")  # connected before the barrier
+            start.wait()
+            return client.post("/v1/completions", json=body)
 
     with ThreadPoolExecutor(32) as pool:  # 10 ongoing + 8 queued fit; the rest are refused
         responses = list(pool.map(post, range(32)))
