@@ -142,7 +142,7 @@ def single_process(files: list[str], tok: Tokenizer, seq_len: int, out: Path, th
     threads=n: SentencePiece's own batch encode of each file's documents on n threads; cuts: the
     pipeline's `encode_documents` on one thread."""
     writer, carry, tokens, row = ShardWriter(out, 4096, seq_len + 1), np.array([], np.int32), 0, seq_len + 1
-    exact = cuts_are_exact(tok.path.read_bytes())
+    exact = cuts and cuts_are_exact(tok.path.read_bytes())
     for f in files:
         texts = pq.read_table(f)["text"].to_pylist()
         if cuts:

@@ -111,7 +111,6 @@ def accumulate(model, batches: RankBatches, device: torch.device) -> torch.Tenso
     `mtnlg_ray.parallel.Parallelized` (under pipeline parallelism: all in one schedule). Returns this rank's sum of (mean loss x counted tokens) over
     its micro-batches (a 0-d tensor, not synchronised: no host sync per micro-batch); the step's
     mean loss is its sum over dp ranks divided by `batches.global_tokens`."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
     pipeline = getattr(model, "pipeline", None)
     if pipeline is not None and pipeline.schedule != "interleaved_1f1b" and batches.micro:
         # Megatron: the step's micro-batches are the chunks of ONE pipeline schedule (fill and
@@ -124,7 +123,8 @@ def accumulate(model, batches: RankBatches, device: torch.device) -> torch.Tenso
         n = sum(mb.tokens for mb in batches.micro)
         loss = model.forward_backward(inp, tgt, loss_scale=sum(mb.loss_scale for mb in batches.micro),
                                       pp_chunks=len(batches.micro) * pipeline.n_microbatches)
-        return total + loss.to(torch.float64) * n
+        return loss.to(torch.float64) * n
+    total = torch.zeros((), dtype=torch.float64, device=device)
     last = len(batches.micro) - 1
     for i, mb in enumerate(batches.micro):
         inp, tgt = inputs_targets(mb.rows, device)

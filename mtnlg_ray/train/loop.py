@@ -33,6 +33,7 @@ each evaluation and each checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -138,10 +139,7 @@ def setup_model(job, model_cfg: ModelConfig, device: torch.device):
     if getattr(job, "lora", None) is not None:
         from mtnlg_ray.model.lora import apply_lora
 
-        def add_lora(m):
-            return apply_lora(m, job.lora)
-
-        transform = add_lora
+        transform = functools.partial(apply_lora, cfg=job.lora)
     model = parallelize(model_cfg, dims, job.parallel, device, init_state=init_state, seed=job.train.seed,
                         model_transform=transform)
     del init_state

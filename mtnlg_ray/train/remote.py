@@ -79,14 +79,20 @@ def resolve_resume_from(checkpoint) -> tuple[Path | None, list[str]]:
     candidates = [c for c in _remote_checkpoints(fs, latest.rpartition("/")[0]) if _step(c) <= _step(latest)]
     if latest not in candidates:
         candidates.insert(0, latest)
-    skipped = []
+    return _first_valid(fs, candidates, verify_checkpoint)
+
+
+def _first_valid(fs, candidates: list[str], verify) -> tuple[Path | None, list[str]]:
+    """Fetch `candidates` in order until one passes `verify` (None = fine); (its local copy or None,
+    the problems of those skipped, naming the remote paths)."""
+    problems = []
     for cand in candidates:
         local = fetch_dir(fs, cand)
-        problem = verify_checkpoint(local)
+        problem = verify(local)
         if problem is None:
-            return local, skipped
-        skipped.append(problem.replace(str(local), cand))
-    return None, skipped
+            return local, problems
+        problems.append(problem.replace(str(local), cand))
+    return None, problems
 
 
 def _step(path: str) -> int:
@@ -113,16 +119,12 @@ def fetch_run_checkpoint(uri: str, step: int | None = None) -> Path:
             found = [d for d in found if _step(d) == step]
             if not found:
                 raise UserError(f"{uri}: no checkpoint at step {step}")
-    problems = []
-    for cand in found:
-        local = fetch_dir(fs, cand)
-        problem = verify_files(local)
-        if problem is None:
-            for p in problems:
-                warnings.warn(f"skipping a corrupted checkpoint: {p}; using {cand}", stacklevel=3)
-            return local
-        problems.append(problem.replace(str(local), cand))
-    raise UserError(f"{uri}: no valid checkpoint ({'; '.join(problems)})")
+    local, problems = _first_valid(fs, found, verify_files)
+    if local is None:
+        raise UserError(f"{uri}: no valid checkpoint ({'; '.join(problems)})")
+    for p in problems:
+        warnings.warn(f"skipping a corrupted checkpoint: {p}; using {found[len(problems)]}", stacklevel=3)
+    return local
 
 
 def local_source(path: str | Path, step: int | None = None) -> Path:

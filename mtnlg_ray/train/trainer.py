@@ -101,7 +101,7 @@ def check_scaling(job, model_cfg: ModelConfig, seq_len: int | None = None) -> No
             raise ConfigError(f"scaling.num_workers: [{lo}, {hi}] lets Ray Train run with {world} workers, which "
                               f"the layout cannot use ({err}); Ray may pick any count in an elastic range, so "
                               f"list only counts the layout fits, or a fixed num_workers") from None
-        check_layout(model_cfg, p, world)  # model against tp / pp: the same for every count
+    check_layout(model_cfg, p, lo)  # model against tp / pp: the same for every count
     if p.pp > 1 and tc.micro_batch_size % p.pp_microbatches:
         raise ConfigError(f"train.micro_batch_size: {tc.micro_batch_size} does not split into "
                           f"parallel.pp_microbatches={p.pp_microbatches} equal pipeline chunks")
