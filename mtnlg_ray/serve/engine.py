@@ -31,6 +31,7 @@ import torch
 
 from mtnlg_ray.model.generate import use_decode_layout
 from mtnlg_ray.model.kv_cache import KVCache
+from mtnlg_ray.serve.malloc import keep_freed_memory
 from mtnlg_ray.serve.sampling import RequestSampler, SamplingParams, StopStrings, prompt_logprob_entries, sample_batch
 
 
@@ -98,6 +99,7 @@ class Engine:
         cfg = model.config
         self.model = model.eval()
         use_decode_layout(model)  # the LM head's fast layout for decode steps
+        keep_freed_memory()  # process-wide: prefill activations reuse the heap instead of page-faulting
         self.vocab_size = cfg.vocab_size
         self.max_context = min(max_context or cfg.max_seq_len, cfg.max_seq_len)
         self.max_slots, self.max_waiting = max_slots, max_waiting

@@ -1,12 +1,13 @@
-"""The GPT module: shapes, loss, init, positions, activation checkpointing, meta-device build."""
+"""The GPT module: shapes, loss, init, positions, activation checkpointing, meta-device build, GELU."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtnlg_ray.config import ModelConfig
-from mtnlg_ray.model.gpt import GPT, lm_loss
+from mtnlg_ray.model.gpt import GPT, gelu_tanh, lm_loss
 
 
 def tiny(position="learned", **kw):
@@ -84,3 +85,14 @@ def test_meta_build_then_materialise():
 def test_too_long_sequence_is_refused():
     with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
         GPT(tiny())(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_inference_gelu_is_the_tanh_gelu():
+    x = torch.linspace(-12, 12, 4001).reshape(1, -1).repeat(3, 1)
+    ref = F.gelu(x, approximate="tanh")
+    with torch.inference_mode():
+        fast = gelu_tanh(x)  # the sigmoid form, in place
+    assert torch.allclose(fast, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x, torch.linspace(-12, 12, 4001).reshape(1, -1).repeat(3, 1))  # input untouched
+    y = gelu_tanh(x.requires_grad_())  # training: the fused kernel, differentiable
+    assert type(y.grad_fn).__name__ == "GeluBackward0" and torch.equal(y, ref)

@@ -1,0 +1,34 @@
+"""glibc malloc settings for an engine process: keep freed activation memory instead of unmapping it.
+
+glibc serves an allocation above its mmap threshold (128 KiB at start, rising with use to at most
+32 MiB) with a fresh `mmap` that `free` unmaps again, and it trims the top of its heap once 128 KiB
+there are free. PyTorch on CPU has no caching allocator of its own, so every forward's large
+activations start as untouched pages, one page fault per 4 KiB: a 16-prompt prefill of the serving
+benchmark's model ((16 x 128, 1536) float32 MLP activations, 12.6 MB each) took 16,000-20,000
+faults and spent 8% of its time in them (708 -> 648 ms without them). Pinning the threshold at its
+maximum and turning trimming off makes the process reuse its heap: no faults after the first
+forward, at the price of holding on to its peak activation memory. (vLLM's CPU backend preloads
+tcmalloc for the same reason; this needs nothing installed.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+NEVER_TRIM = 2**31 - 1  # bytes (mallopt takes an int): free heap top kept below this
+
+
+def keep_freed_memory() -> bool:
+    """Apply the settings to this whole process; False where the C library has no glibc mallopt."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
