@@ -2,12 +2,14 @@
 
 Builds a small model itself (a 6-layer, 384-wide GPT with random weights and a SentencePiece
 tokenizer trained on stdlib sources), starts a local Ray + Serve on a free port with one replica,
-and sends `--requests` prompts of `--input-len` tokens, each generating exactly `--output-len`
-tokens (ignore_eos, greedy), keeping `concurrency` requests in flight. Per level: request
-throughput, output tokens/s, TTFT, TPOT and ITL (median and p99). The same workload also runs on
-the bare engine (AsyncEngine: the Engine stepped by a thread of this process, no HTTP or Serve; same
-thread count as the replica's engine process), which gives the HTTP/Serve overhead on TTFT. At concurrency 1 the two paths alternate request by
-request, so that both see the same load on a shared machine; higher levels run back to back.
+and sends prompts of `--input-len` tokens, each generating exactly `--output-len` tokens
+(ignore_eos, greedy), keeping `concurrency` requests in flight. Per level: request throughput,
+output tokens/s, TTFT, TPOT and ITL (median and p99). The same workload also runs on the bare
+engine (AsyncEngine: the Engine stepped by a thread of this process, no HTTP or Serve; same thread
+count as the replica's engine process), which gives the HTTP/Serve overhead on TTFT. The levels
+run in `--rounds` interleaved rounds (1, 4, 16, 1, 4, 16, ...), so that a slow spell of a shared
+machine falls on every level rather than on one; at concurrency 1 the two paths also alternate
+request by request.
 
     python benchmarks/serve.py           # concurrency 1, 4, 16 (about 3 minutes on 2 cores)
     python benchmarks/serve.py --quick   # fewer requests
@@ -149,8 +151,15 @@ def summarize(results: list[Result], wall: float) -> dict:
             "itl": (statistics.median(itl), pct(itl, 99))}
 
 
-def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas: int = 1) -> tuple[dict, dict]:
-    """Each concurrency level on the bare engine, then through HTTP + Serve, back to back (same machine load)."""
+def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas: int = 1,
+            rounds: int = 1) -> tuple[dict, dict, list[float]]:
+    """Every concurrency level on the bare engine and through HTTP + Serve, `rounds` times over.
+
+    Each round runs every level once (concurrency 1 alternating the two paths request by request,
+    the others back to back), so a slower or faster spell of a shared machine falls on all levels
+    alike instead of on the one that happened to run then. Returns the per-level summaries of all
+    rounds together (HTTP, bare) and each round's HTTP output tok/s ratio, highest / lowest level.
+    """
     import httpx
     import ray
 
@@ -168,6 +177,7 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas:
     url = deploy(job)
     torch.set_num_threads(REPLICA_THREADS)
     loaded = load_model(ckpt)
+    lo, hi = min(prompts_at), max(prompts_at)
 
     async def main():
         aeng = AsyncEngine(Engine(loaded.model, max_slots=slots, max_waiting=64, decode=loaded.tokenizer.decode))
@@ -176,20 +186,24 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas:
             paths = {"bare": engine_request(aeng, output_len), "http": http_request(client, url, output_len)}
             for one in paths.values():
                 await run_level(one, prompts_at[1][:2], 1)  # warm-up
-            out = {"bare": {}, "http": {}}
-            for c in prompts_at:
-                if c == 1:  # one request at a time, alternating paths: both see the same machine load
-                    res = {name: [] for name in paths}
-                    for p in prompts_at[1]:
-                        for name, one in paths.items():
-                            res[name].append(await one(p))
-                    for name, rs in res.items():  # sequential, so the wall time is the sum of latencies
-                        out[name][1] = summarize(rs, sum(r.latency for r in rs))
-                    continue
-                for name, one in paths.items():
-                    out[name][c] = summarize(*await run_level(one, prompts_at[c], c))
+            runs = {name: {c: [] for c in prompts_at} for name in paths}  # (results, wall s) per round
+            for _ in range(rounds):
+                for c, prompts in prompts_at.items():
+                    if c == 1:  # one request at a time, alternating paths: both see the same machine load
+                        res = {name: [] for name in paths}
+                        for p in prompts:
+                            for name, one in paths.items():
+                                res[name].append(await one(p))
+                        for name, rs in res.items():  # sequential, so the wall time is the sum of latencies
+                            runs[name][c].append((rs, sum(r.latency for r in rs)))
+                        continue
+                    for name, one in paths.items():
+                        runs[name][c].append(await run_level(one, prompts, c))
         aeng.shutdown()
-        return out["http"], out["bare"]
+        out = {name: {c: summarize([r for rs, _ in rr for r in rs], sum(w for _, w in rr)) for c, rr in levels.items()}
+               for name, levels in runs.items()}
+        per_round = [summarize(*h)["tok_s"] / summarize(*l)["tok_s"] for h, l in zip(runs["http"][hi], runs["http"][lo])]
+        return out["http"], out["bare"], per_round
 
     try:
         return asyncio.run(main())
@@ -202,7 +216,7 @@ def ms(pair) -> str:
     return f"{pair[0] * 1e3:7.1f} / {pair[1] * 1e3:7.1f}"
 
 
-def report(http: dict, bare: dict, args) -> None:
+def report(http: dict, bare: dict, per_round: list[float], args) -> None:
     print(f"\nServing benchmark: {args.n_layers}x{args.d_model} GPT (random weights), prompts {args.input_len} tokens, "
           f"{args.output_len} generated (ignore_eos, greedy), streaming; {args.replicas} replica(s), "
           f"{REPLICA_THREADS} torch thread each")
@@ -219,7 +233,7 @@ def report(http: dict, bare: dict, args) -> None:
     scale = http[hi]["tok_s"] / http[lo]["tok_s"]
     overhead = (http[lo]["ttft"][0] - bare[lo]["ttft"][0]) * 1e3
     print(f"\noutput tok/s, HTTP, concurrency {hi} / {lo}: {scale:.2f}x   (target >= 4x: "
-          f"{'met' if scale >= 4 else 'NOT met'})")
+          f"{'met' if scale >= 4 else 'NOT met'}); per round: {', '.join(f'{r:.2f}x' for r in per_round)}")
     print(f"TTFT overhead of HTTP + Serve at concurrency {lo} (median, over the bare engine): {overhead:.1f} ms   "
           f"(target < 30 ms: {'met' if overhead < 30 else 'NOT met'})")
     for c in http:
@@ -228,7 +242,8 @@ def report(http: dict, bare: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer requests per level")
+    parser.add_argument("--quick", action="store_true", help="fewer requests per level, 2 rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="times every level runs, interleaved (default 4)")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--slots", type=int, default=16, help="KV-cache rows (max batch) of the engine")
@@ -237,7 +252,9 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=384, help="width (heads of 64)")
     args = parser.parse_args()
     args.load = os.getloadavg()[0]
-    per_level = {1: 4, 4: 8, 16: 32} if args.quick else {1: 12, 4: 24, 16: 64}
+    args.rounds = args.rounds or (2 if args.quick else 4)
+    # Requests per level in each round (concurrency 16: one wave of 16 requests per round).
+    per_level = {1: 2, 4: 4, 16: 16} if args.quick else {1: 3, 4: 6, 16: 16}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(Path(tmp), vocab=4096, context=1024, n_layers=args.n_layers, d_model=args.d_model)
         from mtnlg_ray.data.tokenizer import Tokenizer
@@ -245,8 +262,8 @@ def main() -> None:
         tok = Tokenizer(Path(tmp) / "tokenizer.model")
         prompts = make_prompts(tok, max(per_level.values()), args.input_len)
         prompts_at = {c: prompts[:n] for c, n in per_level.items()}
-        http, bare = run_all(ckpt, prompts_at, args.output_len, args.slots, args.replicas)
-    report(http, bare, args)
+        http, bare, per_round = run_all(ckpt, prompts_at, args.output_len, args.slots, args.replicas, args.rounds)
+    report(http, bare, per_round, args)
 
 
 if __name__ == "__main__":
