@@ -89,17 +89,19 @@ async def run_level(one, prompts: list, concurrency: int) -> tuple[list[Result],
     return results, time.perf_counter() - t0
 
 
-def http_request(client, url: str, output_len: int):
+def http_request(session, url: str, output_len: int):
+    """One streamed /v1/completions request over aiohttp (as vLLM's `bench serve`: its C parser keeps the
+    client's own CPU small on a machine it shares with the server)."""
     async def one(prompt: list[int]) -> Result:
         body = {"model": "mtnlg", "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         r, last = Result(), None
         t0 = time.perf_counter()
-        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+            async for line in resp.content:  # one SSE line at a time
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 event = json.loads(line[6:])
                 now = time.perf_counter()
@@ -160,7 +162,7 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas:
     alike instead of on the one that happened to run then. Returns the per-level summaries of all
     rounds together (HTTP, bare) and each round's HTTP output tok/s ratio, highest / lowest level.
     """
-    import httpx
+    import aiohttp
     import ray
 
     from mtnlg_ray.api import load_model
@@ -181,9 +183,9 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas:
 
     async def main():
         aeng = AsyncEngine(Engine(loaded.model, max_slots=slots, max_waiting=64, decode=loaded.tokenizer.decode))
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-            paths = {"bare": engine_request(aeng, output_len), "http": http_request(client, url, output_len)}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
+                                         connector=aiohttp.TCPConnector(limit=64)) as session:
+            paths = {"bare": engine_request(aeng, output_len), "http": http_request(session, url, output_len)}
             for one in paths.values():
                 await run_level(one, prompts_at[1][:2], 1)  # warm-up
             runs = {name: {c: [] for c in prompts_at} for name in paths}  # (results, wall s) per round
