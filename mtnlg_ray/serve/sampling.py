@@ -153,11 +153,16 @@ def prompt_logprob_entries(logits: torch.Tensor, prompt: list[int], n: int) -> l
 class StopStrings:
     """Incremental detokenization that holds back text which may still become a stop string.
 
-    `decode` maps token ids to text (the tokenizer's). A stop string can span token boundaries:
-    the whole generated text is searched from just before the last emitted character, so
-    "foo" + "bar" matches stop "ob". Text that is a prefix of a stop string, or a trailing
-    partial UTF-8 character (U+FFFD from an incomplete byte sequence), is not emitted until
-    the next token settles it.
+    `decode` maps token ids to text (the tokenizer's). Each new token decodes only a short window
+    (as vLLM and TGI do): ids[prefix:read] were decoded before, so the new text is what
+    decode(ids[prefix:]) adds to decode(ids[prefix:read]); both start at the same token, so a
+    tokenizer's context-dependent spacing cancels out. Decoding the whole output for every token
+    instead costs O(n) per token (16 us at 128 tokens, 105 us at 1,000 with our SentencePiece
+    models: 1.7 ms per step for a batch of 16 long generations). While the window ends in a
+    partial UTF-8 character (U+FFFD from an incomplete byte sequence) nothing is added until the
+    next token completes it. A stop string can span token boundaries: the text is searched from
+    just before the last emitted character, so "foo" + "bar" matches stop "ob". Text that is a
+    prefix of a stop string is not emitted until the next token settles it.
     """
 
     def __init__(self, decode: Callable[[list[int]], str] | None, stop: tuple[str, ...]):
@@ -166,13 +171,14 @@ class StopStrings:
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0  # characters of self.text already returned
+        self.prefix = self.read = 0  # ids[prefix:read]: the window's already-counted start
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a generated token; return (newly safe text, True if a stop string was reached)."""
         if self.decode is None:
             return "", False
         self.ids.append(token)
-        self.text = self.decode(self.ids)
+        self.text += self._window_text(complete_only=True)
         if self.stop:
             start = max(0, self.emitted - max(map(len, self.stop)) + 1)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
@@ -180,8 +186,6 @@ class StopStrings:
                 self.text = self.text[: min(hits)]
                 return self._take(len(self.text)), True
         safe = len(self.text)
-        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-            safe -= 1
         hold = 0  # longest unemitted suffix that starts some stop string
         for s in self.stop:
             for k in range(min(len(s) - 1, safe - self.emitted), hold, -1):
@@ -190,8 +194,19 @@ class StopStrings:
                     break
         return self._take(safe - hold), False
 
+    def _window_text(self, complete_only: bool) -> str:
+        """Text the ids after `read` add; advances the window when there is some."""
+        before = self.decode(self.ids[self.prefix: self.read])
+        window = self.decode(self.ids[self.prefix:])
+        if len(window) <= len(before) or (complete_only and window.endswith("\ufffd")):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return window[len(before):]
+
     def flush(self) -> str:
-        """All text not yet returned (the request is over)."""
+        """All text not yet returned (the request is over), an unfinished UTF-8 character included."""
+        if self.decode is not None and self.read < len(self.ids):
+            self.text += self._window_text(complete_only=False)
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:

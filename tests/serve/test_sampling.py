@@ -49,6 +49,27 @@ def test_partial_utf8_character_is_not_emitted():
     assert stops.push(5) == ("€", False)
 
 
+def test_incremental_text_equals_decoding_everything_and_reads_short_windows(tiny):
+    _, tok = tiny
+    text = 'def f(x):\n    """naïve café — 東京 🙂"""\n    return x  # ok\n' * 3
+    ids = tok.encode(text)
+    windows = []
+
+    def decode(part):
+        windows.append(len(part))
+        return tok.decode(part)
+
+    for stop in ((), ("zzz",)):  # the hold-back path too ("z" never arrives)
+        stops = StopStrings(decode, stop)
+        out = "".join(stops.push(t)[0] for t in ids) + stops.flush()
+        assert out == tok.decode(ids) == text
+    assert max(windows) < 8  # each token decodes a few ids, not the whole output (O(1), not O(n))
+    cut = StopStrings(tok.decode, ())
+    for t in tok.encode("🙂")[:-1]:  # a request ending inside a character still returns its bytes
+        cut.push(t)
+    assert cut.flush() == tok.decode(tok.encode("🙂")[:-1])
+
+
 def test_penalties_and_bias():
     V = 6
     params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
