@@ -259,13 +259,21 @@ def resolve_resume(latest: Path | None) -> tuple[Path | None, list[str]]:
     candidates = [p for p in list_checkpoints(latest.parent) if step_of(p) <= step_of(latest)]
     if latest not in candidates:
         candidates.insert(0, latest)
-    skipped = []
+    return first_valid(candidates, verify_checkpoint)
+
+
+def first_valid(candidates: list, verify, fetch=None) -> tuple[Path | None, list[str]]:
+    """The first of `candidates` (newest first) whose files pass `verify` (None = fine), and why each
+    one before it was skipped. `fetch` maps a candidate to the local directory to check (remote
+    storage: a cached copy; default: the candidate itself); problems then name the candidate."""
+    problems = []
     for cand in candidates:
-        problem = verify_checkpoint(cand)
+        local = fetch(cand) if fetch is not None else cand
+        problem = verify(local)
         if problem is None:
-            return cand, skipped
-        skipped.append(problem)
-    return None, skipped
+            return local, problems
+        problems.append(problem.replace(str(local), str(cand)))
+    return None, problems
 
 
 # ---------------------------------------------------------------------------- offline: one process
@@ -298,15 +306,12 @@ def pick_checkpoint(path: Path, step: int | None = None) -> Path:
         if not found:
             steps = sorted({step_of(p) for p in list_checkpoints(path)})
             raise UserError(f"{path}: no checkpoint at step {step} (have steps {steps})")
-    problems = []
-    for cand in found:
-        problem = verify_files(cand)
-        if problem is None:
-            for p in problems:
-                warnings.warn(f"skipping a corrupted checkpoint: {p}; using {cand.name}", stacklevel=3)
-            return cand
-        problems.append(problem)
-    raise UserError(f"{path}: no valid checkpoint ({'; '.join(problems)})")
+    chosen, problems = first_valid(found, verify_files)
+    if chosen is None:
+        raise UserError(f"{path}: no valid checkpoint ({'; '.join(problems)})")
+    for p in problems:
+        warnings.warn(f"skipping a corrupted checkpoint: {p}; using {chosen.name}", stacklevel=3)
+    return chosen
 
 
 def load_run_state(path: str | Path, step: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None, dict]:

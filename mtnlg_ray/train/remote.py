@@ -14,6 +14,7 @@ of GB; for larger models use a shared filesystem path, which every rank reads in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -24,7 +25,7 @@ import pyarrow.fs as pafs
 from filelock import FileLock
 
 from mtnlg_ray.errors import UserError
-from mtnlg_ray.train.checkpoint import CKPT_RE, resolve_resume, step_of, verify_checkpoint, verify_files
+from mtnlg_ray.train.checkpoint import CKPT_RE, first_valid, resolve_resume, step_of, verify_checkpoint, verify_files
 from mtnlg_ray.train.storage import is_uri
 
 # MTNLG_CHECKPOINT_CACHE: where fetched checkpoints are kept on each node
@@ -79,20 +80,7 @@ def resolve_resume_from(checkpoint) -> tuple[Path | None, list[str]]:
     candidates = [c for c in _remote_checkpoints(fs, latest.rpartition("/")[0]) if _step(c) <= _step(latest)]
     if latest not in candidates:
         candidates.insert(0, latest)
-    return _first_valid(fs, candidates, verify_checkpoint)
-
-
-def _first_valid(fs, candidates: list[str], verify) -> tuple[Path | None, list[str]]:
-    """Fetch `candidates` in order until one passes `verify` (None = fine); (its local copy or None,
-    the problems of those skipped, naming the remote paths)."""
-    problems = []
-    for cand in candidates:
-        local = fetch_dir(fs, cand)
-        problem = verify(local)
-        if problem is None:
-            return local, problems
-        problems.append(problem.replace(str(local), cand))
-    return None, problems
+    return first_valid(candidates, verify_checkpoint, fetch=functools.partial(fetch_dir, fs))
 
 
 def _step(path: str) -> int:
@@ -119,7 +107,7 @@ def fetch_run_checkpoint(uri: str, step: int | None = None) -> Path:
             found = [d for d in found if _step(d) == step]
             if not found:
                 raise UserError(f"{uri}: no checkpoint at step {step}")
-    local, problems = _first_valid(fs, found, verify_files)
+    local, problems = first_valid(found, verify_files, fetch=functools.partial(fetch_dir, fs))
     if local is None:
         raise UserError(f"{uri}: no valid checkpoint ({'; '.join(problems)})")
     for p in problems:

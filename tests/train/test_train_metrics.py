@@ -2,7 +2,6 @@
 
 import json
 
-
 from mtnlg_ray.config import ModelConfig
 from mtnlg_ray.train.metrics import MetricsLog, flops_per_token, matmul_params, measure_matmul_flops, read_metrics
 
