@@ -40,24 +40,45 @@ class ParallelConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW + linear warmup + cosine decay to min_lr_ratio * lr (MT-NLG: 10%)."""
+    """AdamW + linear warmup + cosine decay to a floor (MT-NLG: 10% of lr). The schedule's lengths
+    are given in tokens (Megatron) or in optimizer steps (nanoGPT), at most one of each pair; the
+    floor as a ratio of lr or as an absolute min_lr, at most one of them."""
 
     lr: float = Field(6e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="floor of the cosine as a fraction of lr")
+    min_lr: float | None = Field(None, ge=0, description="floor of the cosine as an absolute value "
+                                 "(instead of min_lr_ratio)")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     warmup_tokens: int = Field(0, ge=0, description="linear warmup from 0 to lr over this many tokens")
-    decay_tokens: int | None = Field(None, gt=0, description="tokens at which the cosine reaches min_lr_ratio * lr "
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup over this many optimizer steps "
+                                     "(instead of warmup_tokens)")
+    decay_tokens: int | None = Field(None, gt=0, description="tokens at which the cosine reaches the floor "
                                      "(counted from 0, warmup included); None: the whole run")
+    decay_steps: int | None = Field(None, gt=0, description="optimizer steps at which the cosine reaches the "
+                                    "floor (instead of decay_tokens)")
 
     @model_validator(mode="after")
-    def _decay_after_warmup(self) -> "OptimConfig":
+    def _one_of_each_pair(self) -> "OptimConfig":
+        given = self.model_fields_set
+        for a, b in (("warmup_tokens", "warmup_steps"), ("decay_tokens", "decay_steps"), ("min_lr_ratio", "min_lr")):
+            if a in given and b in given and getattr(self, a) is not None and getattr(self, b) is not None:
+                raise ValueError(f"{a} and {b} are two ways to set the same thing: give one of them")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}")
         if self.decay_tokens is not None and self.decay_tokens <= self.warmup_tokens:
             raise ValueError(f"decay_tokens={self.decay_tokens} must exceed warmup_tokens={self.warmup_tokens}")
+        if self.decay_steps is not None and self.warmup_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps}")
         return self
+
+    @property
+    def floor(self) -> float:
+        """The learning rate the cosine decays to."""
+        return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
 
 
 class RampupConfig(Section):
@@ -75,7 +96,9 @@ class TrainConfig(Section):
     max_steps: int = Field(100, gt=0)
     log_interval: int = Field(10, gt=0)
     eval_interval: int = Field(50, gt=0)
-    eval_batches: int = Field(4, gt=0)
+    eval_batches: int | Literal["all"] = Field(4, description="validation micro-batches per evaluation "
+                                               "(the first of the seeded order), or all: the whole split")
+    eval_at_start: bool = Field(False, description="also evaluate the initial weights (a step-0 record)")
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     peak_flops: float | None = Field(None, gt=0, description="FLOP/s per device for MFU; None: measured")
@@ -84,6 +107,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _rampup_fits(self) -> "TrainConfig":
+        if isinstance(self.eval_batches, int) and self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1 or 'all' (got {self.eval_batches})")
         r = self.rampup
         if r is not None:
             if r.start > self.global_batch_size:
@@ -97,7 +122,8 @@ class TrainConfig(Section):
 
 
 class CheckpointConfig(Section):
-    interval: int = Field(50, gt=0, description="steps between checkpoints")
+    interval: int = Field(50, ge=0, description="steps between checkpoints; 0: only at the end of the run "
+                          "(a failure then restarts from scratch)")
     num_to_keep: int = Field(2, gt=0)
 
 
@@ -107,7 +133,10 @@ class ScalingSection(Section):
 
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0)
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs Ray reserves per worker (scheduling only; "
+                                   "see threads_per_worker)")
+    threads_per_worker: int | None = Field(None, gt=0, description="torch threads each worker computes with; "
+                                           "None: the node's CPUs shared among the training workers on it")
     gpus_per_worker: float = Field(0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1)

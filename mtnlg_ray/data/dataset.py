@@ -1,25 +1,26 @@
 """Blended, seeded, resumable streams of packed token rows: what the trainer hands to Ray Train.
 
-`open_datasets(DataConfig)` opens one or more dataset directories written by `mtnlg preprocess`
-(or by fine-tuning, which adds a `labels` column) and returns `ray.data.Dataset`s for train and
-validation. Workers read their shard with `iter_batches(get_dataset_shard("train"), B, skip)`.
+`open_datasets(DataConfig, train_samples)` opens one or more dataset directories written by
+`mtnlg preprocess` (or by fine-tuning, which adds a `labels` column) and returns `ray.data.Dataset`s
+for train and validation. Workers read their shard with `iter_batches(get_dataset_shard("train"), B, skip)`.
 
 Blending (Megatron-LM's `BlendedDataset` semantics)
-    Weights are normalised: w_d = weight_d / sum(weight). One pass over the blended train set
-    has N = sum of the train rows of all datasets (`DatasetBundle.train_rows`). Dataset d
-    contributes its share of those N samples, s_d ~= w_d * N: a dataset smaller than its share
-    is repeated (a new epoch of it starts when it runs out), a larger one is cut short. Samples
-    are interleaved, not concatenated: the k-th sample of dataset d sits at time (k + 1/2) / w_d
-    and the blend is every sample merged by time (the Webster / Sainte-Lague sequence, ties to the
-    lower dataset index), so at every prefix of length n each dataset has been drawn about
-    w_d * n times (within about one sample), as with Megatron's greedy error-minimising index.
-    With equal weights proportional to the sizes, one pass is exactly one epoch of each.
+    Weights are normalised: w_d = weight_d / sum(weight). The train stream is the first
+    `train_samples` samples (default: one pass, N = the train rows of all datasets together,
+    `DatasetBundle.train_rows`) of an endless blend in which dataset d draws w_d of the samples:
+    a dataset is repeated as often as its share needs (a new epoch of it starts when it runs out).
+    Samples are interleaved, not concatenated: the k-th sample of dataset d sits at time
+    (k + 1/2) / w_d and the blend is every sample merged by time (the Webster / Sainte-Lague
+    sequence, ties to the lower dataset index), so at every prefix of length n each dataset has
+    been drawn about w_d * n times (within about one sample), as with Megatron's greedy
+    error-minimising index. The stream of a longer run begins with the stream of a shorter one,
+    so a run resumed with more steps reads the same rows up to where it stopped.
 
 Order within a dataset (deterministic for `DataConfig.seed`)
-    Each epoch of dataset d visits the Parquet row groups of its split in an order drawn from
-    `numpy.random.default_rng([seed, d, epoch])`, rows within a row group in stored order
-    (preprocess already orders documents by content hash, so neighbouring rows are unrelated).
-    Permuting row groups rather than rows keeps every read a contiguous Parquet row group.
+    Epoch e of dataset d visits all of its rows in a permutation drawn from
+    `numpy.random.default_rng([seed, d, e])` (Megatron's shuffle index over sample indices): the
+    rows of a batch come from all over the corpus, and every epoch has a new order. Rows are read
+    by random access into memory-mapped row matrices derived from the shards (data/row_cache.py).
 
 Determinism and resume
     The blended set is produced by a custom Ray Data datasource in fixed blocks of
@@ -27,8 +28,8 @@ Determinism and resume
     `DataContext.execution_options.preserve_order = True` in the driver (Ray Train captures the
     driver's DataContext when the trainer is built, and `streaming_split(n, equal=True)` then
     hands the same rows to the same rank in every run with the same worker count). A worker
-    resumes a pass by `iter_batches(shard, B, skip_batches=k)`: the first k batches of its shard
-    are read and dropped, never yielded.
+    resumes by `iter_batches(shard, B, skip_batches=k)`: the first k batches of its shard are
+    read and dropped, never yielded.
 
 Datasets must share one tokenizer (manifest `tokenizer_sha256`), one `seq_len` and one set of
 columns; a directory without `manifest.json` is an unfinished preprocess and is refused.
@@ -50,6 +51,7 @@ from ray.data.context import DataContext
 from ray.data.datasource import Datasource, ReadTask
 
 from mtnlg_ray.config import DataConfig
+from mtnlg_ray.data.row_cache import ensure_matrix, row_matrix
 from mtnlg_ray.errors import UserError
 
 FORMAT_VERSION = 1
@@ -63,8 +65,10 @@ class DatasetBundle(NamedTuple):
     tokenizer_path: Path             # the (single, shared) tokenizer.model
     seq_len: int                     # rows hold seq_len + 1 token ids
     vocab_size: int                  # tokenizer vocabulary size
-    train_rows: int                  # rows in one pass over the blended train set
+    train_rows: int                  # N: rows of all train splits together (one pass)
+    train_samples: int               # rows in the train stream (>= N: whole run, epochs repeat)
     manifests: list[dict]
+    config: DataConfig               # what was opened (the trainer reopens it for a longer stream)
 
 
 # ------------------------------------------------------------------------------------- manifests
@@ -92,36 +96,32 @@ def load_manifest(path: str | Path) -> dict:
 
 
 class _Split(NamedTuple):
-    """One split of one dataset: its Parquet row groups, as (file, row group index, rows) per group."""
+    """One split of one dataset: its Parquet shards and where each one's rows start."""
 
     path: Path
     files: list[str]
-    group_file: np.ndarray    # (G,) index into files
-    group_index: np.ndarray   # (G,) row-group number inside its file
-    group_rows: np.ndarray    # (G,) rows per group
+    starts: np.ndarray        # (F + 1,) row number of each file's first row; starts[-1] = rows
     columns: tuple[str, ...]
+    width: int                # ids per row: seq_len + 1
 
     @property
     def rows(self) -> int:
-        return int(self.group_rows.sum())
+        return int(self.starts[-1])
 
 
 def _open_split(root: Path, manifest: dict, split: str) -> _Split:
     files = sorted(str(p) for p in (root / split).glob("*.parquet"))
-    g_file, g_index, g_rows, columns = [], [], [], None
-    for i, f in enumerate(files):
+    counts, columns = [], None
+    for f in files:
         meta = pq.ParquetFile(f).metadata
         names = tuple(meta.schema.to_arrow_schema().names)
         if columns is None:
             columns = names
         elif names != columns:
             raise UserError(f"{f}: columns {list(names)} differ from {list(columns)} in the same split")
-        for g in range(meta.num_row_groups):
-            g_file.append(i)
-            g_index.append(g)
-            g_rows.append(meta.row_group(g).num_rows)
-    out = _Split(root, files, np.array(g_file, np.int64), np.array(g_index, np.int64),
-                 np.array(g_rows, np.int64), columns or ())
+        counts.append(meta.num_rows)
+    out = _Split(root, files, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]), columns or (),
+                 int(manifest["seq_len"]) + 1)
     expected = manifest["splits"].get(split, {}).get("rows", 0)
     if out.rows != expected:
         raise UserError(f"{root / split}: shards hold {out.rows} rows but manifest.json says {expected}")
@@ -135,12 +135,14 @@ def blend_index(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.
     """Megatron-style blend of `num_samples`: (dataset index (N,), sample index within it (N,)).
 
     The k-th sample of dataset d is placed at time (k + 1/2) / w_d; all samples merged by time.
+    The result for n samples is the first n of the result for any m > n (a longer run extends
+    the stream of a shorter one).
     """
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
     times, owner, rank = [], [], []
     for d, wd in enumerate(w):
-        k = np.arange(int(np.ceil(wd * num_samples)) + 1, dtype=np.int64)
+        k = np.arange(int(np.ceil(wd * num_samples)) + 2, dtype=np.int64)  # enough for any prefix of n
         times.append((k + 0.5) / wd)
         owner.append(np.full(len(k), d, np.int64))
         rank.append(k)
@@ -149,99 +151,82 @@ def blend_index(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.
     return owner[order], rank[order]
 
 
-def _sample_rows(split: _Split, samples: np.ndarray, seed: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sample numbers (any, repeating epochs) -> (row group id, row offset inside the group)."""
-    n = split.rows
-    epoch, j = samples // n, samples % n
-    group = np.empty(len(samples), np.int64)
-    offset = np.empty(len(samples), np.int64)
+def epoch_rows(rows: int, samples: np.ndarray, seed: int, d: int) -> np.ndarray:
+    """Sample numbers of dataset d (any count: epochs repeat) -> its row numbers (same shape).
+
+    Epoch e = samples // rows visits every row once, in the permutation drawn from
+    `default_rng([seed, d, e])` (Megatron's shuffle index): a fresh order every epoch."""
+    epoch, j = np.divmod(samples, rows)
+    out = np.empty(len(samples), np.int64)
     for e in np.unique(epoch):
-        order = np.random.default_rng([seed, d, int(e)]).permutation(len(split.group_rows))
-        starts = np.concatenate([[0], np.cumsum(split.group_rows[order])])
         sel = epoch == e
-        pos = np.searchsorted(starts, j[sel], side="right") - 1
-        group[sel] = order[pos]
-        offset[sel] = j[sel] - starts[pos]
-    return group, offset
+        out[sel] = np.random.default_rng([seed, d, int(e)]).permutation(rows)[j[sel]]
+    return out
 
 
 class BlendedDatasource(Datasource):
-    """Ray Data source of the blended rows, in fixed blocks of ROWS_PER_BLOCK, in blend order."""
+    """Ray Data source of the first `num_samples` blended rows, in fixed blocks of ROWS_PER_BLOCK."""
 
-    def __init__(self, splits: list[_Split], weights: list[float], seed: int):
+    def __init__(self, splits: list[_Split], weights: list[float], seed: int, num_samples: int):
         super().__init__()
         self.splits = splits
         self.columns = splits[0].columns
-        self.num_rows = sum(s.rows for s in splits)
-        owner, sample = blend_index(weights, self.num_rows)
-        self.owner = owner
-        self.group = np.empty(self.num_rows, np.int64)
-        self.offset = np.empty(self.num_rows, np.int64)
+        self.width = splits[0].width
+        self.num_rows = num_samples
+        self.owner, sample = blend_index(weights, num_samples)
+        self.row = np.empty(num_samples, np.int64)
         for d, split in enumerate(splits):
-            sel = owner == d
-            self.group[sel], self.offset[sel] = _sample_rows(split, sample[sel], seed, d)
-        self.row_bytes = 4 * _row_width(splits[0])  # int32 ids per row, all columns
-        self.schema = pq.read_schema(splits[0].files[0])
+            sel = self.owner == d
+            self.row[sel] = epoch_rows(split.rows, sample[sel], seed, d)
+        for split in splits:  # convert once here, not in every read task at once
+            for f in split.files:
+                for c in self.columns:
+                    ensure_matrix(f, c, self.width)
+        self.schema = pa.schema([(c, pa.list_(pa.int32())) for c in self.columns])
 
     def estimate_inmemory_data_size(self) -> int:
-        return self.num_rows * self.row_bytes
+        return self.num_rows * 4 * self.width * len(self.columns)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         blocks = [(lo, min(lo + ROWS_PER_BLOCK, self.num_rows)) for lo in range(0, self.num_rows, ROWS_PER_BLOCK)]
         per_task = max(1, -(-len(blocks) // max(1, parallelism)))
+        sources = [(s.files, s.starts) for s in self.splits]
         tasks = []
         for t in range(0, len(blocks), per_task):
             mine = blocks[t:t + per_task]
             lo, hi = mine[0][0], mine[-1][1]
             # each task carries only its own slice of the index
-            sources = [(str(s.path), s.files, s.group_file, s.group_index) for s in self.splits]
-            args = (sources, self.columns, mine, lo, self.owner[lo:hi], self.group[lo:hi], self.offset[lo:hi])
-            meta = BlockMetadata(num_rows=hi - lo, size_bytes=(hi - lo) * self.row_bytes, input_files=None,
-                                 exec_stats=None)
+            args = (sources, self.columns, self.width, mine, lo, self.owner[lo:hi], self.row[lo:hi])
+            meta = BlockMetadata(num_rows=hi - lo, size_bytes=(hi - lo) * 4 * self.width * len(self.columns),
+                                 input_files=None, exec_stats=None)
             tasks.append(ReadTask(lambda a=args: _read_blocks(*a), meta, schema=self.schema,
                                   per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-def _row_width(split: _Split) -> int:
-    """Token ids per row (all columns), from the first row of the split."""
-    table = pq.ParquetFile(split.files[0]).read_row_group(0, columns=list(split.columns)).slice(0, 1)
-    return sum(len(table[c][0]) for c in split.columns)
-
-
-def _read_blocks(sources, columns, blocks, base, owner, group, offset) -> Iterator[pa.Table]:
-    """Runs in a Ray task: gather the rows of each block from their Parquet row groups.
-
-    A block's row groups are held together until the block is built (a block of ROWS_PER_BLOCK
-    rows touches at most that many groups, however small they are); only the previous block's
-    groups are kept for the next one (consecutive blocks share the groups at their boundary).
-    """
-    previous: dict[tuple[int, int], pa.Table] = {}
+def _read_blocks(sources, columns, width, blocks, base, owner, row) -> Iterator[pa.Table]:
+    """Runs in a Ray task: gather each block's rows from the shards' memory-mapped row matrices."""
     for lo, hi in blocks:
-        tables: dict[tuple[int, int], pa.Table] = {}  # this block's groups, in first-use order
-        parts = []
-        for i in range(lo - base, hi - base):
-            key = (int(owner[i]), int(group[i]))
-            if key not in tables:
-                tables[key] = previous[key] if key in previous else _read_group(sources, columns, *key)
-            parts.append((key, int(offset[i])))
-        keys = list(tables)
-        stacked = pa.concat_tables([tables[k] for k in keys]).combine_chunks()
-        starts = np.cumsum([0] + [tables[k].num_rows for k in keys])
-        where = {k: starts[j] for j, k in enumerate(keys)}
-        previous = tables
-        yield stacked.take(pa.array([where[k] + off for k, off in parts], pa.int64()))
-
-
-def _read_group(sources, columns, d: int, g: int) -> pa.Table:
-    """Row group `g` (numbered over the split's files) of dataset `d`."""
-    _, files, g_file, g_index = sources[d]
-    return pq.ParquetFile(files[g_file[g]]).read_row_group(int(g_index[g]), columns=list(columns))
+        own, rows = owner[lo - base:hi - base], row[lo - base:hi - base]
+        out = {}
+        for c in columns:
+            ids = np.empty((hi - lo, width), np.int32)  # (rows of the block, seq_len + 1)
+            for d in np.unique(own):
+                sel = np.flatnonzero(own == d)
+                files, starts = sources[d]
+                f = np.searchsorted(starts, rows[sel], side="right") - 1
+                for i in np.unique(f):
+                    at = sel[f == i]
+                    ids[at] = row_matrix(files[i], c, width)[rows[at] - starts[i]]
+            offsets = pa.array(np.arange(0, (hi - lo + 1) * width, width, dtype=np.int32))
+            out[c] = pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1)))
+        yield pa.table(out)
 
 
 # ------------------------------------------------------------------------------------------ public
-def open_datasets(cfg: DataConfig) -> DatasetBundle:
-    """Open and blend the dataset directories of `cfg` (see the module docstring for the semantics)."""
+def open_datasets(cfg: DataConfig, train_samples: int | None = None) -> DatasetBundle:
+    """Open and blend the dataset directories of `cfg` (see the module docstring for the semantics).
+    `train_samples`: rows the train stream must hold (a run's planned samples); default one pass."""
     if not cfg.datasets:
         raise UserError("data.datasets: no dataset directories given")
     roots = [Path(spec.path) for spec in cfg.datasets]
@@ -266,37 +251,44 @@ def open_datasets(cfg: DataConfig) -> DatasetBundle:
 
     DataContext.get_current().execution_options.preserve_order = True
 
-    def blended(split: str) -> ray.data.Dataset | None:
+    train_rows = sum(x.rows for x in splits["train"])
+
+    def blended(split: str, samples: int | None = None) -> ray.data.Dataset | None:
         keep = [(x, w) for x, w in zip(splits[split], weights) if x.rows]
         if not keep:
             return None
-        source = BlendedDatasource([x for x, _ in keep], [w for _, w in keep], cfg.seed)
+        rows = sum(x.rows for x, _ in keep)
+        source = BlendedDatasource([x for x, _ in keep], [w for _, w in keep], cfg.seed, max(rows, samples or 0))
         ds = ray.data.read_datasource(source)
         ds.context.execution_options.preserve_order = True
         return ds
 
     return DatasetBundle(
-        train=blended("train"),
+        train=blended("train", train_samples),
         val=blended("val"),
         tokenizer_path=first / "tokenizer.model",
         seq_len=int(m0["seq_len"]),
         vocab_size=int(m0["vocab_size"]),
-        train_rows=sum(x.rows for x in splits["train"]),
+        train_rows=train_rows,
+        train_samples=max(train_rows, train_samples or 0),
         manifests=manifests,
+        config=cfg,
     )
 
 
-def iter_batches(shard, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def iter_batches(shard, batch_size: int, skip_batches: int = 0,
+                 drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {"input_ids": LongTensor (B, seq_len + 1)} (+ "labels", -100 = masked, when present).
 
     `shard`: a worker's `ray.train.get_dataset_shard(name)` (a DataIterator) or a ray.data.Dataset.
-    The last incomplete batch is dropped. The first `skip_batches` batches are read and discarded
+    The last incomplete batch is dropped unless `drop_last` is False. The first `skip_batches` batches are read and discarded
     (resume inside a pass). Batches arrive as Arrow tables; list<int32> columns are reshaped, not
     copied row by row.
     """
     if skip_batches < 0:
         raise ValueError(f"skip_batches must be >= 0 (got {skip_batches})")
-    batches = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True, prefetch_batches=2)
+    batches = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
+                                 prefetch_batches=2)
     for i, table in enumerate(batches):
         if i < skip_batches:
             continue

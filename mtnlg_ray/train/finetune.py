@@ -98,19 +98,16 @@ def baseline_val_loss(job: FinetuneJob, bundle) -> float | None:
     """Validation loss of the initial weights on the rows the loop evaluates (the first
     eval_batches micro-batches of the val stream), token-weighted like the loop's `evaluate`."""
     from mtnlg_ray.api import load_state_any
-    from mtnlg_ray.data.dataset import iter_batches
     from mtnlg_ray.model.checkpoint import build_model
     from mtnlg_ray.model.gpt import lm_loss
-    from mtnlg_ray.train.loop import inputs_targets
+    from mtnlg_ray.train.loop import inputs_targets, load_eval_set
 
     if bundle.val is None:
         return None
     cfg, tensors, _, _ = load_state_any(job.init_from)
     model = build_model(cfg, tensors, job.init_from)
     total = tokens = 0.0
-    for i, batch in enumerate(iter_batches(bundle.val, job.train.micro_batch_size)):
-        if i == job.train.eval_batches:
-            break
+    for batch in load_eval_set(bundle.val, job.train.micro_batch_size, job.train.eval_batches):
         inp, tgt = inputs_targets(batch, torch.device("cpu"))
         n = float((tgt != -100).sum())
         total += float(lm_loss(model(inp), tgt)) * n

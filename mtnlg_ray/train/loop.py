@@ -8,7 +8,12 @@
                forward/backward of k = ceil(G / (micro_batch x dp)) micro-batches on every rank
                lr from tokens consumed; clip; AdamW; metrics; eval; checkpoint; ray.train.report
 
-Data: every rank reads the SAME stream. The train dataset is handed to every worker unsplit
+Threads: a worker computes with `scaling.threads_per_worker` torch threads, by default the CPUs
+of its node shared among the training workers on it (`set_threads`); Ray's CPU reservation
+(`cpus_per_worker`) only schedules, so Ray Data keeps CPUs to run its read tasks.
+
+Data: every rank reads the SAME stream: every row of the run, each epoch in a fresh seeded
+permutation (data/dataset.py). The train dataset is handed to every worker unsplit
 (`DataConfig(datasets_to_split=[])`, order preserved), and each step takes the next G rows of it;
 the position is counted in rows, so G need not be a multiple of anything. `batching.deal` cuts
 them, in order and as evenly as possible, into k micro-steps x dp slots, and dp rank r trains on
@@ -52,13 +57,15 @@ import torch.distributed as dist
 
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, validate
 from mtnlg_ray.data.dataset import iter_batches
+from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.train import checkpoint as ckpt
 from mtnlg_ray.train.batching import accumulate, deal, inputs_targets
-from mtnlg_ray.train.metrics import METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops
+from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops,
+                                     token_byte_lengths)
 from mtnlg_ray.train.optim import Optimizers
 from mtnlg_ray.train.remote import resolve_resume_from
-from mtnlg_ray.train.schedule import global_batch_at, lr_at, planned_tokens
+from mtnlg_ray.train.schedule import global_batch_at, in_tokens, lr_at, planned_tokens
 
 log = logging.getLogger(__name__)
 JOBS = {"pretrain": PretrainJob, "finetune": FinetuneJob}
@@ -69,42 +76,23 @@ class TrainState:
     """What a checkpoint needs beyond weights: the LR schedule and the data position follow from it."""
 
     step: int = 0
-    consumed_samples: int = 0  # sequences trained on (all ranks together)
-    epoch: int = 0  # passes over the train stream started
-    samples_in_epoch: int = 0  # stream rows consumed in the current pass
+    consumed_samples: int = 0  # rows of the train stream trained on (all ranks together)
+    elapsed_s: float = 0.0  # wall seconds since the run started, at the last step
 
 
 class TokenStream:
-    """The global stream of rows (epochs repeat it); `take(n)` returns the next n rows.
+    """The train stream (every row of the run, epochs included: data/dataset.py); `take(n)` returns
+    the next n rows. It is read in micro-batches of `micro_batch` rows, so a run resumed after
+    `consumed` rows skips consumed // micro_batch reads and the first consumed % micro_batch rows
+    of the next."""
 
-    The position is `state.epoch` and `state.samples_in_epoch` (rows consumed in the current
-    pass), updated as rows are taken. A pass is read in micro-batches of `micro_batch` rows (the
-    last incomplete one dropped), so a resume skips samples_in_epoch // micro_batch of them and
-    then the first samples_in_epoch % micro_batch rows of the next."""
-
-    def __init__(self, shard, micro_batch: int, state: TrainState):
-        self.shard, self.mb, self.state = shard, micro_batch, state
-        self._it = None
-        self._drop = 0  # rows of the next micro-batch read that were consumed before a resume
+    def __init__(self, shard, micro_batch: int, consumed: int):
+        skip, self._drop = divmod(consumed, micro_batch)
+        self._it = iter_batches(shard, micro_batch, skip_batches=skip, drop_last=False)
         self._buf: dict[str, torch.Tensor] | None = None  # the micro-batch being taken from
         self._off = 0  # rows of _buf already taken
+        self.pos = consumed
         self.wait_s = 0.0  # seconds spent waiting for data since the last reset
-
-    def _pull(self) -> None:
-        st = self.state
-        while True:
-            if self._it is None:
-                skip, self._drop = divmod(st.samples_in_epoch, self.mb)
-                self._it = iter_batches(self.shard, self.mb, skip_batches=skip)
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                if st.samples_in_epoch == 0:
-                    raise UserError(f"the train split has fewer rows than micro_batch_size={self.mb}") from None
-                st.epoch, st.samples_in_epoch, self._it = st.epoch + 1, 0, None
-                continue
-            self._buf, self._off, self._drop = batch, self._drop, 0
-            return
 
     def take(self, n: int, hasher) -> dict[str, torch.Tensor]:
         """The next n rows ({"input_ids": (n, T+1)} [+ "labels"]); their ids are fed to `hasher`."""
@@ -112,11 +100,16 @@ class TokenStream:
         pieces = []
         while n:
             if self._buf is None or self._off == len(self._buf["input_ids"]):
-                self._pull()
+                try:
+                    self._buf = next(self._it)
+                except StopIteration:
+                    raise RuntimeError(f"the train stream ended after {self.pos} rows (it holds the run's planned "
+                                       "samples; the trainer sizes it from train.max_steps)") from None
+                self._off, self._drop = self._drop, 0
             got = min(n, len(self._buf["input_ids"]) - self._off)
             pieces.append({k: v[self._off:self._off + got] for k, v in self._buf.items()})
             self._off += got
-            self.state.samples_in_epoch += got
+            self.pos += got
             n -= got
         rows = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
         hasher.update(rows["input_ids"].numpy().tobytes())
@@ -146,14 +139,25 @@ def setup_model(job, model_cfg: ModelConfig, device: torch.device):
     return dims, model, Optimizers(model.parts, job.optim)
 
 
-def load_eval_set(shard, micro_batch: int, batches: int) -> list[dict[str, torch.Tensor]]:
-    """The first `batches` micro-batches of the validation stream, kept in memory (same on every rank)."""
+def load_eval_set(shard, micro_batch: int, batches: int | str) -> list[dict[str, torch.Tensor]]:
+    """The first `batches` micro-batches of the validation stream ("all": the whole split), kept in
+    memory (the same on every rank). With "all" the last, partial micro-batch is padded to full size
+    with rows counted nowhere (labels -100), so every forward has one shape (pipelines need it)."""
     out = []
-    if shard is not None:
-        for batch in iter_batches(shard, micro_batch):
-            out.append(batch)
-            if len(out) == batches:
-                break
+    if shard is None:
+        return out
+    whole = batches == "all"
+    for batch in iter_batches(shard, micro_batch, drop_last=not whole):
+        out.append(batch)
+        if len(out) == batches:
+            break
+    last = out[-1] if out else None
+    if last is not None and len(last["input_ids"]) < micro_batch:
+        ids = last["input_ids"]
+        pad = micro_batch - len(ids)
+        labels = last.get("labels", ids)
+        out[-1] = {"input_ids": torch.cat([ids, ids[:1].expand(pad, -1)]),
+                   "labels": torch.cat([labels, torch.full((pad, ids.shape[1]), -100, dtype=labels.dtype)])}
     return out
 
 
@@ -166,21 +170,43 @@ def world_mean(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def evaluate(model, eval_set: list[dict], dims, device: torch.device) -> float:
-    """Token-weighted mean loss over the eval set; dp rank r takes batches r, r+dp, ... Every rank
-    runs the same number of forwards (collectives inside); padding batches get weight 0."""
+def evaluate(model, eval_set: list[dict], dims, device: torch.device,
+             token_bytes: torch.Tensor | None = None) -> dict[str, float]:
+    """{"val_loss": token-weighted mean loss (nats / token), "val_ppl", "val_bpb": bits per byte}.
+
+    dp rank r takes batches r, r+dp, ... Every rank runs the same number of forwards (collectives
+    inside); padding batches get weight 0. Bits per byte (nanochat's tokenizer-independent measure)
+    = the summed loss over ln 2 x the UTF-8 bytes of the targets (`token_bytes`: (V,) bytes per id)."""
     per_rank = math.ceil(len(eval_set) / dims.dp)
-    loss_sum = tokens = 0.0
+    loss_sum = tokens = nbytes = 0.0
     for i in range(per_rank):
         idx = i * dims.dp + dims.dp_rank
         inp, tgt = inputs_targets(eval_set[min(idx, len(eval_set) - 1)], device)
         loss = float(model.eval_loss(inp, tgt))
         if idx < len(eval_set):
-            n = float((tgt != -100).sum())
-            loss_sum += loss * n
-            tokens += n
-    loss_sum, tokens = world_mean([loss_sum, tokens], device)
-    return loss_sum / max(tokens, 1.0)
+            counted = tgt[tgt != -100]
+            loss_sum += loss * counted.numel()
+            tokens += counted.numel()
+            if token_bytes is not None:
+                nbytes += float(token_bytes[counted.cpu()].sum())
+    loss_sum, tokens, nbytes = world_mean([loss_sum, tokens, nbytes], device)
+    out = {"val_loss": loss_sum / max(tokens, 1.0)}
+    out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    if nbytes:
+        out["val_bpb"] = loss_sum / (math.log(2) * nbytes)
+    return out
+
+
+def set_threads(job) -> int:
+    """torch threads of this worker: scaling.threads_per_worker, or the CPUs this process may run
+    on shared among the training workers of its node (Ray sets one thread per reserved CPU, so a
+    0.5-CPU worker would leave the rest of the machine idle)."""
+    n = job.scaling.threads_per_worker
+    if n is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cpus // max(1, ray.train.get_context().get_local_world_size()))
+    torch.set_num_threads(n)
+    return n
 
 
 def peak_flops_total(job, device: torch.device) -> float:
@@ -201,30 +227,44 @@ def train_loop(config: dict) -> None:
     model_cfg = validate(ModelConfig, run["model"], "run.model (worker)")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    threads = set_threads(job)
     # The workers' own read pipelines would each draw progress bars over the driver's output;
     # training progress is the per-step metrics line instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
     device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
     dims, model, optimizers = setup_model(job, model_cfg, device)
     tc, seq_len = job.train, run["seq_len"]
+    optim = in_tokens(job.optim, tc, seq_len)  # warmup / decay given in steps -> tokens
     mb, dp = tc.micro_batch_size, dims.dp
     metrics_log = MetricsLog(run["metrics_dir"]) if rank == 0 else None
 
-    state = resume(model, optimizers, metrics_log)
+    state, clock = resume(model, optimizers, metrics_log, run)
     torch.manual_seed(tc.seed + 1000 * dims.dp_rank + dims.pp_rank + 7919 * state.step)  # dropout; same over tp
-    stream = TokenStream(ray.train.get_dataset_shard("train"), mb, state)
+    stream = TokenStream(ray.train.get_dataset_shard("train"), mb, state.consumed_samples)
     val_shard = ray.train.get_dataset_shard("val") if run["has_val"] else None
     eval_set = load_eval_set(val_shard, mb, tc.eval_batches)
+    token_bytes = torch.from_numpy(token_byte_lengths(Tokenizer(run["tokenizer_path"])))
 
     total_tokens = planned_tokens(tc, seq_len)
     fpt = flops_per_token(model_cfg, seq_len)
     peak = peak_flops_total(job, device)
+    if metrics_log is not None and state.step == 0:
+        metrics_log.write({"event": "start", "threads_per_worker": threads, "world_size": dims.world_size,
+                           "peak_flops": peak, "time": clock()})
     config_json = {"model": model_cfg.model_dump(mode="json"), "kind": config["kind"], "job": config["job"]}
     window = {"tokens": 0, "time": 0.0, "wait": 0.0}
+    every = job.checkpoint.interval
+
+    if tc.eval_at_start and eval_set and state.step == 0:
+        record = {"step": 0, "tokens": 0, "time": clock(), **evaluate(model, eval_set, dims, device, token_bytes)}
+        if metrics_log is not None:
+            metrics_log.write(record)
+            print(_progress_line(record, tc.max_steps), flush=True)
+        ray.train.report(record)
 
     while state.step < tc.max_steps:
         batch_size = global_batch_at(state.consumed_samples, tc.global_batch_size, tc.rampup)
-        lr = lr_at((state.consumed_samples + batch_size) * seq_len, job.optim, total_tokens)
+        lr = lr_at((state.consumed_samples + batch_size) * seq_len, optim, total_tokens)
         t0 = time.perf_counter()
         stream.wait_s = 0.0
         hasher = hashlib.sha256()
@@ -232,7 +272,7 @@ def train_loop(config: dict) -> None:
         # micro-batches of one shape (its schedule is built per shape), so there they are padded.
         batches = deal(stream.take(batch_size, hasher), mb, dp, dims.dp_rank, pad_to_micro_batch=dims.pp > 1)
         loss_sum = accumulate(model, batches, device)
-        grad_norm = model.clip_grad_norm(job.optim.grad_clip)
+        grad_norm = model.clip_grad_norm(optim.grad_clip)
         optimizers.set_lr(lr)
         optimizers.step()
         # token-weighted mean over the global batch: sum over dp of each rank's sum / N
@@ -241,25 +281,25 @@ def train_loop(config: dict) -> None:
         step_time = time.perf_counter() - t0
         state.step += 1
         state.consumed_samples += batch_size
+        state.elapsed_s = clock()
 
         window["tokens"] += batch_size * seq_len
         window["time"] += step_time
         window["wait"] += stream.wait_s
         record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "batch_size": batch_size,
                   "accumulation": len(batches.micro), "padding_rows": batches.padding_rows,
-                  "tokens": state.consumed_samples * seq_len, "epoch": state.epoch,
-                  "world_size": dims.world_size, "tokens_sha": hasher.hexdigest()[:16]}
+                  "tokens": state.consumed_samples * seq_len, "epoch": state.consumed_samples / run["train_rows"],
+                  "world_size": dims.world_size, "tokens_sha": hasher.hexdigest()[:16], "time": state.elapsed_s}
         last = state.step == tc.max_steps
         do_log = state.step % tc.log_interval == 0 or last
         do_eval = bool(eval_set) and (state.step % tc.eval_interval == 0 or last)
-        do_ckpt = state.step % job.checkpoint.interval == 0 or last
+        do_ckpt = (every > 0 and state.step % every == 0) or last
         if do_log:
             tps = window["tokens"] / max(window["time"], 1e-9)
             record.update(tokens_per_s=tps, mfu=fpt * tps / peak, data_wait=window["wait"] / max(window["time"], 1e-9))
             window = {"tokens": 0, "time": 0.0, "wait": 0.0}
         if do_eval:
-            record["val_loss"] = evaluate(model, eval_set, dims, device)
-            record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            record.update(evaluate(model, eval_set, dims, device, token_bytes))
         if metrics_log is not None:
             metrics_log.write(record)
             if do_log:
@@ -271,11 +311,16 @@ def train_loop(config: dict) -> None:
 
 
 def _progress_line(r: dict, max_steps: int) -> str:
-    line = f"step {r['step']}/{max_steps}  loss {r['loss']:.4f}  lr {r['lr']:.3g}  grad_norm {r['grad_norm']:.3f}"
+    line = f"step {r['step']}/{max_steps}"
+    if "loss" in r:
+        line += f"  loss {r['loss']:.4f}  lr {r['lr']:.3g}  grad_norm {r['grad_norm']:.3f}"
     if "tokens_per_s" in r:
         line += f"  {r['tokens_per_s']:,.0f} tok/s  mfu {r['mfu']:.1%}  data_wait {r['data_wait']:.1%}"
     if "val_loss" in r:
         line += f"  val_loss {r['val_loss']:.4f}  val_ppl {r['val_ppl']:.2f}"
+        if "val_bpb" in r:
+            line += f"  val_bpb {r['val_bpb']:.3f}"
+    line += f"  {r['time']:.0f}s"
     return line
 
 
@@ -286,7 +331,8 @@ def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimi
         ray.train.report(record)
         return
     trainer_state = {**asdict(state), "tokens": state.consumed_samples * run["seq_len"],
-                     "micro_batch_size": config_json["job"]["train"]["micro_batch_size"], "time": time.time()}
+                     "micro_batch_size": config_json["job"]["train"]["micro_batch_size"], "time": time.time(),
+                     "run_start": run["start_time"]}
     local = ckpt.save(model.parts, optimizers, trainer_state, config_json, run["tokenizer_path"])
     if metrics_log is not None and metrics_log.path.is_file():
         shutil.copyfile(metrics_log.path, local / METRICS_FILE)  # the run's history travels with it
@@ -307,24 +353,34 @@ def _add_to_manifest(directory: Path, name: str) -> None:
     mpath.write_text(json.dumps(manifest, indent=2))
 
 
-def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None) -> TrainState:
-    """Load the newest valid checkpoint Ray knows of (or an older one when it is corrupted)."""
+def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None, run: dict):
+    """(TrainState, clock) from the newest valid checkpoint Ray knows of (an older one when it is
+    corrupted), or a fresh start. clock() gives the run's wall seconds: since the command started
+    (`run["start_time"]`), plus, when resuming a run an earlier command started, the seconds that
+    one had reached at its checkpoint."""
+    start = run["start_time"]
     latest = ray.train.get_checkpoint()
     if latest is None:
-        return TrainState()
+        return TrainState(), lambda: time.time() - start
     path, skipped = resolve_resume_from(latest)  # remote storage: fetched to this node first
     for problem in skipped:
         log.warning("skipping a corrupted checkpoint: %s", problem)
         if metrics_log is not None:
-            metrics_log.write({"event": "checkpoint_skipped", "reason": problem, "time": time.time()})
+            metrics_log.write({"event": "checkpoint_skipped", "reason": problem, "time": time.time() - start})
     if path is None:
         raise UserError(f"{latest.path.rstrip('/').rpartition('/')[0]}: no valid checkpoint to resume from ({'; '.join(skipped)})")
     saved = ckpt.load(path, model.parts, optimizers)
-    state = TrainState(**{k: saved[k] for k in ("step", "consumed_samples", "epoch", "samples_in_epoch")})
+    state = TrainState(step=saved["step"], consumed_samples=saved["consumed_samples"],
+                       elapsed_s=saved.get("elapsed_s", 0.0))
+    offset = 0.0 if saved.get("run_start") == start else state.elapsed_s
+
+    def clock() -> float:
+        return offset + time.time() - start
+
     if metrics_log is not None:
         metrics_log.write({"event": "resume", "from_step": state.step, "checkpoint": path.name,
-                           "world_size": ray.train.get_context().get_world_size(), "time": time.time()})
-    return state
+                           "world_size": ray.train.get_context().get_world_size(), "time": clock()})
+    return state, clock
 
 
 def _kill_once(run_dir: Path, step: int) -> None:

@@ -14,10 +14,13 @@ recomputation is not counted: MFU measures useful model FLOPs.
 MFU = flops_per_token * tokens_per_second / (peak FLOP/s of all the devices of the run).
 
 metrics.jsonl (in the run directory, written by rank 0 only) holds one JSON object per line:
-every step appends {"step", "loss", "lr", "grad_norm", "batch_size", "tokens", "tokens_sha", ...}
-and every log interval adds throughput ("tokens_per_s", "mfu", "data_wait"); evaluations add
-"val_loss" and "val_ppl". A resumed run appends {"event": "resume", ...} and then repeats the
-steps after its checkpoint: `read_metrics` keeps the last record of each step.
+every step appends {"step", "loss", "lr", "grad_norm", "batch_size", "tokens", "tokens_sha",
+"time" (wall seconds since the run started), ...} and every log interval adds throughput
+("tokens_per_s", "mfu", "data_wait"); evaluations add "val_loss" (nats / token), "val_ppl" and
+"val_bpb" (bits per byte of the target text: comparable across tokenizers); `train.eval_at_start`
+adds a step-0 record with only the evaluation. A run appends {"event": "start", ...} and a resumed
+one {"event": "resume", ...} and then repeats the steps after its checkpoint: `read_metrics`
+keeps the last record of each step.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mtnlg_ray.config import ModelConfig
@@ -71,6 +75,20 @@ def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype 
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2.0 * n ** 3 * iters / elapsed
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """(V,) int64: UTF-8 bytes of the text each token id stands for (a `data.tokenizer.Tokenizer`).
+
+    SentencePiece's word-start mark counts as the space it stands for, a byte-fallback piece
+    <0xNN> as one byte, control tokens (EOD, padding) and unknown as none."""
+    sp = tokenizer.sp
+    out = np.zeros(sp.get_piece_size(), np.int64)
+    for i in range(len(out)):
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
 
 
 class MetricsLog:

@@ -1,6 +1,6 @@
 """The one place that builds Ray Train objects: `build_trainer(job)` and `run_pretrain(job)`.
 
-    bundle   = open_datasets(job.data)               Ray Data: blended, seeded, order preserved
+    bundle   = open_datasets(job.data, planned)      Ray Data: blended, seeded, every row of the run
     trainer  = TorchTrainer(train_loop, ...)          ScalingConfig: N or (min, max) workers, CPU/GPU each
                                                       RunConfig: storage_path/name, keep K, max_failures
     result   = trainer.fit()                          resumes when storage_path/name has checkpoints
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -28,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.train.loop import train_loop
+from mtnlg_ray.train.schedule import planned_samples
 
 log = logging.getLogger(__name__)
 DATA_CPUS = 1.0  # CPUs Ray Data needs beside the workers (one read / map task at a time)
@@ -153,24 +155,29 @@ def run_dir_of(job) -> tuple[str, Path]:
 def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None) -> TorchTrainer:
     """A TorchTrainer running `train_loop` for `job` (datasets: `bundle`, default open_datasets(job.data)).
     `callbacks`: Ray Train callbacks (fine-tuning's Tune trials pass one that forwards reports to Tune)."""
+    from mtnlg_ray.data.dataset import open_datasets
+
+    start_time = time.time()
     ensure_ray()
     kind = "finetune" if isinstance(job, FinetuneJob) else "pretrain"
-    if bundle is None:
-        if kind == "finetune":
-            raise UserError("build_trainer: a fine-tuning job needs its DatasetBundle")
-        from mtnlg_ray.data.dataset import open_datasets
-
-        bundle = open_datasets(job.data)
+    if bundle is None and kind == "finetune":
+        raise UserError("build_trainer: a fine-tuning job needs its DatasetBundle")
+    planned = planned_samples(job.train)
+    if bundle is None or bundle.train_samples < planned:  # the train stream holds every row of the run
+        bundle = open_datasets(bundle.config if bundle is not None else job.data, planned)
     model_cfg = model_config(job, bundle.vocab_size, bundle.seq_len, bundle.tokenizer_path)
     check_scaling(job, model_cfg, bundle.seq_len)
     check_data_cpus(job)
+    if job.checkpoint.interval == 0:
+        log.warning("checkpoint.interval: 0 saves a checkpoint only at the end of the run; a failure before "
+                    "then restarts it from scratch")
     storage, metrics_dir = run_dir_of(job)
     config = {
         "kind": kind,
         "job": job.model_dump(mode="json"),
         "run": {"model": model_cfg.model_dump(mode="json"), "seq_len": bundle.seq_len,
                 "tokenizer_path": str(Path(bundle.tokenizer_path).resolve()), "has_val": bundle.val is not None,
-                "metrics_dir": str(metrics_dir), "train_rows": bundle.train_rows},
+                "metrics_dir": str(metrics_dir), "train_rows": bundle.train_rows, "start_time": start_time},
     }
     datasets = {"train": bundle.train}
     if bundle.val is not None:

@@ -144,3 +144,64 @@ def test_many_small_row_groups_in_one_block(ray_session, make_dataset):
     assert len({r for m, r in rows if m == 1}) == 120  # a is cut short: 120 distinct rows
     b_counts = Counter(r for m, r in rows if m == 2)  # b is repeated: every row once, 30 of them twice
     assert set(b_counts) == set(range(90)) and sorted(Counter(b_counts.values()).items()) == [(1, 60), (2, 30)]
+
+
+# ------------------------------------------------------------------------------ order of the rows
+def test_blend_index_is_prefix_stable():
+    """A longer run's stream begins with a shorter one's: resuming with more steps reads the same rows."""
+    for weights in ([3, 1], [0.5, 0.3, 0.2]):
+        short, long = blend_index(weights, 777), blend_index(weights, 5000)
+        assert (short[0] == long[0][:777]).all() and (short[1] == long[1][:777]).all()
+
+
+def test_every_epoch_is_a_fresh_global_permutation(ray_session, make_dataset):
+    """Each epoch visits all rows in the seeded permutation of all of them (Megatron's shuffle index),
+    across files and row groups, and the next epoch's order is another one."""
+    n = 200
+    ds = make_dataset("a", 1, n_train=n, rows_per_file=48, row_group_size=16)
+    bundle = open_datasets(_cfg((ds, 1.0), seed=5), train_samples=3 * n)
+    assert bundle.train_samples == 3 * n and bundle.train_rows == n
+    rows = [r for _, r in _rows(bundle.train)]
+    epochs = [rows[e * n:(e + 1) * n] for e in range(3)]
+    for e, got in enumerate(epochs):
+        assert got == np.random.default_rng([5, 0, e]).permutation(n).tolist()
+    assert epochs[0] != epochs[1] != epochs[2]
+    # a one-pass stream is the first epoch of the longer one
+    assert [r for _, r in _rows(open_datasets(_cfg((ds, 1.0), seed=5)).train)] == epochs[0]
+
+
+def test_a_batch_draws_from_many_documents_as_a_uniform_permutation(ray_session, make_dataset):
+    """Long documents are stored as runs of consecutive rows; a batch must still mix the corpus.
+
+    Rows 10k..10k+9 stand for one 10-row document (20 documents). For a uniform permutation the
+    expected number of distinct documents among B rows is D (1 - C(N - L, B) / C(N, B))."""
+    from math import comb
+
+    n, length, batch = 200, 10, 16
+    docs = n // length
+    bundle = open_datasets(_cfg((make_dataset("docs", 1, n_train=n), 1.0), seed=11), train_samples=10 * n)
+    seen = [len({int(r[1]) // length for r in b["input_ids"].tolist()}) for b in iter_batches(bundle.train, batch)]
+    expected = docs * (1 - comb(n - length, batch) / comb(n, batch))  # 11.0 of 16 rows
+    assert abs(np.mean(seen) - expected) < 0.5, (np.mean(seen), expected)
+    assert min(seen) >= 6  # a stored-order read would give 2 or 3
+
+
+def test_row_matrices_follow_their_shards(make_dataset):
+    """The memory-mapped row matrix is rebuilt when its shard is rewritten (the stale one removed),
+    and a shard with rows of another width is refused naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mtnlg_ray.data.row_cache import ensure_matrix, row_matrix
+
+    root = make_dataset("m", 3, n_train=20)
+    shard = root / "train" / "part-00000.parquet"
+    first = ensure_matrix(shard, "input_ids", 9)
+    assert row_matrix(shard, "input_ids", 9)[4].tolist() == [3, 4] + [4] * 7
+    pq.write_table(pa.table({"input_ids": pa.array([[7] * 9] * 5, pa.list_(pa.int32()))}), shard)
+    second = ensure_matrix(shard, "input_ids", 9)
+    assert second != first and not first.exists() and second.exists()
+    assert row_matrix(shard, "input_ids", 9).shape == (5, 9)
+    pq.write_table(pa.table({"input_ids": pa.array([[7] * 9, [7] * 8], pa.list_(pa.int32()))}), shard)
+    with pytest.raises(UserError, match=f"{shard}: rows of column 'input_ids' are not all 9"):
+        ensure_matrix(shard, "input_ids", 9)

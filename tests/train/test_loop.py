@@ -28,22 +28,23 @@ RUN = dict(train={"global_batch_size": GLOBAL, "max_steps": 2 * N, "log_interval
            checkpoint={"interval": 5, "num_to_keep": 2})
 
 
-def test_token_stream_counts_rows_across_micro_batches_passes_and_resumes(ray_session):
-    """The data position is in rows: a step's rows may end inside a micro-batch read or a pass."""
+def test_token_stream_counts_rows_across_micro_batches_and_resumes(ray_session):
+    """The data position is in rows: a step's rows may end inside a micro-batch read; the stream
+    (every row of the run) is read to its last row, and running past it is an error."""
     import hashlib
 
     import ray.data
 
-    from mtnlg_ray.train.loop import TokenStream, TrainState
+    from mtnlg_ray.train.loop import TokenStream
 
     ds = ray.data.from_items([{"input_ids": [i] * 3} for i in range(10)], override_num_blocks=1)
-    state = TrainState()  # read in micro-batches of 4: a pass is rows 0-7 (the last 2 are dropped)
-    stream = TokenStream(ds, 4, state)
-    taken = [stream.take(3, hashlib.sha256())["input_ids"][:, 0].tolist() for _ in range(5)]
-    assert taken == [[0, 1, 2], [3, 4, 5], [6, 7, 0], [1, 2, 3], [4, 5, 6]]
-    assert (state.epoch, state.samples_in_epoch) == (1, 7)
-    resumed = TokenStream(ds, 4, TrainState(epoch=1, samples_in_epoch=5))  # 5 = one micro-batch + 1 row
-    assert resumed.take(4, hashlib.sha256())["input_ids"][:, 0].tolist() == [5, 6, 7, 0]
+    stream = TokenStream(ds, 4, 0)  # read in micro-batches of 4: 4 + 4 + 2 rows
+    taken = [stream.take(3, hashlib.sha256())["input_ids"][:, 0].tolist() for _ in range(3)]
+    assert taken == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and stream.pos == 9
+    resumed = TokenStream(ds, 4, 5)  # 5 = one micro-batch + 1 row
+    assert resumed.take(5, hashlib.sha256())["input_ids"][:, 0].tolist() == [5, 6, 7, 8, 9]
+    with pytest.raises(RuntimeError, match="the train stream ended after 10 rows"):
+        resumed.take(1, hashlib.sha256())
 
 
 def pretrain(data, storage, name, max_steps=2 * N, **sections):

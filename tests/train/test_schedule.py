@@ -58,3 +58,23 @@ def test_rampup_must_fit_the_global_batch():
         TrainConfig(global_batch_size=16, micro_batch_size=1, rampup=RampupConfig(start=4, increment=5, samples=10))
     # the micro-batch need not divide the global batch: the loop deals any batch out (batching.py)
     assert TrainConfig(global_batch_size=16, micro_batch_size=3).micro_batch_size == 3
+
+
+def test_schedule_in_steps_equals_the_same_schedule_in_tokens():
+    from mtnlg_ray.config import TrainConfig
+    from mtnlg_ray.train.schedule import in_tokens
+
+    train = TrainConfig(global_batch_size=12, max_steps=2000)
+    steps = in_tokens(OptimConfig(lr=1e-3, warmup_steps=100, decay_steps=2000, min_lr=1e-4), train, seq_len=64)
+    tokens = OptimConfig(lr=1e-3, warmup_tokens=100 * 12 * 64, decay_tokens=2000 * 12 * 64, min_lr_ratio=0.1)
+    assert (steps.warmup_tokens, steps.decay_tokens) == (tokens.warmup_tokens, tokens.decay_tokens)
+    for t in (768, 50_000, 76_800, 1_000_000, 1_536_000, 2_000_000):
+        assert lr_at(t, steps, 0) == pytest.approx(lr_at(t, tokens, 0), rel=1e-12)
+    assert lr_at(1_536_000, steps, 0) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("pair", [{"warmup_tokens": 10, "warmup_steps": 1}, {"decay_tokens": 10, "decay_steps": 2},
+                                  {"min_lr_ratio": 0.1, "min_lr": 1e-5}])
+def test_one_of_each_schedule_pair(pair):
+    with pytest.raises(ValueError, match="give one of them"):
+        OptimConfig(**pair)
