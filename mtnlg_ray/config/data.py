@@ -53,10 +53,16 @@ class TokenizerConfig(Section):
 
     path: str | None = None
     model_type: Literal["bpe", "unigram", "char"] = "bpe"
-    vocab_size: int = Field(4096, gt=0)
+    vocab_size: int = Field(4096, gt=0, description="pieces of a bpe or unigram model; a char model ignores it "
+                            "(one piece per character kept by character_coverage, plus specials and byte pieces)")
     byte_fallback: bool = True
+    character_coverage: float = Field(
+        0.9995, gt=0, le=1, description="share of the sample's characters that get a piece of their own; the rarest "
+        "rest become byte pieces (byte_fallback) or <unk>. SentencePiece's default; 1.0 keeps every character")
     sample_docs: int = Field(2000, gt=0, description="documents sampled for training")
-    max_sentence_length: int = Field(8192, gt=0)
+    max_sentence_length: int = Field(
+        8192, ge=4, description="UTF-8 bytes per training sentence; longer documents are cut at word starts into "
+        "several sentences, so all of their text is trained on (at least 4: the longest UTF-8 character)")
 
 
 class PackConfig(Section):

@@ -24,7 +24,8 @@ Report (goes into manifest.json["cleaning"] and is printed)
     empty, too_short, too_long, exact_duplicate, near_duplicate), utf8_replaced (documents whose
     invalid UTF-8 was replaced, kept), bad_records (malformed + missing + utf8_replaced),
     bad_examples (the first few "file:line: what" lines).
-More than `max_bad_fraction` bad records, or nothing left, is a one-line UserError.
+More than `max_bad_fraction` bad records is a one-line UserError; so is nothing left, naming each filter
+that removed documents and its config key (a ConfigError, exit 2, when a filter's setting emptied the corpus).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import ray
 from datasketch import MinHash
 
 from mtnlg_ray.config import CleanConfig
-from mtnlg_ray.errors import UserError
+from mtnlg_ray.errors import ConfigError, UserError
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Cc minus \t (09) and \n (0a)
 REASONS = ("malformed_json", "missing_field", "empty", "too_short", "too_long", "exact_duplicate", "near_duplicate")
@@ -234,9 +235,30 @@ def _check(report: dict, cfg: CleanConfig, name: str) -> None:
     if read and bad / read > cfg.max_bad_fraction:
         raise UserError(f"{name}: {bad} of {read} records are bad ({bad / read:.1%} > clean.max_bad_fraction="
                         f"{cfg.max_bad_fraction:.1%}){first}")
+    if not read:
+        raise UserError(f"{name}: no documents read (the files hold no records)")
     if not report["documents_kept"]:
-        dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items() if v)
-        raise UserError(f"{name}: no documents left after cleaning (read {read}; dropped: {dropped or 'none'}){first}")
+        causes = _empty_causes(report["dropped"], cfg, name)
+        what = ", ".join(text for text, _ in causes)
+        # a filter's setting emptied the corpus: a config mistake (exit 2); empty or broken records: the data's
+        error = ConfigError if any(key for _, key in causes) else UserError
+        raise error(f"{name}: cleaning removed all {read} documents: {what}{first}")
+
+
+def _empty_causes(dropped: dict, cfg: CleanConfig, name: str) -> list[tuple[str, str | None]]:
+    """(what removed them, the config key that did it or None) for every reason that dropped documents."""
+    text_field = f"{name}.text_field" if name in ("corpus", "val_corpus") else "text_field"
+    phrases = {
+        "too_long": (f"longer than clean.max_chars={cfg.max_chars} (raise clean.max_chars)", "clean.max_chars"),
+        "too_short": (f"shorter than clean.min_chars={cfg.min_chars} (lower clean.min_chars)", "clean.min_chars"),
+        "missing_field": (f"lacking the string field that {text_field} names", text_field),
+        "malformed_json": ("not valid JSON", None),
+        "empty": ("empty or blank", None),
+        # the first document of every duplicate cluster is kept, so these never empty a corpus alone
+        "exact_duplicate": ("exact duplicates (clean.exact_dedup)", "clean.exact_dedup"),
+        "near_duplicate": (f"near duplicates (clean.threshold={cfg.threshold})", "clean.threshold"),
+    }
+    return [(f"{n} {phrases[r][0]}", phrases[r][1]) for r, n in dropped.items() if n]
 
 
 def format_report(report: dict, name: str = "corpus") -> str:

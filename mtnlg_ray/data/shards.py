@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -44,6 +45,8 @@ from mtnlg_ray.config import PreprocessJob
 from mtnlg_ray.data.tokenizer import Tokenizer, cuts_are_exact, encode_documents, train_tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.fileio import atomic_dir
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROW_GROUP = 128  # rows per Parquet row group: the unit data/dataset.py shuffles and reads
@@ -291,10 +294,16 @@ def _tokenizer(job: PreprocessJob, docs: ray.data.Dataset, out: Path):
     # train documents come first, in content-hash order: the first sample_docs are a uniform, stable sample
     sample = [r["text"] for r in docs.filter(expr=col("split") == "train").select_columns(["text"])
               .limit(cfg.sample_docs).take_all()]
-    print(f"[preprocess] training a {cfg.model_type} tokenizer (vocab {cfg.vocab_size}) on {len(sample)} documents",
-          flush=True)
-    return train_tokenizer(sample, out / "tokenizer.model", cfg.vocab_size, cfg.model_type, cfg.byte_fallback,
-                           cfg.max_sentence_length)
+    size = "one piece per character" if cfg.model_type == "char" else f"vocab {cfg.vocab_size}"
+    print(f"[preprocess] training a {cfg.model_type} tokenizer ({size}) on {len(sample)} documents", flush=True)
+    tok = train_tokenizer(sample, out / "tokenizer.model", cfg.vocab_size, cfg.model_type, cfg.byte_fallback,
+                          cfg.max_sentence_length, cfg.character_coverage)
+    print(f"[preprocess] trained a {cfg.model_type} tokenizer of {tok.vocab_size} pieces", flush=True)
+    if "vocab_size" in cfg.model_fields_set and tok.vocab_size != cfg.vocab_size:  # only a char model differs
+        log.warning("tokenizer.vocab_size=%d ignored: a %s model has one piece per character kept by "
+                    "tokenizer.character_coverage, plus specials and byte pieces: %d pieces",
+                    cfg.vocab_size, cfg.model_type, tok.vocab_size)
+    return tok
 
 
 def _label_split(batch: pa.Table, cut: int | None = None, name: str | None = None) -> pa.Table:

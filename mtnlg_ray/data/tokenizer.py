@@ -2,7 +2,8 @@
 
 Trained models are lossless for source code: identity normalisation, no dummy prefix, no
 whitespace collapsing, whitespace-only pieces allowed, byte fallback for anything unseen
-(newlines and indentation survive `decode(encode(text))` exactly).
+(newlines and indentation survive `decode(encode(text))` exactly). Training sees all of the sampled
+text: documents are fed as sentences under max_sentence_length, cut at word starts (`training_sentences`).
 
 Long documents are encoded in segments cut at word starts (`encode_documents`): SentencePiece's
 BPE cost per character grows with the input's length (a priority queue over all of its symbol
@@ -22,7 +23,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -134,6 +135,54 @@ class Tokenizer:
         return self.sp.id_to_piece(i)
 
 
+def training_sentences(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """Each non-empty document, cut into parts of at most `max_bytes` (>= 4) UTF-8 bytes that join back into it.
+
+    SentencePiece skips a sentence longer than its max_sentence_length (counted in bytes) whole, so
+    uncut, a long document's text would never reach the trainer; cut, all of it does but a document's
+    final line breaks (the trainer strips them from every sentence). See `_sentence_cut` for where.
+    """
+    for doc in docs:
+        data = doc.encode("utf-8")
+        start = 0
+        while len(data) - start > max_bytes:
+            cut = _sentence_cut(data, start, max_bytes)
+            yield data[start:cut].decode("utf-8")
+            start = cut
+        if start < len(data):
+            yield data[start:].decode("utf-8")
+
+
+LINE_BREAKS = b"\n\r"  # the trainer strips these from the end of a sentence: no part may end with one
+
+
+def _sentence_cut(data: bytes, start: int, max_bytes: int) -> int:
+    """Where the part of `data` from `start` ends: in (start, start + max_bytes], at a character.
+
+    The last word start (a space after a character other than a space or line break) that fits: the
+    trainer splits its sentences into words there anyway, so a BPE or char model counts the same
+    words as from the whole document. A part without one (one huge token or run of whitespace) ends
+    before its last line break, else before a character. A space byte never occurs inside a
+    multi-byte character, nor a line break, so every such cut falls between characters.
+    """
+    end = start + max_bytes + 1  # rfind's exclusive end: a cut at start + max_bytes is allowed
+    while (i := data.rfind(b" ", start + 1, end)) > start:
+        while i > start and data[i - 1] == 0x20:  # back to the start of the run of spaces
+            i -= 1
+        if i > start and data[i - 1] not in LINE_BREAKS:
+            return i
+        end = i
+    i = data.rfind(b"\n", start + 1, start + max_bytes + 1)
+    while i > start and data[i - 1] in LINE_BREAKS:
+        i -= 1
+    if i > start:
+        return i
+    i = start + max_bytes
+    while data[i] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back to its lead byte (max_bytes >= 4)
+        i -= 1
+    return i
+
+
 def train_tokenizer(
     docs: Iterable[str],
     out_path: str | Path,
@@ -141,18 +190,27 @@ def train_tokenizer(
     model_type: str = "bpe",
     byte_fallback: bool = True,
     max_sentence_length: int = 8192,
+    character_coverage: float = 0.9995,
 ) -> Tokenizer:
-    """Train a SentencePiece model on `docs` (each a sentence for the trainer), write `out_path`."""
-    docs = [d[:max_sentence_length] for d in docs if d]
-    if not docs:
+    """Train a SentencePiece model on `docs`, write `out_path`.
+
+    Every character of `docs` reaches the trainer: documents are cut into sentences of at most
+    `max_sentence_length` bytes (`training_sentences`). `vocab_size` is exact for bpe and unigram; a
+    char model ignores it and has one piece per character kept by `character_coverage` (the share
+    of the sample's characters that get a piece; the rarest rest become byte pieces with
+    `byte_fallback`, else <unk>), plus the specials and 256 byte pieces: read `Tokenizer.vocab_size`.
+    """
+    sentences = list(training_sentences(docs, max_sentence_length))
+    if not sentences:
         raise UserError("tokenizer: no documents to train on (the cleaned corpus is empty)")
     buf = io.BytesIO()
     kwargs = dict(
-        sentence_iterator=iter(docs),
+        sentence_iterator=iter(sentences),
         model_writer=buf,
         vocab_size=vocab_size,
         model_type=model_type,
         byte_fallback=byte_fallback,
+        character_coverage=character_coverage,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
@@ -162,11 +220,12 @@ def train_tokenizer(
         pad_piece=PAD, unk_piece=UNK, eos_piece=EOD,
         user_defined_symbols=list(ROLE_TOKENS),
         max_sentence_length=max_sentence_length,
-        hard_vocab_limit=model_type != "char",
         minloglevel=2,
     )
     if model_type == "char":
+        # SentencePiece would stop a char model at its default vocab_size (8000) without use_all_vocab
         kwargs.pop("vocab_size")
+        kwargs.update(hard_vocab_limit=False, use_all_vocab=True)
     try:
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as err:

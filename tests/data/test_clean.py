@@ -11,7 +11,7 @@ import pytest
 from mtnlg_ray.config import CleanConfig, CorpusConfig
 from mtnlg_ray.data.clean import clean_corpus, normalize, shingles, signature
 from mtnlg_ray.data.readers import read_corpus
-from mtnlg_ray.errors import UserError
+from mtnlg_ray.errors import ConfigError, UserError
 
 VOCAB = [f"w{i}" for i in range(3000)]
 
@@ -123,7 +123,17 @@ def test_invalid_utf8_counted(ray_session, tmp_path):
         clean_corpus(ds, CleanConfig(min_chars=10, max_bad_fraction=0.1))
 
 
-def test_empty_after_cleaning_is_an_error(ray_session, tmp_path):
-    f = _jsonl(tmp_path, [json.dumps({"text": "tiny"}), json.dumps({"text": "small"})])
-    with pytest.raises(UserError, match=r"corpus: no documents left after cleaning \(read 2; dropped: too_short 2\)"):
-        clean_corpus(read_corpus(CorpusConfig(kind="jsonl", paths=[str(f)])), CleanConfig(min_chars=64))
+def test_empty_after_cleaning_names_the_filters_and_keys(ray_session, tmp_path):
+    """A filter's setting that removes every document is a ConfigError (exit 2) naming the key."""
+    f = _jsonl(tmp_path, [json.dumps({"text": t}) for t in ("tiny", "small", "x" * 2000)])
+    with pytest.raises(ConfigError) as err:
+        clean_corpus(read_corpus(CorpusConfig(kind="jsonl", paths=[str(f)])), CleanConfig(min_chars=64, max_chars=1000))
+    assert str(err.value) == ("corpus: cleaning removed all 3 documents: 2 shorter than clean.min_chars=64 (lower "
+                              "clean.min_chars), 1 longer than clean.max_chars=1000 (raise clean.max_chars)")
+    # records that are empty or broken are the data's fault, not a setting's: exit 1
+    f = _jsonl(tmp_path, [json.dumps({"text": " \n "}), "{broken"], "bad.jsonl")
+    with pytest.raises(UserError, match=r"val_corpus: cleaning removed all 2 documents: 1 not valid JSON, 1 empty or "
+                                        r"blank; first: .*bad.jsonl:2: not valid JSON") as err:
+        clean_corpus(read_corpus(CorpusConfig(kind="jsonl", paths=[str(f)])), CleanConfig(max_bad_fraction=1),
+                     "val_corpus")
+    assert not isinstance(err.value, ConfigError)

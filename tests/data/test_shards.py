@@ -18,6 +18,7 @@ from mtnlg_ray.config import DataConfig, DatasetSpec, PreprocessJob, load_job
 from mtnlg_ray.data.dataset import iter_batches, open_datasets
 from mtnlg_ray.data.readers import stdlib_files
 from mtnlg_ray.data.shards import TokenizePack, pack, run_preprocess
+from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +128,34 @@ def test_tokenizer_vocab_mismatch_leaves_nothing(ray_session, tiny_tokenizer, tm
     with pytest.raises(UserError, match=r"tokenizer.vocab_size=4096 but .* has 512 pieces"):
         run_preprocess(job)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
+
+
+def test_char_tokenizer_reports_its_real_vocabulary(ray_session, tmp_path, capsys, caplog):
+    """A char model ignores tokenizer.vocab_size (600 here): the log, a warning and the manifest say its size."""
+    out = run_preprocess(_job(tmp_path, "c", "tokenizer.model_type=char", "corpus.max_files=8"))
+    n = json.loads((out / "manifest.json").read_text())["vocab_size"]
+    assert n == Tokenizer(out / "tokenizer.model").vocab_size != 600
+    log = capsys.readouterr().out
+    assert "training a char tokenizer (one piece per character)" in log
+    assert f"trained a char tokenizer of {n} pieces" in log
+    assert "tokenizer.vocab_size=600 ignored: a char model has one piece per character" in caplog.text
+    assert f"{n} pieces" in caplog.text
+
+
+def test_corpus_emptied_by_a_filter_one_line_exit_2(ray_session, tmp_path):
+    """`mtnlg preprocess` on one file over clean.max_chars names the filter and its key."""
+    (tmp_path / "big.txt").write_text("word " * 40_001)  # 200,005 characters
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "mtnlg_ray.cli", "preprocess", str(CONFIGS / "stdlib.yaml"),
+                           "--set", "corpus.kind=text", "--set", f"corpus.paths=[{tmp_path / 'big.txt'}]",
+                           "--set", f"output_dir={tmp_path / 'o'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: corpus: cleaning removed all 1 documents: 1 longer than clean.max_chars=200000 "
+                      "(raise clean.max_chars)"] and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]  # Ray's progress log comes before it
+    assert not (tmp_path / "o").exists()
 
 
 def test_jsonl_example_config_via_job_script(ray_session, tmp_path):

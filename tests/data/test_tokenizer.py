@@ -11,7 +11,8 @@ import pytest
 import numpy as np
 import sentencepiece as spm
 
-from mtnlg_ray.data.tokenizer import EOD, ROLE_TOKENS, Tokenizer, cuts_are_exact, encode_documents, train_tokenizer
+from mtnlg_ray.data.tokenizer import (EOD, ROLE_TOKENS, Tokenizer, cuts_are_exact, encode_documents, train_tokenizer,
+                                     training_sentences)
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.fileio import file_sha256
 
@@ -66,3 +67,45 @@ def test_documents_cut_at_word_starts_encode_to_the_same_ids(tiny_tokenizer, tmp
     lines = [line for t in texts[:3] for line in t.splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=300, minloglevel=2)
     assert not cuts_are_exact(buf.getvalue())
+
+
+def _long_doc() -> str:
+    """textwrap.py (~19k chars) with 'é' throughout (its first 8,192 characters are more than 8,192
+    bytes, a sentence SentencePiece skips whole); 'λ' and 'Ж' (30 each) only after position 10,000."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().replace("e", "\u00e9", 300)
+    assert len(text) > 12_000 and "\u03bb" not in text and "\u0416" not in text
+    return text[:10_000] + text[10_000:].replace("the", "\u03bb\u0416", 30)
+
+
+def test_long_documents_reach_the_trainer_whole(tmp_path):
+    """A document over max_sentence_length (bytes) is cut at word starts, not truncated or skipped."""
+    doc = _long_doc()
+    parts = list(training_sentences([doc, "", "short"], 8192))
+    assert "".join(parts) == doc + "short" and len(parts) > 2
+    assert all(len(p.encode()) <= 8192 for p in parts)
+    assert all(p[0] == " " and p[-1] not in " \n" for p in parts[1:-2])  # every cut at a word start
+    assert any("\u03bb" in p for p in parts)
+    tok = train_tokenizer([doc], tmp_path / "t.model", vocab_size=400)
+    for ch in ("\u00e9", "\u03bb", "\u0416"):  # pieces of their own, not byte fallback
+        assert tok.sp.piece_to_id(ch) != tok.sp.unk_id() and tok.sp.encode(ch, out_type=str) == [ch]
+    # never after a line break (the trainer strips it from a sentence's end); parts with no word start
+    # end before their last line break, else before a character (never inside one)
+    assert list(training_sentences(["ab cd\n ef"], 6)) == ["ab", " cd", "\n ef"]
+    assert list(training_sentences(["ab\ncd" + "\u00e9" * 4], 4)) == ["ab", "\ncd", "\u00e9\u00e9", "\u00e9\u00e9"]
+
+
+def test_character_coverage_is_passed_to_sentencepiece(tmp_path):
+    doc = _long_doc() + "\u03a9"  # one Ω in ~19k characters
+    default = train_tokenizer([doc], tmp_path / "d.model", vocab_size=400)
+    full = train_tokenizer([doc], tmp_path / "f.model", vocab_size=400, character_coverage=1.0)
+    assert default.sp.piece_to_id("\u03a9") == default.sp.unk_id()  # the rarest 0.05% go to bytes
+    assert full.sp.encode("\u03a9", out_type=str) == ["\u03a9"]
+
+
+def test_char_model_has_one_piece_per_character(tmp_path):
+    """vocab_size does not apply to a char model, not even SentencePiece's default cap of 8000."""
+    text = " ab\tc\n" + "".join(chr(0x4E00 + i) for i in range(9000))
+    tok = train_tokenizer([text], tmp_path / "c.model", vocab_size=64, model_type="char", character_coverage=1.0)
+    specials = 3 + len(ROLE_TOKENS)  # <pad> <unk> <|endoftext|>, the role markers
+    assert tok.vocab_size == len(set(text)) + specials + 256  # + the byte fallback pieces
+    assert tok.decode(tok.encode(text)) == text
