@@ -87,6 +87,19 @@ def test_every_finetuning_task_has_a_recipe():
     assert {"dialogue.yaml", "summarization.yaml", "code.yaml", "tune_code.yaml"} <= names
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "finetune" / "data").glob("*.jsonl")), ids=lambda p: p.name)
+def test_shipped_format_examples_are_valid(path):
+    """The example JSONL beside the recipes (the formats their comments point to) parses line by line."""
+    import json
+
+    from mtnlg_ray.data.sft import example_messages
+
+    lines = path.read_text().splitlines()
+    assert lines
+    for i, line in enumerate(lines, start=1):
+        assert example_messages(json.loads(line)), f"{path}:{i}"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "finetune").glob("*.yaml")), ids=lambda p: p.name)
 def test_finetuning_recipe_examples_are_valid(path):
     """The JSONL a recipe ships (paths relative to the repository root) exists and every line is a
@@ -98,7 +111,7 @@ def test_finetuning_recipe_examples_are_valid(path):
     job = load_job(path, job_class(path))
     ft = job.finetune if isinstance(job, config.TuneJob) else job
     paths = ft.sft.train_paths + ft.sft.val_paths
-    assert ft.sft.task == "stdlib_code" or paths
+    assert ft.sft.task != "jsonl" or paths  # built-in tasks mine the standard library when no path is given
     for rel in paths:
         lines = (ROOT.parents[1] / rel).read_text().splitlines()
         assert lines, rel

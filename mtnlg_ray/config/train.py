@@ -180,11 +180,13 @@ class LoraConfig(Section):
 
 
 class SftDataConfig(Section):
-    """Task data (data/sft.py): JSONL of {prompt, response} or {messages: [...]}, or the built-in code task."""
+    """Task data (data/sft.py): JSONL ({prompt, response}, OpenAI messages, ShareGPT, Alpaca) or a built-in task."""
 
-    task: Literal["jsonl", "stdlib_code"] = Field(
-        "jsonl", description="jsonl: the files in train_paths; stdlib_code: (signature + docstring -> body) "
-        "pairs mined from the .py files in train_paths (default: the Python standard library)")
+    task: Literal["jsonl", "stdlib_code", "stdlib_summarize", "stdlib_dialogue"] = Field(
+        "jsonl", description="jsonl: the files in train_paths; built in, mined from the .py files in train_paths "
+        "(default: the Python standard library; data/stdlib_tasks.py): stdlib_code (signature + docstring -> "
+        "body), stdlib_summarize (docstring body -> summary line), stdlib_dialogue (questions about a module "
+        "answered from its docstrings)")
     train_paths: list[str] = Field(default_factory=list, description="JSONL files, directories or globs")
     val_paths: list[str] = Field(default_factory=list, description="validation JSONL; empty: val_fraction of train")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="examples sent to val by a seeded content hash")

@@ -1,12 +1,21 @@
-"""Fine-tuning (SFT) data: JSONL or the built-in code task -> a dataset directory with loss masks.
+"""Fine-tuning (SFT) data: JSONL or a built-in task -> a dataset directory with loss masks.
 
-Input, one JSON object per line (blank lines ignored, other keys such as "id" ignored):
+Input (`task: jsonl`), one JSON object per line in any of these formats (blank lines ignored; other
+keys, such as "id" or a message's "name", ignored):
 
-    {"prompt": "Summarize: ...", "response": "..."}                       a one-turn example
-    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}     a chat
+    {"prompt": "Summarize: ...", "response": "..."}                                   one turn
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}     OpenAI chat
+    {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}        ShareGPT
+        ("human" -> user, "gpt" -> assistant; "user" and "assistant" are accepted too)
+    {"instruction": "...", "input": "...", "output": "..."}                          Alpaca
+        (prompt = instruction, + "\n\n" + input when input is given and not empty)
 
-or, with `task: stdlib_code`, (signature + docstring -> body) pairs mined from Python sources
-(`data/code_task.py`). Every example is rendered with THE chat template (`data/chat.py`, also used
+A line with fields of two formats, or of none, is a bad line (the report lists the formats).
+Built-in tasks, mined from the .py files in train_paths (default: the Python standard library,
+nothing downloaded), in `data/stdlib_tasks.py`: `stdlib_code` (signature + docstring -> body),
+`stdlib_summarize` (docstring body -> summary line), `stdlib_dialogue` (multi-turn questions about
+a module answered from its docstrings); their duplicates (same input) are dropped after the first,
+and counted. Every example is rendered with THE chat template (`data/chat.py`, also used
 by the server for /v1/chat/completions); labels are -100 on every system/user/role-marker token, so
 only assistant content and its closing <|end|> are learned.
 
@@ -16,7 +25,7 @@ content hash (neighbouring rows unrelated), packs and writes Parquet row groups 
 
 Output: the same layout as `mtnlg preprocess` (see data/shards.py), with a second column:
     train/part-*.parquet, val/part-*.parquet   input_ids, labels: list<int32>, seq_len + 1 each
-    manifest.json                              + "sft": counts (read, bad, truncated, dropped, kept)
+    manifest.json                              + "sft": counts (read, duplicates, bad, truncated, dropped)
 The trainer reads it with `data/dataset.py` unchanged; targets are labels[1:].
 
 Policies
@@ -28,8 +37,9 @@ Policies
     (pad id, label -100). Examples in a row attend to earlier ones in that row (as in Megatron-LM
     and LitGPT packing); their losses stay separate since prompts are masked. `packing: false`:
     one example per row, padded.
-  - Bad lines (not JSON, missing fields, unknown role, empty response, no assistant turn) are logged
-    as `FILE:LINE: reason` and skipped; more than `max_bad_fraction` of the lines is an error.
+  - Bad lines (not JSON, an unknown format, missing fields, unknown role, empty response, no assistant
+    turn) are logged as `FILE:LINE: reason` and skipped; more than `max_bad_fraction` of the lines is
+    an error.
   - Split: `val_paths` when given, else each example goes to val with probability `val_fraction`
     by a seeded hash of its text (stable when files are reordered).
 """
@@ -52,7 +62,8 @@ from ray.data.context import DataContext
 
 from mtnlg_ray.config import SftDataConfig
 from mtnlg_ray.data.chat import IGNORE, ROLES, encode_chat
-from mtnlg_ray.data.code_task import function_examples, python_files
+from mtnlg_ray.data.code_task import python_files
+from mtnlg_ray.data.stdlib_tasks import TASKS
 from mtnlg_ray.data.shards import write_manifest
 from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
@@ -67,30 +78,68 @@ TOKEN_LIST = pa.list_(pa.int32())
 
 
 # -------------------------------------------------------------------------------------- parsing
+FORMATS = ('{"prompt", "response"}, OpenAI {"messages"}, ShareGPT {"conversations"}, '
+           'Alpaca {"instruction", "input", "output"}')  # short: the report keeps a reason's first 200 characters
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+SHAPES = {  # format -> the keys that mark it; a line with keys of two formats is ambiguous
+    "prompt/response": {"prompt", "response"}, "messages": {"messages"}, "conversations": {"conversations"},
+    "alpaca": {"instruction", "input", "output"},
+}
+
+
+def _string(obj: dict, key: str, fmt: str) -> str:
+    if key not in obj:
+        raise ValueError(f'missing field "{key}" (the {fmt} format)')
+    if not isinstance(obj[key], str):
+        raise ValueError(f'"{key}" must be a string')
+    return obj[key]
+
+
+def _turns(obj: dict, key: str, role_key: str, text_key: str) -> list[dict]:
+    """The list under `key` as [{"role", "content"}] (extra keys such as "name" or "weight" ignored)."""
+    turns = obj[key]
+    if not isinstance(turns, list) or not turns or not all(isinstance(m, dict) for m in turns):
+        raise ValueError(f'"{key}" must be a non-empty list of {{"{role_key}", "{text_key}"}} objects')
+    roles = SHAREGPT_ROLES if key == "conversations" else {r: r for r in ROLES}
+    out = []
+    for i, m in enumerate(turns):
+        if m.get(role_key) not in roles:
+            raise ValueError(f"{key}[{i}].{role_key}: unknown role {m.get(role_key)!r} (expected one of {', '.join(roles)})")
+        if not isinstance(m.get(text_key), str):
+            raise ValueError(f'{key}[{i}].{text_key}: must be a string')
+        out.append({"role": roles[m[role_key]], "content": m[text_key]})
+    return out
+
+
 def example_messages(obj) -> list[dict]:
-    """The chat messages of one parsed JSONL object; ValueError names what is wrong."""
+    """The chat messages [{"role", "content"}] of one parsed JSONL object, in any accepted format
+    (see FORMATS and the module docstring); ValueError names what is wrong."""
     if not isinstance(obj, dict):
-        raise ValueError("not a JSON object")
-    if "messages" in obj and ("prompt" in obj or "response" in obj):
-        raise ValueError('has both "messages" and "prompt"/"response" (use one shape)')
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
+        raise ValueError(f"not a JSON object (accepted: {FORMATS})")
+    shapes = [name for name, keys in SHAPES.items() if keys & obj.keys()]
+    if len(shapes) > 1:
+        raise ValueError(f"has fields of two formats ({' and '.join(shapes)}): use one of {FORMATS}")
+    if not shapes:
+        fields = ", ".join(sorted(obj)[:4]) + (", ..." if len(obj) > 4 else "")
+        raise ValueError(f"unknown format (fields: {fields or 'none'}); accepted: {FORMATS}")
+    if shapes[0] == "messages":
+        messages = _turns(obj, "messages", "role", "content")
+    elif shapes[0] == "conversations":
+        messages = _turns(obj, "conversations", "from", "value")
+    elif shapes[0] == "alpaca":
+        instruction, output = _string(obj, "instruction", "Alpaca"), _string(obj, "output", "Alpaca")
+        extra = obj.get("input") or ""  # optional; often present and empty
+        if not isinstance(extra, str):
+            raise ValueError('"input" must be a string')
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     else:
-        for key in ("prompt", "response"):
-            if key not in obj:
-                raise ValueError(f'missing field "{key}" (expected {{"prompt", "response"}} or {{"messages"}})')
-            if not isinstance(obj[key], str):
-                raise ValueError(f'"{key}" must be a string')
-        messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
-    for i, m in enumerate(messages):
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+        prompt, response = _string(obj, "prompt", '{"prompt", "response"}'), _string(obj, "response", '{"prompt", "response"}')
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     replies = [m for m in messages if m["role"] == "assistant"]
     if not replies:
         raise ValueError("no assistant message (nothing to learn)")
-    if any(not isinstance(m.get("content"), str) or not m["content"].strip() for m in replies):
+    if any(not m["content"].strip() for m in replies):
         raise ValueError("empty response")
     return messages
 
@@ -112,15 +161,16 @@ def _jsonl_rows(row: dict, split: str) -> list[dict]:
                 text, error = raw.decode("utf-8"), ""
             except UnicodeDecodeError as err:
                 text, error = "", f"not valid UTF-8 ({err.reason} at byte {err.start})"
-            out.append({"source": f"{path}:{i}", "text": text, "split": split, "error": error})
+            # key "": a user's repeated lines are kept (repeating an example is a way to weight it)
+            out.append({"source": f"{path}:{i}", "text": text, "split": split, "error": error, "key": ""})
     return out
 
 
-def _code_rows(row: dict, split: str) -> list[dict]:
-    """One Python file -> one {prompt, response} row per documented function."""
+def _task_rows(row: dict, split: str, task: str) -> list[dict]:
+    """One Python file -> one row per example of a built-in task, with its duplicate key."""
     source = row["bytes"].decode("utf-8", errors="replace")
-    return [{"source": f"{row['path']}:{line}", "text": json.dumps({"prompt": p, "response": r}), "split": split,
-             "error": ""} for line, p, r in function_examples(source)]
+    return [{"source": f"{row['path']}:{line}", "text": json.dumps(example), "split": split, "error": "", "key": key}
+            for line, key, example in TASKS[task](row["path"], source)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -134,8 +184,9 @@ def _tokenize(batch: pa.Table, tokenizer_path: str, seq_len: int, overlong: str,
     (ok | truncated | overlong_dropped | bad), error, order, n_labels."""
     tok = _tokenizer(tokenizer_path)
     width = seq_len + 1
-    cols = {k: [] for k in ("source", "split", "status", "error", "order", "n_labels", "input_ids", "labels")}
-    for source, text, split, error in zip(*(batch[c].to_pylist() for c in ("source", "text", "split", "error"))):
+    cols = {k: [] for k in ("source", "split", "key", "status", "error", "order", "n_labels", "input_ids", "labels")}
+    for source, text, split, error, key in zip(*(batch[c].to_pylist()
+                                                 for c in ("source", "text", "split", "error", "key"))):
         ids, labels, status = [], [], "bad" if error else "ok"
         try:
             if not error:
@@ -151,7 +202,7 @@ def _tokenize(batch: pa.Table, tokenizer_path: str, seq_len: int, overlong: str,
         if split == "auto":
             split = "val" if draw < val_fraction else "train"
         keep = status in ("ok", "truncated")
-        for k, v in (("source", source), ("split", split), ("status", status), ("error", error), ("order", order),
+        for k, v in (("source", source), ("split", split), ("key", key), ("status", status), ("error", error), ("order", order),
                      ("n_labels", sum(x != IGNORE for x in labels[1:]) if keep else 0),
                      ("input_ids", ids if keep else []), ("labels", labels if keep else [])):
             cols[k].append(v)
@@ -220,11 +271,11 @@ def _expand(paths: list[str], key: str) -> list[str]:
 
 def _read(cfg: SftDataConfig) -> ray.data.Dataset:
     """One row per example line: source (FILE:LINE), text (JSON), split (train | val | auto)."""
-    if cfg.task == "stdlib_code":
+    if cfg.task in TASKS:
         files = python_files(cfg.train_paths)
         if not files:
             raise UserError(f"sft.train_paths: no .py files found in {cfg.train_paths or 'the standard library'}")
-        inputs = [(files, "auto", _code_rows)]
+        inputs = [(files, "auto", functools.partial(_task_rows, task=cfg.task))]
     else:
         if not cfg.train_paths:
             raise UserError("sft.train_paths: no JSONL files given")
@@ -236,6 +287,16 @@ def _read(cfg: SftDataConfig) -> ray.data.Dataset:
         ds = ray.data.read_binary_files(files, include_paths=True).flat_map(fn, fn_kwargs={"split": split})
         parts.append(ds.limit(cfg.max_examples) if cfg.max_examples else ds)
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _drop_duplicates(table: pa.Table) -> tuple[pa.Table, int]:
+    """Keep the first row of each non-empty key (rows are in file and source order); return the count dropped."""
+    seen: set[str] = set()
+    keep = []
+    for key in table["key"].to_pylist():
+        keep.append(not key or key not in seen)
+        seen.add(key)
+    return table.filter(pa.array(keep)), keep.count(False)
 
 
 def _check_bad(report: list[dict], cfg: SftDataConfig) -> int:
@@ -267,11 +328,14 @@ def prepare_sft(cfg: SftDataConfig, tokenizer_path: str | Path, out_dir: str | P
     refs = examples.to_arrow_refs()  # runs the pipeline; fine-tuning sets fit in the driver from here on
     tables = [t for t in ray.get(refs) if t.num_rows]
     table = pa.concat_tables(tables) if tables else None
+    n_duplicates = 0
+    if table is not None:
+        table, n_duplicates = _drop_duplicates(table)
     report = table.select(["source", "split", "status", "error"]).to_pylist() if table is not None else []
     n_bad = _check_bad(report, cfg)
     kept = pc.is_in(table["status"], pa.array(["ok", "truncated"]))
     sft_report = {
-        "task": cfg.task, "lines": len(report), "bad": n_bad,
+        "task": cfg.task, "lines": len(report) + n_duplicates, "duplicates": n_duplicates, "bad": n_bad,
         "truncated": sum(r["status"] == "truncated" for r in report),
         "overlong_dropped": sum(r["status"] == "overlong_dropped" for r in report),
         "packing": cfg.packing, "overlong": cfg.overlong,
@@ -292,7 +356,7 @@ def prepare_sft(cfg: SftDataConfig, tokenizer_path: str | Path, out_dir: str | P
         manifest = write_manifest(tmp, tok.sha256, tok.vocab_size, tok.eod_id, cfg.seq_len, extra_splits=extra,
                                   sft=sft_report, config=cfg.model_dump(mode="json"))
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
-    log.info("sft: %d lines, %d bad, %d truncated, %d over-long dropped; train %d examples -> %d rows, val %d -> %d",
-             len(report), n_bad, sft_report["truncated"], sft_report["overlong_dropped"], train["examples"],
+    log.info("sft: %d lines, %d duplicates, %d bad, %d truncated, %d over-long dropped; train %d examples -> %d "
+             "rows, val %d -> %d", len(report) + n_duplicates, n_duplicates, n_bad, sft_report["truncated"], sft_report["overlong_dropped"], train["examples"],
              train["rows"], val["examples"], val["rows"])
     return manifest

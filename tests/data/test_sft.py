@@ -10,7 +10,8 @@ import torch
 
 from mtnlg_ray.config import ModelConfig, SftDataConfig
 from mtnlg_ray.data import chat, sft
-from mtnlg_ray.data.code_task import function_examples
+from mtnlg_ray.data.code_task import function_examples, python_files, stdlib_dir
+from mtnlg_ray.data.stdlib_tasks import SUMMARIZE_PROMPT, mine, summary_line
 from mtnlg_ray.data.dataset import iter_batches, open_datasets
 from mtnlg_ray.config import DataConfig, DatasetSpec
 from mtnlg_ray.errors import UserError
@@ -93,7 +94,7 @@ def test_bad_lines_are_reported_with_file_and_line_and_skipped_or_refused(ray_se
     manifest = sft.prepare_sft(cfg, tiny_tokenizer.path, tmp_path / "ok")
     report = manifest["sft"]
     assert report["bad"] == 5 and manifest["splits"]["train"]["examples"] == 16
-    assert report["bad_lines"][0] == f'{src}:9: missing field "response" (expected {{"prompt", "response"}} or {{"messages"}})'
+    assert report["bad_lines"][0] == f'{src}:9: missing field "response" (the {{"prompt", "response"}} format)'
     assert "unknown role 'robot'" in report["bad_lines"][1] and f"{src}:10:" in report["bad_lines"][1]
     assert report["bad_lines"][2] == f"{src}:11: empty response"
     assert f"{src}:12:" in report["bad_lines"][3]
@@ -146,3 +147,137 @@ def only_doc():
     assert line == 6
     assert prompt == 'def area(self, scale=1):\n    """Area of the box, scaled."""'  # summary paragraph, one line
     assert response == "    w = self.w * scale\n    return w * self.h"
+
+
+# ------------------------------------------------------------------------------- input formats
+FORMATS = [  # (a line in a format users bring, the same example as {"messages"})
+    ({"conversations": [{"from": "system", "value": "be terse"}, {"from": "human", "value": "alpha beta"},
+                        {"from": "gpt", "value": "gamma delta"}, {"from": "user", "value": "tau"},
+                        {"from": "assistant", "value": "phi"}]},
+     [("system", "be terse"), ("user", "alpha beta"), ("assistant", "gamma delta"), ("user", "tau"),
+      ("assistant", "phi")]),
+    ({"instruction": "alpha beta", "input": "pi rho", "output": "gamma"},
+     [("user", "alpha beta\n\npi rho"), ("assistant", "gamma")]),
+    ({"instruction": "alpha beta", "input": "", "output": "gamma"}, [("user", "alpha beta"), ("assistant", "gamma")]),
+    ({"instruction": "alpha tau", "output": "gamma"}, [("user", "alpha tau"), ("assistant", "gamma")]),
+    ({"messages": [{"role": "user", "content": "alpha", "name": "ann"},
+                   {"role": "assistant", "content": "beta", "weight": 1}], "id": 7},
+     [("user", "alpha"), ("assistant", "beta")]),
+    ({"prompt": "alpha chi", "response": "beta"}, [("user", "alpha chi"), ("assistant", "beta")]),
+]
+
+
+def as_messages(turns):
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+def test_input_formats_render_like_their_messages_equivalent(ray_session, tiny_tokenizer, tmp_path):
+    for line, turns in FORMATS:
+        assert sft.example_messages(line) == as_messages(turns)["messages"], line
+    # through the whole pipeline: the same rows as the {"messages"} file (order aside: it hashes the raw line)
+    cfg = SftDataConfig(seq_len=48, packing=False, val_fraction=0.0, max_bad_fraction=0.0)
+    out = {}
+    for name, lines in (("formats", [f[0] for f in FORMATS]), ("messages", [as_messages(f[1]) for f in FORMATS])):
+        src = write_jsonl(tmp_path / f"{name}.jsonl", lines)
+        manifest = sft.prepare_sft(cfg.model_copy(update={"train_paths": [str(src)]}), tiny_tokenizer.path,
+                                   tmp_path / name)
+        assert manifest["splits"]["train"]["examples"] == len(FORMATS) and manifest["sft"]["bad"] == 0
+        out[name] = sorted((r["input_ids"], r["labels"]) for r in rows(tmp_path / name))
+    assert out["formats"] == out["messages"]
+    ids, labels = chat.encode_chat(tiny_tokenizer, as_messages(FORMATS[0][1])["messages"])
+    assert (ids + [tiny_tokenizer.pad_id] * (49 - len(ids)), labels + [-100] * (49 - len(ids))) in out["formats"]
+
+
+def test_unknown_format_is_reported_with_its_line_and_the_accepted_formats(ray_session, tiny_tokenizer, tmp_path):
+    good = [{"instruction": "alpha", "output": "beta"}] * 8
+    bad = [{"text": "alpha beta"}, {"prompt": "alpha", "output": "beta"},
+           {"conversations": [{"from": "human", "value": "alpha"}, {"from": "tool", "value": "beta"}]},
+           {"conversations": [{"from": "human", "value": "alpha"}]}]
+    src = write_jsonl(tmp_path / "odd.jsonl", good[:2] + bad + good[2:])
+    cfg = SftDataConfig(train_paths=[str(src)], seq_len=32, val_fraction=0.0, max_bad_fraction=0.5)
+    report = sft.prepare_sft(cfg, tiny_tokenizer.path, tmp_path / "ds")["sft"]
+    assert report["bad"] == 4
+    unknown, mixed, role, no_reply = report["bad_lines"]
+    assert unknown.startswith(f"{src}:3: unknown format (fields: text); accepted: ")
+    assert unknown.endswith('{"prompt", "response"}, OpenAI {"messages"}, ShareGPT {"conversations"}, '
+                            'Alpaca {"instruction", "input", "output"}')
+    assert mixed.startswith(f"{src}:4: has fields of two formats (prompt/response and alpaca)")
+    assert role == f"{src}:5: conversations[1].from: unknown role 'tool' (expected one of human, gpt, system, user, assistant)"
+    assert no_reply == f"{src}:6: no assistant message (nothing to learn)"
+    with pytest.raises(UserError, match=rf"{src}:3: unknown format .*4 of 12 lines bad"):
+        sft.prepare_sft(cfg.model_copy(update={"max_bad_fraction": 0.2}), tiny_tokenizer.path, tmp_path / "no")
+
+
+# ------------------------------------------------------------------------------ built-in tasks
+def test_stdlib_summarize_mines_thousands_of_unique_body_to_summary_pairs():
+    examples = mine("stdlib_summarize", python_files([]))
+    prompts = [e["prompt"] for _, e in examples]
+    assert len(examples) >= 2000 and len(set(prompts)) == len(prompts)
+    for source, e in examples:
+        body, summary = e["prompt"].removeprefix(SUMMARIZE_PROMPT), e["response"]
+        assert e["prompt"].startswith(SUMMARIZE_PROMPT) and body.strip() == body and len(body) >= 40, source
+        assert "\n" not in summary and len(summary.split()) >= 3, source
+        assert " ".join(summary.split()).lower() not in " ".join(body.split()).lower(), source  # not copied out
+    head = "Insert item x in list a, and keep it sorted assuming a is sorted."  # bisect.insort_right
+    hit = [e for src, e in examples if src.startswith(f"{stdlib_dir() / 'bisect.py'}:") and e["response"] == head]
+    assert hit and hit[0]["prompt"].startswith(SUMMARIZE_PROMPT + "If x is already in a, insert it to the right")
+
+
+def test_stdlib_dialogue_answers_questions_about_modules_from_their_docstrings():
+    import importlib
+    import inspect
+
+    examples = mine("stdlib_dialogue", python_files([]))
+    conversations = [json.dumps(e["messages"]) for _, e in examples]
+    assert len(examples) >= 500 and len(set(conversations)) == len(conversations)
+    for source, e in examples:
+        roles = [m["role"] for m in e["messages"]]
+        assert len(roles) >= 4 and roles == ["user", "assistant"] * (len(roles) // 2), source
+    by_module = {}
+    for src, e in examples:
+        first = e["messages"][0]["content"]
+        if first.startswith("What does the module `"):
+            by_module[first.split("`")[1]] = e["messages"]
+    assert by_module["heapq"][1]["content"] == "Heap queue algorithm (a.k.a. priority queue)."
+    # every answer about these pure-Python modules (no C accelerator with its own docstrings) is the
+    # summary of the named object's docstring, as Python itself sees it
+    def resolve(name):
+        parts = name.split(".")
+        i = len(parts)
+        while True:  # the longest importable prefix (json.decoder.JSONDecoder -> module json.decoder)
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ImportError:
+                i -= 1
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+
+    checked = 0
+    for src, e in examples:
+        for question, answer in zip(e["messages"][::2], e["messages"][1::2]):
+            name = question["content"].split("`")[1]
+            if name.split(".")[0] in ("json", "textwrap", "shlex", "fractions"):
+                assert answer["content"] == summary_line(inspect.getdoc(resolve(name))), name
+                checked += 1
+    assert checked >= 20
+
+
+def test_builtin_tasks_through_ray_drop_duplicates(ray_session, tiny_tokenizer, tmp_path):
+    """The pipeline mines files in parallel, keeps the first of each duplicate, and equals `mine`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, original in (("a.py", "bisect.py"), ("b.py", "bisect.py"), ("c.py", "heapq.py")):
+        (src / name).write_bytes((stdlib_dir() / original).read_bytes())  # b.py: a copy of a.py
+    files = python_files([str(src)])
+    assert [f.rsplit("/", 1)[1] for f in files] == ["a.py", "b.py", "c.py"]
+    for task, duplicates in (("stdlib_summarize", len(mine("stdlib_summarize", files[:1]))), ("stdlib_dialogue", 0)):
+        cfg = SftDataConfig(task=task, train_paths=[str(src)], seq_len=256, val_fraction=0.2, max_bad_fraction=0.0)
+        manifest = sft.prepare_sft(cfg, tiny_tokenizer.path, tmp_path / task)
+        report = manifest["sft"]
+        kept = manifest["splits"]["train"]["examples"] + manifest["splits"]["val"]["examples"]
+        assert kept + report["overlong_dropped"] == len(mine(task, files)) > 0, task
+        # dialogue: a.py and b.py are the modules `a` and `b`, so their questions differ: nothing to drop
+        assert duplicates > 0 or task == "stdlib_dialogue"
+        assert report["duplicates"] == duplicates and report["lines"] == len(mine(task, files)) + duplicates, task
