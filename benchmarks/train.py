@@ -1,13 +1,19 @@
-"""Training throughput: our Ray Train loop vs a bare single-process PyTorch loop, in one run.
+"""Training: `mtnlg pretrain` (Ray Train) vs a bare single-process PyTorch loop on all cores, in one run.
 
-    python benchmarks/train.py                  # CPU: small GPT, 1 and 2 workers (FSDP2)
-    python benchmarks/train.py --device cuda    # the same on a GPU, then gpt-1.3b in bf16 (MFU vs 989 TFLOP/s)
+    python benchmarks/train.py                 # CPU: nanoGPT's CPU shape for 2,000 steps, quickstart shape
+    python benchmarks/train.py --steps 500     # a shorter nanoGPT run
+    python benchmarks/train.py --device cuda   # GPU: the same rows in bf16, then gpt-1.3b (MFU vs 989 TFLOP/s)
 
-Rows: the machine's measured matmul FLOP/s (the peak MFU is quoted against, unless --peak-flops);
-a bare loop (no Ray: the same GPT, batch, AdamW, data rows read straight from the Parquet
-shards) as the ceiling; `mtnlg pretrain`'s loop with one Ray Train worker; two workers sharding
-with FSDP2. Tokens/s of the Ray runs are the mean of their logged intervals after the first
-(the first includes start-up); the bare loop is timed over the same steps.
+Part 1, nanoGPT's CPU configuration (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3
+cosine to 1e-4 over the run, warmup 100, AdamW beta2 0.99, evaluation every 250 steps) on a
+character-level corpus of stdlib sources: the bare loop (benchmarks/bare_loop.py, random windows,
+its own process) and the `mtnlg pretrain` command (one Ray Train worker, its own process: Ray
+start, data pipeline, evaluations and checkpoints included) are each timed from process start to
+exit; their final weights are then evaluated here on the whole validation split with the same code.
+Part 2, the quickstart's model and data: tokens/s of the bare loop, one Ray Train worker, and two
+workers sharding with FSDP2. Tokens/s of the Ray runs are the mean of their logged intervals
+after the first (the first includes start-up); the bare loop's exclude its first step and its
+evaluations. MFU is against the measured matmul peak of all the cores (or GPUs) training uses.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,123 +30,188 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import yaml
 
-from mtnlg_ray.config import ModelConfig, OptimConfig, PreprocessJob, PretrainJob, validate
-from mtnlg_ray.model.gpt import GPT, lm_loss
-from mtnlg_ray.train.metrics import flops_per_token, measure_matmul_flops, read_metrics
-from mtnlg_ray.train.optim import Optimizers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bare_loop import train as bare_train  # noqa: E402
 
-SMALL = dict(n_layers=4, d_model=256, n_heads=4, max_seq_len=256)
+from mtnlg_ray.config import ModelConfig, PretrainJob, load_job, validate  # noqa: E402
+from mtnlg_ray.model.gpt import lm_loss  # noqa: E402
+from mtnlg_ray.train.metrics import flops_per_token, measure_matmul_flops, read_metrics  # noqa: E402
 
-
-def make_data(workdir: Path, seq_len: int) -> Path:
-    from mtnlg_ray.data.shards import run_preprocess
-
-    job = validate(PreprocessJob, {"corpus": {"kind": "stdlib", "max_files": 40},
-                                   "tokenizer": {"vocab_size": 2048, "sample_docs": 40},
-                                   "pack": {"seq_len": seq_len, "num_actors": 1},
-                                   "output_dir": str(workdir / "data")}, "benchmark")
-    return run_preprocess(job)
+ROOT = Path(__file__).resolve().parent.parent
+MTNLG = [sys.executable, "-m", "mtnlg_ray.cli"]
+NANOGPT = dict(n_layers=4, n_heads=4, d_model=128, max_seq_len=64, dropout=0.0)
 
 
-def bare_loop(model_cfg: ModelConfig, data: Path, mb: int, accum: int, steps: int, device: str,
-              dtype: torch.dtype) -> float:
-    """Tokens/s of a plain loop: forward/backward x accum, clip, AdamW; rows from the shards."""
-    rows = np.concatenate([pq.read_table(f)["input_ids"].combine_chunks().flatten().to_numpy().reshape(-1, model_cfg.max_seq_len + 1)
-                           for f in sorted((data / "train").glob("*.parquet"))])
-    torch.manual_seed(0)
-    model = GPT(model_cfg).to(device)
-    opts = Optimizers([model], OptimConfig(lr=1e-3))
-    seq = model_cfg.max_seq_len
-    i, times = 0, []
-    for step in range(steps + 1):
-        t0 = time.perf_counter()
-        for _ in range(accum):
-            batch = torch.from_numpy(rows[np.arange(i, i + mb) % len(rows)].astype(np.int64)).to(device)
-            i += mb
-            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opts.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step:  # the first step warms up (allocator, kernels)
-            times.append(time.perf_counter() - t0)
-    return mb * accum * seq * len(times) / sum(times)
+def preprocess(out: Path, sets: list[str]) -> Path:
+    """`mtnlg preprocess` of the stdlib config with overrides, in its own process (its own Ray)."""
+    cmd = MTNLG + ["preprocess", str(ROOT / "jobs/configs/preprocess/stdlib.yaml"), "--set", f"output_dir={out}"]
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
 
 
-def ray_loop(model: dict, data: Path, storage: Path, name: str, workers: int, mb: int, global_batch: int, steps: int,
-             use_gpu: bool, precision: str, log_interval: int) -> tuple[float, float]:
-    """(tokens/s, MFU as the loop reports it) of `mtnlg pretrain` with `workers` Ray Train workers."""
-    from mtnlg_ray.train.trainer import run_pretrain
+def timed(cmd: list[str], log: Path) -> float:
+    """Wall seconds of a command from spawn to exit (its output goes to `log`)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0
 
-    job = validate(PretrainJob, {
+
+@torch.no_grad()
+def val_loss(model, data: Path) -> float:
+    """Mean loss (nats / token) of `model` over every row of the validation split."""
+    rows = np.concatenate([pq.read_table(f)["input_ids"].combine_chunks().flatten().to_numpy()
+                           for f in sorted((data / "val").glob("*.parquet"))]).astype(np.int64)
+    width = json.loads((data / "manifest.json").read_text())["seq_len"] + 1
+    rows = torch.from_numpy(rows.reshape(-1, width))
+    model.eval()
+    total = 0.0
+    for b in rows.split(64):
+        total += float(lm_loss(model(b[:, :-1]), b[:, 1:])) * len(b)
+    return total / len(rows)
+
+
+def pretrain_job(model: dict, data: Path, storage: Path, name: str, workers: int, batch: int, micro: int,
+                 steps: int, optim: dict, train: dict, use_gpu: bool = False, precision: str = "auto") -> dict:
+    return {
         "model": model, "data": {"datasets": [{"path": str(data)}]},
-        "parallel": {"data_parallel": "fsdp", "precision": precision},
-        "optim": {"lr": 1e-3},
-        "train": {"global_batch_size": global_batch, "micro_batch_size": mb, "max_steps": steps,
-                  "log_interval": log_interval, "eval_interval": 10**6, "peak_flops": PEAK[0]},
-        "checkpoint": {"interval": 10**6, "num_to_keep": 1},
-        "scaling": {"num_workers": workers, "cpus_per_worker": 0.5 if not use_gpu else 4, "use_gpu": use_gpu,
-                    "gpus_per_worker": 1 if use_gpu else 0, "storage_path": str(storage), "name": name},
-    }, "benchmark")
-    run_pretrain(job)
-    logged = [r for r in read_metrics(storage / name)[0] if "tokens_per_s" in r][1:]
+        "parallel": {"data_parallel": "fsdp", "precision": precision}, "optim": optim,
+        "train": {"global_batch_size": batch, "micro_batch_size": micro, "max_steps": steps, **train},
+        "checkpoint": {"interval": 0, "num_to_keep": 1},
+        "scaling": {"num_workers": workers, "use_gpu": use_gpu, "gpus_per_worker": 1 if use_gpu else 0,
+                    "cpus_per_worker": 4 if use_gpu else 0.5, "storage_path": str(storage), "name": name},
+    }
+
+
+def logged_rate(run: Path) -> tuple[float, float]:
+    """(tokens/s, MFU) of a run: the mean of its logged intervals after the first."""
+    logged = [r for r in read_metrics(run)[0] if "tokens_per_s" in r][1:]
     return float(np.mean([r["tokens_per_s"] for r in logged])), float(np.mean([r["mfu"] for r in logged]))
 
 
-PEAK = [0.0]
+def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
+    """Part 1 (module docstring): the rows of its table."""
+    data = preprocess(work / "chars", ["corpus.max_files=80", "tokenizer.model_type=char", "pack.seq_len=64",
+                                       "pack.val_fraction=0.1"])
+    vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
+    cfg = ModelConfig(**NANOGPT, vocab_size=vocab)
+    fpt = flops_per_token(cfg, 64)
+    bare_out = work / "bare.safetensors"
+    bare_wall = timed([sys.executable, str(ROOT / "benchmarks/bare_loop.py"), "--data", str(data), "--steps", str(steps),
+                       "--out", str(bare_out)], work / "bare.log")
+    bare = json.loads(bare_out.with_suffix(".json").read_text())
+    optim = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "decay_steps": steps, "beta2": 0.99, "weight_decay": 0.1}
+    job = pretrain_job({**NANOGPT}, data, work / "runs", "nanogpt", 1, 12, 12, steps, optim,
+                       {"log_interval": 10, "eval_interval": 250, "eval_batches": 20})
+    job["checkpoint"] = {"interval": 1000, "num_to_keep": 1}
+    config = work / "nanogpt.yaml"
+    config.write_text(yaml.safe_dump(job))
+    ours_wall = timed(MTNLG + ["pretrain", str(config)], work / "ours.log")
+    ours_tps, _ = logged_rate(work / "runs" / "nanogpt")
+
+    from safetensors.torch import load_model as load_weights
+
+    from mtnlg_ray.api import load_model
+    from mtnlg_ray.model.gpt import GPT
+
+    bare_model = GPT(cfg)
+    load_weights(bare_model, str(bare_out))
+    bare_val, ours_val = val_loss(bare_model, data), val_loss(load_model(work / "runs" / "nanogpt").model, data)
+    print(f"\nnanoGPT CPU shape: GPT 4x128, block 64, char vocab {vocab}, batch 12, {steps} steps "
+          f"({12 * 64 * steps:,} tokens), {fpt / 1e6:.2f} MFLOP/token; val loss over the whole val split")
+    rows = ["| run | wall s (process start to exit) | tokens/s | MFU | final val loss (nats/char) |",
+            "|---|---:|---:|---:|---:|",
+            f"| bare PyTorch loop (all cores) | {bare_wall:.1f} | {bare['tokens_per_s']:,.0f} | "
+            f"{fpt * bare['tokens_per_s'] / peak:.1%} | {bare_val:.4f} |",
+            f"| `mtnlg pretrain`, 1 Ray Train worker | {ours_wall:.1f} | {ours_tps:,.0f} | {fpt * ours_tps / peak:.1%} | "
+            f"{ours_val:.4f} |",
+            f"| ours / bare | {ours_wall / bare_wall:.2f}x | {ours_tps / bare['tokens_per_s']:.2f}x | | "
+            f"{ours_val - bare_val:+.4f} |"]
+    print("\n".join(rows))
+    return rows
+
+
+def quickstart_part(work: Path, steps: int, peak: float, device: str) -> list[str]:
+    """Part 2 (module docstring): tokens/s on the quickstart's model and data."""
+    import ray
+
+    from mtnlg_ray.train.trainer import run_pretrain
+
+    data = preprocess(work / "bpe", ["corpus.max_files=120"])
+    shipped = load_job(ROOT / "jobs/configs/pretrain/quickstart.yaml", PretrainJob, [f"data.datasets=[{{path: {data}}}]"])
+    model = shipped.model.model_dump(exclude_none=True, exclude={"preset"})
+    vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
+    cfg = ModelConfig(**{**model, "vocab_size": vocab})
+    seq, batch, micro = cfg.max_seq_len, shipped.train.global_batch_size, shipped.train.micro_batch_size
+    fpt = flops_per_token(cfg, seq)
+    cuda = device == "cuda"
+    _, stats = bare_train(data, cfg, batch, steps, eval_interval=10**9, device=device,
+                          dtype=torch.bfloat16 if cuda else torch.float32)
+    bare = stats["tokens_per_s"]
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    results = []
+    for name, workers in (("1 Ray Train worker", 1), ("2 Ray Train workers, FSDP2", 2)):
+        if cuda and torch.cuda.device_count() < workers:
+            continue
+        job = pretrain_job(model, data, work / "runs", f"qs{workers}", workers, batch, micro, steps,
+                           shipped.optim.model_dump(), {"log_interval": 5, "eval_interval": 10**6, "peak_flops": peak},
+                           use_gpu=cuda)
+        run_pretrain(validate(PretrainJob, job, "benchmark"))
+        results.append((name, logged_rate(work / "runs" / f"qs{workers}")[0]))
+    ray.shutdown()
+    print(f"\nquickstart shape: GPT {cfg.n_layers}x{cfg.d_model}, {seq}-token rows, vocab {vocab}, global batch {batch} "
+          f"(micro {micro}), {steps} steps, {fpt / 1e6:.1f} MFLOP/token")
+    rows = ["| run | tokens/s | vs bare | MFU |", "|---|---:|---:|---:|",
+            f"| bare PyTorch loop (all cores) | {bare:,.0f} | 1.00x | {fpt * bare / peak:.1%} |"]
+    rows += [f"| {name} | {tps:,.0f} | {tps / bare:.2f}x | {fpt * tps / peak:.1%} |" for name, tps in results]
+    print("\n".join(rows))
+    return rows
+
+
+def gpu_big(work: Path) -> None:
+    """gpt-1.3b in bf16 on one GPU: the bare loop and one Ray Train worker, MFU against 989 TFLOP/s."""
+    import ray
+
+    from mtnlg_ray.train.trainer import run_pretrain
+
+    data = work / "bpe"
+    vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
+    big = {"preset": "gpt-1.3b", "vocab_size": vocab, "max_seq_len": 256}
+    cfg = ModelConfig(**big)
+    fpt = flops_per_token(cfg, 256)
+    _, stats = bare_train(data, cfg, 8, 8, eval_interval=10**9, device="cuda", dtype=torch.bfloat16)
+    print(f"gpt-1.3b bf16 bare loop: {stats['tokens_per_s']:,.0f} tokens/s, MFU {fpt * stats['tokens_per_s'] / 989e12:.1%}")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    job = pretrain_job(big, data, work / "runs", "big", 1, 8, 8, 8, {"lr": 1e-4},
+                       {"log_interval": 2, "eval_interval": 10**6, "peak_flops": 989e12}, use_gpu=True, precision="bf16")
+    run_pretrain(validate(PretrainJob, job, "benchmark"))
+    tps, mfu = logged_rate(work / "runs" / "big")
+    print(f"gpt-1.3b bf16 Ray Train 1 worker: {tps:,.0f} tokens/s, MFU {mfu:.1%} of 989 TFLOP/s")
+    ray.shutdown()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--peak-flops", type=float, default=None, help="FLOP/s to quote MFU against (default: measured)")
+    ap.add_argument("--steps", type=int, default=2000, help="steps of the nanoGPT-shape runs")
+    ap.add_argument("--quickstart-steps", type=int, default=40, help="steps of the quickstart-shape runs")
+    ap.add_argument("--skip-nanogpt", action="store_true")
     args = ap.parse_args()
-    import ray
-
+    work = Path(tempfile.mkdtemp(prefix="mtnlg-bench-train-"))
     cuda = args.device == "cuda"
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=None if cuda else (os.cpu_count() or 2) + 2,
-             include_dashboard=False, log_to_driver=False)
-    work = Path(tempfile.mkdtemp(prefix="mtnlg-bench-"))
-    seq, mb, global_batch = 256, 8, 16
-    data = make_data(work, seq)
-    vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
-    model = {**SMALL, "vocab_size": vocab}
-    cfg = ModelConfig(**model)
-    fpt = flops_per_token(cfg, seq)
     dtype = torch.bfloat16 if cuda else torch.float32
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if not cuda else threads)  # a 0.5-CPU Ray worker runs torch on one thread
-    PEAK[0] = args.peak_flops or measure_matmul_flops(args.device, dtype, seconds=1.0)
-    # (run, tokens/s, model FLOP/s, devices: threads on CPU, GPUs on CUDA)
-    rows = [("matmul peak (measured, 1 thread)" if not cuda else "matmul peak (measured)", None, PEAK[0], 1)]
-    bare = bare_loop(cfg, data, mb, global_batch // mb, args.steps, args.device, dtype)
-    rows.append(("bare PyTorch loop, 1 process", bare, fpt * bare, 1))
-    one, _ = ray_loop(model, data, work / "runs", "one", 1, mb, global_batch, args.steps, cuda, "auto", 5)
-    rows.append(("Ray Train loop, 1 worker", one, fpt * one, 1))
-    if not cuda or torch.cuda.device_count() >= 2:
-        two, _ = ray_loop(model, data, work / "runs", "two", 2, mb, global_batch, args.steps, cuda, "auto", 5)
-        rows.append(("Ray Train loop, 2 workers FSDP2", two, fpt * two, 2))
-    print(f"\nGPT {SMALL['n_layers']}x{SMALL['d_model']}, {cfg.max_seq_len}-token rows, vocab {vocab}, "
-          f"global batch {global_batch} (micro {mb}), {args.steps} steps, {args.device}, {dtype}, "
-          f"{fpt / 1e6:.1f} MFLOP/token")
-    print("| run | devices | tokens/s | vs bare | model FLOP/s | MFU |\n|---|---:|---:|---:|---:|---:|")
-    for name, tps, flops, devices in rows:
-        ratio = f"{tps / bare:.2f}x" if tps else ""
-        mfu = flops / (PEAK[0] * devices) if tps else 1.0  # against the measured peak of the devices used
-        print(f"| {name} | {devices} | {f'{tps:,.0f}' if tps else ''} | {ratio} | {flops / 1e9:.1f} G | {mfu:.1%} |")
+    peak = measure_matmul_flops(args.device, dtype, seconds=1.0)
+    where = f"{torch.cuda.get_device_name()}" if cuda else f"{torch.get_num_threads()} CPU threads"
+    print(f"matmul peak, {where}: {peak / 1e9:,.1f} GFLOP/s ({dtype})")
+    if not args.skip_nanogpt and not cuda:
+        nanogpt_part(work, args.steps, peak)
+    quickstart_part(work, args.quickstart_steps, peak, args.device)
     if cuda:
-        big = {"preset": "gpt-1.3b", "vocab_size": vocab, "max_seq_len": seq}
-        PEAK[0] = 989e12
-        bcfg = ModelConfig(**big)
-        tps = bare_loop(bcfg, data, 4, 1, 5, "cuda", torch.bfloat16)
-        print(f"gpt-1.3b bf16 bare loop: {tps:,.0f} tokens/s, MFU {flops_per_token(bcfg, seq) * tps / 989e12:.1%} of 989 TFLOP/s")
-        tps, mfu = ray_loop(big, data, work / "runs", "big", 1, 4, 4, 6, True, "bf16", 1)
-        print(f"gpt-1.3b bf16 Ray Train 1 worker: {tps:,.0f} tokens/s, MFU {mfu:.1%} of 989 TFLOP/s")
-    ray.shutdown()
+        gpu_big(work)
     return 0
 
 

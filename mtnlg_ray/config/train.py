@@ -45,7 +45,8 @@ class OptimConfig(Section):
     floor as a ratio of lr or as an absolute min_lr, at most one of them."""
 
     lr: float = Field(6e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="floor of the cosine as a fraction of lr")
+    min_lr_ratio: float | None = Field(None, ge=0, le=1, description="floor of the cosine as a fraction of lr "
+                                       "(None and no min_lr: 0.1, as MT-NLG)")
     min_lr: float | None = Field(None, ge=0, description="floor of the cosine as an absolute value "
                                  "(instead of min_lr_ratio)")
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -63,9 +64,10 @@ class OptimConfig(Section):
 
     @model_validator(mode="after")
     def _one_of_each_pair(self) -> "OptimConfig":
-        given = self.model_fields_set
+        # judged on values, not on which fields were typed: the worker re-validates a full dump
         for a, b in (("warmup_tokens", "warmup_steps"), ("decay_tokens", "decay_steps"), ("min_lr_ratio", "min_lr")):
-            if a in given and b in given and getattr(self, a) is not None and getattr(self, b) is not None:
+            a_given = getattr(self, a) is not None and not (a == "warmup_tokens" and self.warmup_tokens == 0)
+            if a_given and getattr(self, b) is not None:
                 raise ValueError(f"{a} and {b} are two ways to set the same thing: give one of them")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}")
@@ -78,7 +80,9 @@ class OptimConfig(Section):
     @property
     def floor(self) -> float:
         """The learning rate the cosine decays to."""
-        return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
+        if self.min_lr is not None:
+            return self.min_lr
+        return self.lr * (0.1 if self.min_lr_ratio is None else self.min_lr_ratio)
 
 
 class RampupConfig(Section):

@@ -155,3 +155,38 @@ def test_elastic_run_survives_a_killed_worker(reference, pretrain_data, storage)
                   for b, _ in zip(iter_batches(bundle.val, 4), range(2))]
     assert sum(losses) / len(losses) == pytest.approx(steps[-1]["val_loss"], abs=1e-5)
     shutil.rmtree(run)
+
+
+def test_evaluation_threads_time_and_final_only_checkpoint(ray_session, pretrain_data, storage):
+    """eval_at_start gives a step-0 evaluation; eval_batches: all evaluates every validation row;
+    val_bpb is the loss over ln 2 x the bytes of the targets; every record carries the run's wall
+    time; threads_per_worker is applied; checkpoint.interval: 0 saves only at the end."""
+    from mtnlg_ray.data.dataset import iter_batches, open_datasets
+    from mtnlg_ray.data.tokenizer import Tokenizer
+    from mtnlg_ray.train.metrics import token_byte_lengths
+
+    steps, events = pretrain(pretrain_data, storage, "knobs", max_steps=4,
+                             train={"eval_at_start": True, "eval_batches": "all", "eval_interval": 2},
+                             checkpoint={"interval": 0}, scaling={"threads_per_worker": 1})
+    assert [r["step"] for r in steps] == [0, 1, 2, 3, 4] and "loss" not in steps[0]
+    assert steps[0]["val_loss"] == pytest.approx(math.log(512), abs=0.3)
+    times = [r["time"] for r in steps]
+    assert times == sorted(times) and 0 < times[0] < times[-1] < 600
+    start = [e for e in events if e["event"] == "start"]
+    assert len(start) == 1 and start[0]["threads_per_worker"] == 1
+    assert [step_of(p) for p in list_checkpoints(storage / "knobs")] == [4]
+
+    # bits per byte over every validation row: the same rows, ids -> UTF-8 bytes of their pieces
+    val = open_datasets(make_job(pretrain_data, storage, "x").data).val
+    ids = torch.cat([b["input_ids"][:, 1:] for b in iter_batches(val, 4, drop_last=False)])
+    nbytes = token_byte_lengths(Tokenizer(pretrain_data / "tokenizer.model"))[ids.numpy()].sum()
+    for r in (steps[0], steps[2], steps[4]):
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * ids.numel() / (math.log(2) * nbytes), rel=1e-6)
+
+
+def test_default_threads_use_the_nodes_cores(reference, storage):
+    """One worker on this node computes with all of its cores (Ray alone would give it one)."""
+    import os
+
+    _, events = read_metrics(storage / "reference")
+    assert [e["threads_per_worker"] for e in events if e["event"] == "start"] == [len(os.sched_getaffinity(0))]

@@ -78,3 +78,10 @@ def test_schedule_in_steps_equals_the_same_schedule_in_tokens():
 def test_one_of_each_schedule_pair(pair):
     with pytest.raises(ValueError, match="give one of them"):
         OptimConfig(**pair)
+
+
+def test_schedule_pairs_survive_the_workers_revalidation():
+    """The worker re-validates a full dump of the job: every field is present there."""
+    cfg = OptimConfig(lr=1e-3, warmup_steps=100, decay_steps=2000, min_lr=1e-4)
+    again = OptimConfig(**cfg.model_dump())
+    assert again == cfg and again.floor == 1e-4 and OptimConfig().floor == pytest.approx(6e-5)
