@@ -261,6 +261,9 @@ def open_datasets(cfg: DataConfig, train_samples: int | None = None) -> DatasetB
         source = BlendedDatasource([x for x, _ in keep], [w for _, w in keep], cfg.seed, max(rows, samples or 0))
         ds = ray.data.read_datasource(source)
         ds.context.execution_options.preserve_order = True
+        # Read by the training loop, whose step lines are the progress: a bar per worker would
+        # redraw over them, and its updates cost the worker CPU time every step.
+        ds.context.enable_progress_bars = False
         return ds
 
     return DatasetBundle(

@@ -31,7 +31,7 @@ import torch
 
 from mtnlg_ray.model.generate import use_decode_layout
 from mtnlg_ray.model.kv_cache import KVCache
-from mtnlg_ray.serve.malloc import keep_freed_memory
+from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.serve.sampling import RequestSampler, SamplingParams, StopStrings, prompt_logprob_entries, sample_batch
 
 

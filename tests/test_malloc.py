@@ -9,7 +9,7 @@ import pytest
 # freed before the next; print the minor page faults of each allocation.
 PROBE = """
 import resource, sys, torch
-from mtnlg_ray.serve.malloc import keep_freed_memory
+from mtnlg_ray.malloc import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 faults = []

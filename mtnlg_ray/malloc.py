@@ -1,4 +1,5 @@
-"""glibc malloc settings for an engine process: keep freed activation memory instead of unmapping it.
+"""glibc malloc settings for a serving engine or training worker: keep freed activation memory
+instead of unmapping it.
 
 glibc serves an allocation above its mmap threshold (128 KiB at start, rising with use to at most
 32 MiB) with a fresh `mmap` that `free` unmaps again, and it trims the top of its heap once 128 KiB
@@ -8,7 +9,9 @@ benchmark's model ((16 x 128, 1536) float32 MLP activations, 12.6 MB each) took 
 faults and spent 8% of its time in them (708 -> 648 ms without them). Pinning the threshold at its
 maximum and turning trimming off makes the process reuse its heap: no faults after the first
 forward, at the price of holding on to its peak activation memory. (vLLM's CPU backend preloads
-tcmalloc for the same reason; this needs nothing installed.)
+tcmalloc for the same reason; this needs nothing installed.) A training worker's step allocates
+and frees the same activations every step: without the settings a Ray Train worker took 4x the
+page faults of a bare loop and trained nanoGPT's CPU shape ~20% slower.
 """
 
 from __future__ import annotations
