@@ -10,8 +10,8 @@ character-level corpus of stdlib sources: the bare loop (benchmarks/bare_loop.py
 its own process) and the `mtnlg pretrain` command (one Ray Train worker, its own process: Ray
 start, data pipeline, evaluations and checkpoints included) are each timed from process start to
 exit; their final weights are then evaluated here on the whole validation split with the same code.
-Part 2, the quickstart's model and data: tokens/s of the bare loop, one Ray Train worker, and two
-workers sharding with FSDP2. Tokens/s of the Ray runs are the mean of their logged intervals
+Part 2, the quickstart's model and data: tokens/s of the bare loop, one Ray Train worker (eager,
+and with `train.compile: true`: Inductor per block), and two workers sharding with FSDP2. Tokens/s of the Ray runs are the mean of their logged intervals
 after the first (the first includes start-up); the bare loop's exclude its first step and its
 evaluations. MFU is against the measured matmul peak of all the cores (or GPUs) training uses.
 """
@@ -154,14 +154,16 @@ def quickstart_part(work: Path, steps: int, peak: float, device: str) -> list[st
     bare = stats["tokens_per_s"]
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     results = []
-    for name, workers in (("1 Ray Train worker", 1), ("2 Ray Train workers, FSDP2", 2)):
+    for i, (name, workers, compile_) in enumerate((("1 Ray Train worker", 1, False),
+                                                   ("1 Ray Train worker, train.compile", 1, True),
+                                                   ("2 Ray Train workers, FSDP2", 2, False))):
         if cuda and torch.cuda.device_count() < workers:
             continue
-        job = pretrain_job(model, data, work / "runs", f"qs{workers}", workers, batch, micro, steps,
-                           shipped.optim.model_dump(), {"log_interval": 5, "eval_interval": 10**6, "peak_flops": peak},
-                           use_gpu=cuda)
+        job = pretrain_job(model, data, work / "runs", f"qs{i}", workers, batch, micro, steps,
+                           shipped.optim.model_dump(), {"log_interval": 5, "eval_interval": 10**6, "peak_flops": peak,
+                                                        "compile": compile_}, use_gpu=cuda)
         run_pretrain(validate(PretrainJob, job, "benchmark"))
-        results.append((name, logged_rate(work / "runs" / f"qs{workers}")[0]))
+        results.append((name, logged_rate(work / "runs" / f"qs{i}")[0]))
     ray.shutdown()
     print(f"\nquickstart shape: GPT {cfg.n_layers}x{cfg.d_model}, {seq}-token rows, vocab {vocab}, global batch {batch} "
           f"(micro {micro}), {steps} steps, {fpt / 1e6:.1f} MFLOP/token")

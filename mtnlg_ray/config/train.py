@@ -103,6 +103,8 @@ class TrainConfig(Section):
     eval_batches: int | Literal["all"] = Field(4, description="validation micro-batches per evaluation "
                                                "(the first of the seeded order), or all: the whole split")
     eval_at_start: bool = Field(False, description="also evaluate the initial weights (a step-0 record)")
+    compile: bool = Field(False, description="torch.compile each transformer block (Inductor), as torchtitan; "
+                          "the first steps pay the compilation")
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     peak_flops: float | None = Field(None, gt=0, description="FLOP/s per device for MFU; None: measured")

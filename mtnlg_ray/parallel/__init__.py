@@ -161,11 +161,12 @@ def _materialise(part: GPT, device: torch.device) -> None:
 
 def parallelize(model_cfg: ModelConfig, dims: ParallelDims, cfg: ParallelConfig, device: torch.device,
                 init_state: dict[str, torch.Tensor] | None = None, seed: int = 0,
-                model_transform: Callable[[GPT], None] | None = None) -> Parallelized:
+                model_transform: Callable[[GPT], None] | None = None, compile_blocks: bool = False) -> Parallelized:
     """Build this rank's part of the GPT for `dims` and fill it with the initial weights.
 
-    Order: meta GPT -> model_transform -> pipeline split -> TP -> FSDP2 -> to_empty -> weights
-    -> DDP. Weights are `init_state` (full tensors by FQN, on every rank) or the reproducible init
+    Order: meta GPT -> model_transform -> pipeline split -> TP -> torch.compile per block (as
+    torchtitan: each block is compiled in place, so names and checkpoints are unchanged, and FSDP2's
+    hooks stay outside the compiled code) -> FSDP2 -> to_empty -> weights -> DDP. Weights are `init_state` (full tensors by FQN, on every rank) or the reproducible init
     of `reference_state`: every rank builds the full model on CPU and keeps its shards, which is
     exact and fine up to a few billion parameters. At larger scale the scalable path is to call
     `init_weights()` on the materialised shards (DTensor random ops, per-rank RNG offsets) or to
@@ -190,6 +191,9 @@ def parallelize(model_cfg: ModelConfig, dims: ParallelDims, cfg: ParallelConfig,
             split_stage(part, stage, n_stages)
         if dims.tp > 1:
             apply_tp(part, dims.mesh["tp"], cfg.sequence_parallel)
+        if compile_blocks:
+            for block in part.blocks.values():
+                block.compile()
         if use_fsdp:
             apply_fsdp(part, dims.mesh["dp"], dtype, reshard_after_forward=dims.pp == 1)
         _materialise(part, device)
