@@ -12,7 +12,10 @@ import os
 import sys
 import textwrap
 
+from mtnlg_ray import __version__, console
 from mtnlg_ray.errors import UserError
+
+log = logging.getLogger("mtnlg_ray.cli")  # not __name__, which is __main__ under `python -m mtnlg_ray.cli`
 
 
 def _job(args, job_name: str):
@@ -53,14 +56,14 @@ def cmd_export(args):
     from mtnlg_ray.api import export
 
     out = export(args.source, args.out, fmt=args.format, step=args.step)
-    print(f"exported {args.source} -> {out} ({args.format})")
+    log.info("exported %s -> %s (%s)", args.source, out, args.format)
 
 
 def cmd_import_hf(args):
     from mtnlg_ray.api import export
 
     out = export(args.source, args.out, fmt="native", tokenizer=args.tokenizer)
-    print(f"imported {args.source} -> {out}")
+    log.info("imported %s -> %s", args.source, out)
 
 
 def cmd_generate(args):
@@ -87,20 +90,21 @@ def cmd_plot(args):
     from mtnlg_ray.train.plot import plot_run
 
     for path in plot_run(args.run_dir):
-        print(f"wrote {path}")
+        log.info("wrote %s", path)
 
 
-def _config_cmd(p):
+def _config_cmd(p, set_example: str = "train.max_steps=20"):
     p.add_argument("config", help="job config YAML (see jobs/configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+                   help=f"override a config key, e.g. --set {set_example} (repeatable)")
 
 
 def _export_args(p):
     p.add_argument("source", help="run directory, native checkpoint, or Hugging Face GPT-2 directory")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    p.add_argument("--format", choices=["native", "hf"], default="native")
-    p.add_argument("--step", type=int, default=None, help="run directory: checkpoint at this step (default latest)")
+    p.add_argument("--format", choices=["native", "hf"], default="native",
+                   help="native: config.json + model.safetensors + tokenizer.model; hf: a transformers GPT-2 directory")
+    p.add_argument("--step", type=int, default=None, help="run directory: checkpoint at this step (default: latest)")
 
 
 def _import_args(p):
@@ -111,22 +115,23 @@ def _import_args(p):
 
 def _generate_args(p):
     p.add_argument("checkpoint", help="native checkpoint, run directory, or GPT-2 directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (stops at end-of-document)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one each run)")
 
 
 def _serve_args(p):
     p.add_argument("checkpoint", help="native checkpoint, run directory, or GPT-2 directory")
     p.add_argument("--config", default=None, help="ServeJob YAML; the flags below override it")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--min-replicas", type=int, default=None)
-    p.add_argument("--max-replicas", type=int, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--host", default=None, help="HTTP host (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port, 0 = any free one (default: serve.port, 8000)")
+    p.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (default: 1)")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (default: 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ServeJob key, e.g. --set serve.max_batch_slots=16 (repeatable)")
 
 
 def _quickstart_args(p):
@@ -136,13 +141,15 @@ def _quickstart_args(p):
 
 # name: (handler, add-arguments, one-line help, example)
 COMMANDS = {
-    "preprocess": (cmd_preprocess, _config_cmd, "clean, dedup, train a tokenizer, write Parquet shards",
+    "preprocess": (cmd_preprocess, lambda p: _config_cmd(p, "pack.seq_len=512"),
+                   "clean, dedup, train a tokenizer, write Parquet shards",
                    "mtnlg preprocess jobs/configs/preprocess/stdlib.yaml --set output_dir=data_out/py"),
     "pretrain": (cmd_pretrain, _config_cmd, "pretrain on Ray Train (FSDP / TP / PP)",
                  "mtnlg pretrain jobs/configs/pretrain/debug.yaml --set train.max_steps=50"),
     "finetune": (cmd_finetune, _config_cmd, "fine-tune (full or LoRA) from a checkpoint",
                  "mtnlg finetune jobs/configs/finetune/code.yaml"),
-    "tune": (cmd_tune, _config_cmd, "hyperparameter search on Ray Tune (ASHA)",
+    "tune": (cmd_tune, lambda p: _config_cmd(p, "finetune.train.max_steps=20"),
+             "hyperparameter search on Ray Tune (ASHA)",
              "mtnlg tune jobs/configs/finetune/tune_code.yaml"),
     "export": (cmd_export, _export_args, "consolidate a run or checkpoint (native or Hugging Face GPT-2)",
                "mtnlg export runs/pretrain --out ckpt/ --format native"),
@@ -165,7 +172,9 @@ def job_main(doc: str, job_name: str, run, argv: list[str] | None = None) -> int
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--config", required=True, help=f"{job_name} YAML (jobs/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _verbosity_args(parser)
     args = parser.parse_args(argv)
+    console.configure(1 if args.verbose else -1 if args.quiet else 0)
     try:
         out = run(_job(args, job_name))
     except UserError as err:
@@ -176,30 +185,52 @@ def job_main(doc: str, job_name: str, run, argv: list[str] | None = None) -> int
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; each option's default after its help, where it has one."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        unset = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        if action.option_strings and not unset and "%(default)" not in text and "(default:" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _verbosity_args(p, after_command: bool = False):
+    """-q / -v; after the subcommand too (`mtnlg pretrain X -q`): there the defaults are SUPPRESS,
+    so a subparser leaves the value given before the subcommand alone."""
+    group = p.add_mutually_exclusive_group()
+    unset = {"default": argparse.SUPPRESS} if after_command else {}
+    group.add_argument("-q", "--quiet", action="store_true", **unset,
+                       help="warnings, errors and results (such as generated text) only")
+    group.add_argument("-v", "--verbose", action="store_true", **unset,
+                       help="debug lines, Ray's own INFO lines and Ray Data's progress; tracebacks for bugs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtnlg", description="MT-NLG-style GPT pretraining, fine-tuning and serving on Ray.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="examples:\n" + "\n".join(f"  {ex}" for _, _, _, ex in COMMANDS.values()),
     )
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logs; tracebacks for bugs")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _verbosity_args(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (handler, add_args, help_, example) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=_HelpFormatter)
         add_args(p)
+        _verbosity_args(p, after_command=True)
         p.set_defaults(handler=handler)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s")
-    if args.quiet:
-        os.environ.setdefault("MTNLG_QUIET", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:  # one before the subcommand, one after
+        parser.error("-q/--quiet and -v/--verbose exclude each other")
+    console.configure(1 if args.verbose else -1 if args.quiet else 0)
     try:
         args.handler(args)
     except UserError as err:

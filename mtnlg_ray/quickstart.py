@@ -14,6 +14,7 @@ Outputs stay in the work directory: data/, runs/pretrain, runs/finetune, export/
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import urllib.request
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from mtnlg_ray.config import FinetuneJob, PreprocessJob, PretrainJob, ServeJob, load_job
 
+log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 # The fine-tuned task's format (data/code_task.py): a signature and a one-line docstring, sent as a
 # chat turn; the model answers with the function body.
@@ -32,7 +34,7 @@ PROMPTS = [
 
 
 def _stage(n: int, name: str, what: str) -> float:
-    print(f"\n=== [{n}/5] {name}: {what}", flush=True)
+    log.info("\n=== [%d/5] %s: %s", n, name, what)
     return time.perf_counter()
 
 
@@ -119,7 +121,7 @@ def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dic
 
     t = _stage(4, "export", "consolidate the fine-tuned run into one checkpoint")
     ckpt = export(ft_run, work / "export")
-    print(f"checkpoint: {ckpt}")
+    log.info("checkpoint: %s", ckpt)
     timings["export"] = time.perf_counter() - t
 
     t = _stage(5, "serve", "Ray Serve + OpenAI-compatible HTTP, continuous batching")

@@ -1,5 +1,7 @@
 """The one loader and the short Python API."""
 
+import os
+
 import pytest
 import torch
 
@@ -68,3 +70,17 @@ def test_from_pretrained_gpt2_directory_with_its_tokenizer(tmp_path):
     assert isinstance(tokenizer, GPT2BPETokenizer) and tokenizer.eod_id == 256
     out = model.generate(tokenizer.encode("hello", return_tensors="pt"), max_new_tokens=4)
     assert tokenizer.decode(out[0]).startswith("hello")
+
+
+@pytest.mark.parametrize("fmt", ["native", "hf"])
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_exports_carry_the_umask(ckpt, tmp_path, fmt, mask):
+    """An export is created as the user's other files are (not 0700 / 0600), so it can be shared."""
+    old = os.umask(mask)
+    try:
+        out = export(ckpt, tmp_path / "out", fmt=fmt)
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~mask)}, modes

@@ -1,15 +1,21 @@
-"""The `mtnlg` command: help for every subcommand, exit codes, one-line errors."""
+"""The `mtnlg` command: help for every subcommand, exit codes, one-line errors, --version, -q / -v, a stage's console."""
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mtnlg_ray.cli import COMMANDS
-from mtnlg_ray.config import ModelConfig
+import mtnlg_ray
+from mtnlg_ray.cli import COMMANDS, build_parser, main
+from mtnlg_ray.config import FinetuneJob, ModelConfig, PreprocessJob, PretrainJob, TuneJob, load_job
 from mtnlg_ray.model.checkpoint import save_checkpoint
 from mtnlg_ray.model.gpt import GPT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mtnlg(*args):
@@ -49,3 +55,62 @@ def test_runtime_error_exit_1_and_generate(tmp_path, tiny_tokenizer):
     assert res.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file()
     res = mtnlg("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
     assert res.returncode == 0 and (tmp_path / "back" / "manifest.json").is_file()
+
+
+def test_version():
+    res = mtnlg("--version")
+    assert (res.returncode, res.stdout) == (0, f"mtnlg {mtnlg_ray.__version__}\n")
+
+
+def test_verbosity_flags_go_before_or_after_the_subcommand():
+    parse = build_parser().parse_args
+    assert parse(["pretrain", "x.yaml", "-q"]).quiet and not parse(["pretrain", "x.yaml", "-q"]).verbose
+    assert parse(["-q", "pretrain", "x.yaml"]).quiet  # the subcommand's unset -q leaves it alone
+    assert parse(["plot", "runs/x", "--verbose"]).verbose
+    assert not parse(["plot", "runs/x"]).quiet
+    with pytest.raises(SystemExit) as exit_:
+        main(["-q", "plot", "runs/x", "-v"])
+    assert exit_.value.code == 2
+
+
+def test_quiet_after_the_subcommand_drops_info_lines(tmp_path, tiny_tokenizer):
+    cfg = ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size)
+    path = save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
+    res = mtnlg("export", str(path), "--out", str(tmp_path / "a"))
+    assert (res.returncode, res.stdout, res.stderr) == (0, f"exported {path} -> {tmp_path / 'a'} (native)\n", "")
+    res = mtnlg("export", str(path), "--out", str(tmp_path / "b"), "-q")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "") and (tmp_path / "b" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_shows_defaults_and_a_valid_set_example(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    defaults = {"export": "(default: native)", "generate": "(default: 64)", "quickstart": "(default: demo_run)",
+                "serve": "(default: serve.port, 8000)"}
+    assert defaults.get(command, "") in text
+    jobs = {"preprocess": PreprocessJob, "pretrain": PretrainJob, "finetune": FinetuneJob, "tune": TuneJob}
+    if command in jobs:  # the --set example is a key of this command's job, set on its own example config
+        example = re.search(r"e\.g\. --set (\S+)", text).group(1)
+        config = COMMANDS[command][3].split()[2]
+        load_job(ROOT / config, jobs[command], [example])
+
+
+def test_preprocess_console_without_a_terminal_is_a_few_lines(tmp_path):
+    """`mtnlg quickstart`'s first stage, stdout a pipe (as under CI or `| tee`): what it does and what
+    it wrote, and none of Ray Data's progress reports (thousands of lines before)."""
+    out = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_DATA_")}
+    env["RAY_ADDRESS"] = "local"  # its own Ray, started as `mtnlg quickstart` starts it
+    res = subprocess.run([sys.executable, "-m", "mtnlg_ray.cli", "preprocess",
+                          str(ROOT / "jobs" / "configs" / "preprocess" / "stdlib.yaml"),
+                          "--set", f"output_dir={out}", "--set", "corpus.max_files=20",
+                          "--set", "tokenizer.vocab_size=1024"],
+                         cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    lines = (res.stdout + res.stderr).splitlines()
+    assert res.returncode == 0, "\n".join(lines[-40:])
+    assert len(lines) < 60, "\n".join(lines)
+    assert f"[preprocess] wrote {out}" in res.stdout and (out / "manifest.json").is_file()
+    progress = ("Running Dataset", "Total Progress", "logging_progress", "Execution plan of", "Starting execution of")
+    assert not [x for x in lines if any(p in x for p in progress)], "\n".join(lines)

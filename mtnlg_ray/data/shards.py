@@ -41,6 +41,7 @@ from ray.data.context import DataContext
 from ray.data.expressions import col
 from tqdm import tqdm
 
+from mtnlg_ray import console
 from mtnlg_ray.config import PreprocessJob
 from mtnlg_ray.data.tokenizer import Tokenizer, cuts_are_exact, encode_documents, train_tokenizer
 from mtnlg_ray.errors import UserError
@@ -257,7 +258,9 @@ def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_r
     packed = batches.map_batches(**udf, batch_size=batch_docs, batch_format="pyarrow", num_cpus=task_cpus)
     packed.context.execution_options.preserve_order = True  # shards in document order, the same every run
     writers = {name: ShardWriter(out_root / name, rows_per_shard, seq_len + 1) for name in splits}
-    with tqdm(desc="tokenize + pack", unit=" rows", mininterval=2, disable=None) as bar:
+    # a bar while a terminal is attached (disable=None), none with -q
+    quiet = not log.isEnabledFor(logging.INFO)
+    with tqdm(desc="tokenize + pack", unit=" rows", mininterval=2, disable=True if quiet else None) as bar:
         for table in packed.iter_batches(batch_format="pyarrow", batch_size=None):
             for split, shard, rows, tail, n_docs, n_tokens in zip(*(table[c] for c in OUT_SCHEMA.names)):
                 w = writers[split.as_py()]
@@ -277,7 +280,9 @@ def pack(docs: ray.data.Dataset, tokenizer_path: str | Path, seq_len: int, out_r
 def _ensure_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS", "local")
+        ray.init(address=address, log_to_driver=False, **console.ray_init_args(address))
+    console.quiet_ray_data()
 
 
 def _tokenizer(job: PreprocessJob, docs: ray.data.Dataset, out: Path):
@@ -295,10 +300,10 @@ def _tokenizer(job: PreprocessJob, docs: ray.data.Dataset, out: Path):
     sample = [r["text"] for r in docs.filter(expr=col("split") == "train").select_columns(["text"])
               .limit(cfg.sample_docs).take_all()]
     size = "one piece per character" if cfg.model_type == "char" else f"vocab {cfg.vocab_size}"
-    print(f"[preprocess] training a {cfg.model_type} tokenizer ({size}) on {len(sample)} documents", flush=True)
+    log.info("[preprocess] training a %s tokenizer (%s) on %d documents", cfg.model_type, size, len(sample))
     tok = train_tokenizer(sample, out / "tokenizer.model", cfg.vocab_size, cfg.model_type, cfg.byte_fallback,
                           cfg.max_sentence_length, cfg.character_coverage)
-    print(f"[preprocess] trained a {cfg.model_type} tokenizer of {tok.vocab_size} pieces", flush=True)
+    log.info("[preprocess] trained a %s tokenizer of %d pieces", cfg.model_type, tok.vocab_size)
     if "vocab_size" in cfg.model_fields_set and tok.vocab_size != cfg.vocab_size:  # only a char model differs
         log.warning("tokenizer.vocab_size=%d ignored: a %s model has one piece per character kept by "
                     "tokenizer.character_coverage, plus specials and byte pieces: %d pieces",
@@ -329,15 +334,15 @@ def run_preprocess(job: PreprocessJob) -> Path:
     _ensure_ray()
     DataContext.get_current().execution_options.preserve_order = True  # deterministic shards
     out = Path(job.output_dir)
-    print(f"[preprocess] reading and cleaning the {job.corpus.kind} corpus", flush=True)
+    log.info("[preprocess] reading and cleaning the %s corpus", job.corpus.kind)
     kept, report = clean_corpus(read_corpus(job.corpus), job.clean, "corpus")
-    print(f"[preprocess] {format_report(report, 'corpus')}", flush=True)
+    log.info("[preprocess] %s", format_report(report, "corpus"))
     if job.val_corpus is None:  # a document goes to val when its split hash falls below val_fraction
         cut = int(job.pack.val_fraction * 2**64) - 2**63  # split_key is a uniform int64
         docs = kept.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"cut": cut})
     else:
         val_docs, val_report = clean_corpus(read_corpus(job.val_corpus), job.clean, "val_corpus")
-        print(f"[preprocess] {format_report(val_report, 'val_corpus')}", flush=True)
+        log.info("[preprocess] %s", format_report(val_report, "val_corpus"))
         report = {"corpus": report, "val_corpus": val_report}
         docs = kept.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"name": "train"}).union(
             val_docs.map_batches(_label_split, batch_format="pyarrow", fn_kwargs={"name": "val"}))
@@ -346,8 +351,8 @@ def run_preprocess(job: PreprocessJob) -> Path:
     docs = docs.sort(["split", "content_hash"]).materialize()
     with atomic_dir(out) as tmp:
         tok = _tokenizer(job, docs, tmp)
-        print(f"[preprocess] tokenizing and packing, {job.pack.num_actors} tokenizer {job.pack.compute} at a time",
-              flush=True)
+        log.info("[preprocess] tokenizing and packing, %d tokenizer %s at a time", job.pack.num_actors,
+                 job.pack.compute)
         stats = pack(docs, tok.path, job.pack.seq_len, tmp, job.pack.rows_per_shard, job.pack.num_actors,
                      compute=job.pack.compute)
         if not stats["train"]["documents"]:
@@ -356,7 +361,8 @@ def run_preprocess(job: PreprocessJob) -> Path:
                                   cleaning=report, config=job.model_dump(mode="json"))
     for name in ("train", "val"):
         s = manifest["splits"][name]
-        print(f"[preprocess] {name}: {s['documents']} documents, {s['doc_tokens']} tokens -> {s['rows']} rows of "
-              f"{job.pack.seq_len + 1} in {len(s['shards'])} shards ({s['dropped_tail_tokens']} tail tokens dropped)")
-    print(f"[preprocess] wrote {out} (tokenizer.model vocab {tok.vocab_size}, manifest.json, train/, val/)", flush=True)
+        log.info("[preprocess] %s: %d documents, %d tokens -> %d rows of %d in %d shards (%d tail tokens dropped)",
+                 name, s["documents"], s["doc_tokens"], s["rows"], job.pack.seq_len + 1, len(s["shards"]),
+                 s["dropped_tail_tokens"])
+    log.info("[preprocess] wrote %s (tokenizer.model vocab %d, manifest.json, train/, val/)", out, tok.vocab_size)
     return out

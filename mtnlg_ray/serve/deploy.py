@@ -17,6 +17,7 @@ concurrency (README, Results / Serving). The price: it relies on Ray's proxy cal
 Serve reads only when it creates its controller.
 """
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from mtnlg_ray import console
 from mtnlg_ray.config import ServeJob, ServeSection, apply_overrides, load_yaml, validate
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.serve.proxy import CONTROLLER_OPTIONS
 
+log = logging.getLogger(__name__)
 APP_NAME = "mtnlg"
 # Ray Serve's documented throughput setting (Performance Tuning): the replica runs our handlers on its
 # own event loop instead of a second loop thread, which saves two thread hand-offs per streamed chunk.
@@ -118,7 +121,11 @@ def deploy(job: ServeJob, name: str = APP_NAME) -> str:
         with socket.socket() as sock:
             sock.bind((cfg.host, 0))
             port = sock.getsockname()[1]
-    serve.start(http_options={"host": cfg.host, "port": port}, controller_options=CONTROLLER_OPTIONS)
+    # Serve's controller and proxy INFO lines (and its start-up lines here) only with -v; the
+    # replicas' access log is the deployment's own and stays
+    logging.getLogger("ray.serve").setLevel(console.ray_log_level())
+    serve.start(http_options={"host": cfg.host, "port": port}, controller_options=CONTROLLER_OPTIONS,
+                logging_config={"log_level": logging.getLevelName(console.ray_log_level())})
     serve.run(build_app(job), name=name, route_prefix="/")
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     return f"http://{host}:{port}"
@@ -133,11 +140,11 @@ def run_serve(args) -> None:
     """`mtnlg serve`: start (or join, via RAY_ADDRESS) Ray, deploy, print the URL, serve until Ctrl-C."""
     job = serve_job_from_args(args)
     url = deploy(job)
-    print(f"serving {job.serve.model_name} from {job.serve.checkpoint} at {url}/v1 (Ctrl-C to stop)", flush=True)
+    log.info("serving %s from %s at %s/v1 (Ctrl-C to stop)", job.serve.model_name, job.serve.checkpoint, url)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting down", flush=True)
+        log.info("shutting down")
     finally:
         shutdown()

@@ -131,17 +131,17 @@ def run_finetune(job: FinetuneJob) -> ray.train.Result:
     bundle = open_task_data(job)
     before = baseline_val_loss(job, bundle) if job.baseline_eval else None
     if before is not None:
-        print(f"validation loss of {job.init_from}: {before:.4f} (ppl {math.exp(min(before, 50)):.2f})", flush=True)
+        log.info("validation loss of %s: %.4f (ppl %.2f)", job.init_from, before, math.exp(min(before, 50)))
     run_dir = run_dir_of(job)[1]
     mode = f"LoRA rank {job.lora.rank} on {', '.join(job.lora.target_modules)}" if job.lora else "full fine-tuning"
-    print(f"fine-tuning ({mode}); run directory: {run_dir}", flush=True)
+    log.info("fine-tuning (%s); run directory: %s", mode, run_dir)
     result = fit(job, bundle)
     for path in plot_run(run_dir):
-        print(f"wrote {path}")
+        log.info("wrote %s", path)
     after = (result.metrics or {}).get("val_loss")
     if after is not None:
         line = f"validation loss after {result.metrics['step']} steps: {after:.4f}"
-        print(line + (f" (before: {before:.4f})" if before is not None else ""), flush=True)
+        log.info("%s", line + (f" (before: {before:.4f})" if before is not None else ""))
     if result.checkpoint is not None:
-        print(f"export the merged model with: mtnlg export {run_dir} --out {run_dir}/export")
+        log.info("export the merged model with: mtnlg export %s --out %s/export", run_dir, run_dir)
     return result

@@ -23,9 +23,10 @@ from pathlib import Path
 import ray
 import ray.train
 from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from mtnlg_ray import console
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.train.loop import train_loop
@@ -38,7 +39,9 @@ DATA_CPUS = 1.0  # CPUs Ray Data needs beside the workers (one read / map task a
 def ensure_ray() -> None:
     """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, **console.ray_init_args(address))
+    console.quiet_ray_data()
 
 
 def worker_range(job) -> tuple[int, int]:
@@ -187,6 +190,8 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None) -
         checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
         failure_config=FailureConfig(max_failures=job.scaling.max_failures),
         callbacks=callbacks,
+        # Ray Train's own INFO lines (worker group start, one per report) only with -v
+        logging_config=LoggingConfig(log_level=logging.getLevelName(console.ray_log_level())),
     )
     # Unsplit, in order: every worker reads the whole stream and keeps its dp slice (see loop.py).
     data_config = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
@@ -200,11 +205,11 @@ def run_pretrain(job: PretrainJob) -> ray.train.Result:
 
     trainer = build_trainer(job)
     metrics_dir = Path(trainer.train_loop_config["run"]["metrics_dir"])
-    print(f"run directory: {metrics_dir} (checkpoints, metrics.jsonl, loss.png)", flush=True)
+    log.info("run directory: %s (checkpoints, metrics.jsonl, loss.png)", metrics_dir)
     result = trainer.fit()
     for path in plot_run(metrics_dir):
-        print(f"wrote {path}")
+        log.info("wrote %s", path)
     if result.checkpoint is not None:
-        print(f"latest checkpoint: {result.checkpoint.path}\n"
-              f"export it with: mtnlg export {metrics_dir} --out {metrics_dir}/export")
+        log.info("latest checkpoint: %s\nexport it with: mtnlg export %s --out %s/export", result.checkpoint.path,
+                 metrics_dir, metrics_dir)
     return result

@@ -19,6 +19,7 @@ Every combination is validated before any trial starts.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from mtnlg_ray.config import HYPERPARAMETERS, FinetuneJob, TuneJob, apply_overrides, dump_yaml, validate
 from mtnlg_ray.errors import UserError
+
+log = logging.getLogger(__name__)
 
 METRIC = "val_loss"
 TRIAL_CPUS = 0.25  # the trial process only drives Ray Train (its workers hold the real resources)
@@ -118,10 +121,10 @@ def run_tune(job: TuneJob) -> list[dict]:
                                     max_concurrent_trials=job.tune.max_concurrent_trials),
         run_config=tune.RunConfig(name=f"{base.name}-tune", storage_path=storage, verbose=1),
     )
-    print(f"searching {len(combos)} combination(s) x {job.tune.num_samples} of {', '.join(grid)}; "
-          f"ASHA on {METRIC} over up to {max_evals} evaluation(s) per trial", flush=True)
+    log.info("searching %d combination(s) x %d of %s; ASHA on %s over up to %d evaluation(s) per trial",
+             len(combos), job.tune.num_samples, ", ".join(grid), METRIC, max_evals)
     rows = rank_trials(tuner.fit())
-    print(format_ranking(rows, max_evals), flush=True)
+    log.info("%s", format_ranking(rows, max_evals))
     best = rows[0] if rows else None
     if best is None or best["error"] is not None:
         raise UserError(f"tune: every trial failed ({best['error'] if best else 'no trials ran'})")
@@ -130,6 +133,5 @@ def run_tune(job: TuneJob) -> list[dict]:
     out = Path(job.tune.best_config_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dump_yaml(best_job, out)
-    print(f"best: {best['hp']} ({METRIC} {best['best']:.4f}); wrote {out}\nrun it with: mtnlg finetune {out}",
-          flush=True)
+    log.info("best: %s (%s %.4f); wrote %s\nrun it with: mtnlg finetune %s", best["hp"], METRIC, best["best"], out, out)
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -130,14 +131,14 @@ def test_tokenizer_vocab_mismatch_leaves_nothing(ray_session, tiny_tokenizer, tm
     assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
 
 
-def test_char_tokenizer_reports_its_real_vocabulary(ray_session, tmp_path, capsys, caplog):
+def test_char_tokenizer_reports_its_real_vocabulary(ray_session, tmp_path, caplog):
     """A char model ignores tokenizer.vocab_size (600 here): the log, a warning and the manifest say its size."""
+    caplog.set_level(logging.INFO, logger="mtnlg_ray")
     out = run_preprocess(_job(tmp_path, "c", "tokenizer.model_type=char", "corpus.max_files=8"))
     n = json.loads((out / "manifest.json").read_text())["vocab_size"]
     assert n == Tokenizer(out / "tokenizer.model").vocab_size != 600
-    log = capsys.readouterr().out
-    assert "training a char tokenizer (one piece per character)" in log
-    assert f"trained a char tokenizer of {n} pieces" in log
+    assert "training a char tokenizer (one piece per character)" in caplog.text
+    assert f"trained a char tokenizer of {n} pieces" in caplog.text
     assert "tokenizer.vocab_size=600 ignored: a char model has one piece per character" in caplog.text
     assert f"{n} pieces" in caplog.text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import yaml
 
@@ -33,19 +34,20 @@ def test_trial_job_sets_the_named_keys(tmp_path):
     assert table[1].split()[:4] == ["1", "0.01", "2", "1.5000"] and table[2].endswith("stopped early (ASHA)")
 
 
-def test_tune_ranks_the_better_learning_rate_first_and_its_config_runs(ray_session, tiny_tokenizer, tmp_path, capsys):
+def test_tune_ranks_the_better_learning_rate_first_and_its_config_runs(ray_session, tiny_tokenizer, tmp_path, capsys,
+                                                                        caplog):
     init = tiny_checkpoint(tmp_path / "init", tiny_tokenizer)
     task = write_task(tmp_path / "task")
     finetune = finetune_job(init, task, tmp_path / "runs", "toy").model_dump(mode="json")
     best_out = tmp_path / "best.yaml"
     job = validate(TuneJob, {"finetune": finetune, "tune": {"search_space": {"lr": [1e-5, 3e-3]},
                                                              "best_config_out": str(best_out)}}, "tune.yaml")
+    caplog.set_level(logging.INFO, logger="mtnlg_ray")
     rows = run_tune(job)
     assert [r["hp"]["lr"] for r in rows] == [3e-3, 1e-5]
     assert rows[0]["best"] < rows[1]["best"] and all(r["error"] is None for r in rows)
     assert rows[0]["evals"] == 2  # the better trial ran to the end: evaluations at steps 3 and 6
-    out = capsys.readouterr().out
-    assert "best: {'lr': 0.003}" in out and f"mtnlg finetune {best_out}" in out
+    assert "best: {'lr': 0.003}" in caplog.text and f"mtnlg finetune {best_out}" in caplog.text
 
     best = load_job(best_out, FinetuneJob)
     assert best.optim.lr == 3e-3 and best.scaling.name == "toy-best"

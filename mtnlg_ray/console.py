@@ -1,0 +1,102 @@
+"""What a person sees: the library's status lines through `logging`, Ray's own output kept quiet.
+
+Every module reports through `log = logging.getLogger(__name__)` and never prints (the exceptions:
+a Ray Train worker's step line, and a command's result such as generated text). `configure` (the
+CLI and the job entrypoints call it once) shows the `mtnlg_ray` records as plain lines, as print
+did: below WARNING on stdout, warnings and errors on stderr.
+
+    verbosity  -1  -q   warnings and errors only
+                0       what each stage does and what it wrote (INFO)
+                1  -v   + DEBUG lines, Ray's and Ray Train's INFO lines, Ray Data's progress reports
+
+Ray Data reports every execution (its plan, a start line and, with stdout not a terminal, a
+progress log line every few seconds per operator): thousands of lines for one preprocess. Unless
+verbose, `quiet_ray_data` turns that off in this process and the environment set by `configure`
+turns it off in the workers a local Ray starts (they inherit the driver's environment; workers of
+a cluster started elsewhere keep that cluster's settings). A Dataset captures the current
+DataContext when it is created (`ds.context`), and Ray Train the driver's when the trainer is
+built, so `quiet_ray_data` runs right after Ray starts, before either. Ray itself, Ray Train
+(RunConfig's LoggingConfig, train/trainer.py) and Serve's controller and proxy (serve/deploy.py)
+log at `ray_log_level()`: warnings unless verbose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+ROOT = "mtnlg_ray"  # the package's logger: every module's logger is below it
+LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
+# Read by Ray Data at import in every process that inherits them: no progress reports, and only
+# errors (a worker would otherwise warn once that progress bars are off; the driver, where
+# quiet_ray_data runs, shows warnings).
+QUIET_RAY_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "ERROR"}
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Plain `%(message)s` lines to the current sys.stdout (below WARNING) or sys.stderr, looked
+    up per record so that redirections made later (pytest's capture, contextlib) see them."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        super().emit(record)
+
+
+def configure(verbosity: int = 0) -> None:
+    """Show the library's records at `LEVELS[verbosity]` (idempotent: one handler however often called)."""
+    log = logging.getLogger(ROOT)
+    log.setLevel(LEVELS[max(-1, min(1, verbosity))])
+    for handler in [h for h in log.handlers if isinstance(h, ConsoleHandler)]:
+        log.removeHandler(handler)
+    log.addHandler(ConsoleHandler())
+    if verbosity < 1:
+        for key, value in QUIET_RAY_ENV.items():
+            os.environ.setdefault(key, value)  # a value the user set wins
+
+
+def verbose() -> bool:
+    """True under -v (the package logs DEBUG): Ray and Ray Data report as they do by default."""
+    return logging.getLogger(ROOT).isEnabledFor(logging.DEBUG)
+
+
+def ray_log_level() -> int:
+    """The level of Ray's own loggers (`ray`, Ray Train's): INFO only when verbose."""
+    return logging.INFO if verbose() else logging.WARNING
+
+
+def ray_init_args(address: str | None = None) -> dict:
+    """`ray.init` keyword arguments: Ray's own INFO start-up lines only when verbose; a Ray this
+    process starts (`address` "local") runs `quiet_worker` in each of its workers. (A cluster's
+    job may carry a runtime_env of its own, which a second one in ray.init would conflict with.)"""
+    args = {"logging_level": ray_log_level()}
+    if address == "local" and not verbose():
+        args["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.quiet_worker"}
+    return args
+
+
+def quiet_worker() -> None:
+    """In a Ray worker: Ray Train logs its line per report ("Reporting training result ...") under
+    its file's path (ray/train/v2/_internal/execution/context.py: `getLogger(__file__)`), outside
+    the `ray.train` logger that RunConfig's LoggingConfig filters; this lowers that one logger."""
+    import ray
+
+    path = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(path).setLevel(logging.WARNING)
+
+
+def quiet_ray_data() -> None:
+    """Unless verbose: no Ray Data progress bars or progress log lines in this process, and only
+    its warnings (QUIET_RAY_ENV does the same in the workers)."""
+    if verbose():
+        return
+    from ray.data import DataContext
+    from ray.util.debug import log_once
+
+    DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # its warning that bars are off: they are, on purpose
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

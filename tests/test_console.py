@@ -1,0 +1,56 @@
+"""console.py: the library's records as plain lines (INFO on stdout, warnings on stderr), levels by -q / -v."""
+
+import logging
+import os
+
+import pytest
+
+from mtnlg_ray import console
+
+
+@pytest.fixture
+def package_logger(monkeypatch):
+    """configure() changes the package logger and the environment: put both back afterwards."""
+    log = logging.getLogger(console.ROOT)
+    level, handlers = log.level, list(log.handlers)
+    for key in console.QUIET_RAY_ENV:  # unset now, unset afterwards (setenv records the old state)
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    yield logging.getLogger("mtnlg_ray.data.shards")
+    log.setLevel(level)
+    log.handlers[:] = handlers
+
+
+def test_default_info_on_stdout_warnings_on_stderr(package_logger, capsys):
+    console.configure(0)
+    console.configure(0)  # twice: still one handler, one line per record
+    package_logger.info("[preprocess] wrote %s", "data/")
+    package_logger.debug("hidden")
+    package_logger.warning("careful")
+    assert capsys.readouterr() == ("[preprocess] wrote data/\n", "careful\n")
+    assert not console.verbose() and console.ray_init_args() == {"logging_level": logging.WARNING}
+    assert all(os.environ[k] == v for k, v in console.QUIET_RAY_ENV.items())  # for the workers Ray starts
+
+
+def test_quiet_keeps_warnings_verbose_adds_debug(package_logger, capsys):
+    console.configure(-1)
+    package_logger.info("status")
+    package_logger.warning("careful")
+    assert capsys.readouterr() == ("", "careful\n")
+    console.configure(1)
+    package_logger.debug("detail")
+    assert capsys.readouterr().out == "detail\n"
+    assert console.verbose() and console.ray_init_args() == {"logging_level": logging.INFO}
+
+
+def test_a_local_ray_quiets_its_workers(package_logger):
+    console.configure(0)
+    hook = console.ray_init_args("local")["runtime_env"]["worker_process_setup_hook"]
+    assert hook == "mtnlg_ray.console.quiet_worker" and "runtime_env" not in console.ray_init_args("auto")
+    console.quiet_worker()
+    import ray.train.v2._internal.execution.context as train_context  # the module whose logger it lowers
+
+    assert logging.getLogger(train_context.__file__).level == logging.WARNING
+    logging.getLogger(train_context.__file__).setLevel(logging.NOTSET)
+    console.configure(1)
+    assert "runtime_env" not in console.ray_init_args("local")
