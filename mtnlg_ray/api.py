@@ -16,7 +16,7 @@ import torch
 
 from mtnlg_ray.config import ModelConfig
 from mtnlg_ray.data.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
-from mtnlg_ray.errors import UserError
+from mtnlg_ray.errors import PathError, UserError
 from mtnlg_ray.model.checkpoint import build_model, is_native_checkpoint, load_state
 from mtnlg_ray.model.convert import is_hf_gpt2_dir, load_hf_gpt2
 from mtnlg_ray.model.gpt import GPT
@@ -39,7 +39,7 @@ def load_state_any(path: str | Path, step: int | None = None) -> tuple[ModelConf
 
     p = local_source(path, step)  # a run on s3:// / gs://: its checkpoint, fetched to this node
     if not p.exists():
-        raise UserError(f"{p}: no such checkpoint, run directory or GPT-2 directory")
+        raise PathError(f"{p}: no such checkpoint, run directory or GPT-2 directory")
     if is_native_checkpoint(p):
         cfg, tensors, meta = load_state(p)
         return cfg, tensors, find_tokenizer(p), meta

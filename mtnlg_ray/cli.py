@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 from mtnlg_ray import __version__, console
-from mtnlg_ray.errors import UserError
+from mtnlg_ray.errors import PathError, UserError
 
 log = logging.getLogger("mtnlg_ray.cli")  # not __name__, which is __main__ under `python -m mtnlg_ray.cli`
 
@@ -33,16 +33,22 @@ def cmd_preprocess(args):
 
 def cmd_pretrain(args):
     job = _job(args, "PretrainJob")  # validate before importing Ray and torch
+    from mtnlg_ray.train.preflight import plan_pretrain
+
+    start = plan_pretrain(job, args.resume)  # paths, model against data, --resume: still no Ray or torch
     from mtnlg_ray.train.trainer import run_pretrain
 
-    run_pretrain(job)
+    run_pretrain(job, start)
 
 
 def cmd_finetune(args):
     job = _job(args, "FinetuneJob")  # validate before importing Ray and torch
+    from mtnlg_ray.train.preflight import check_finetune_inputs
+
+    check_finetune_inputs(job, args.resume)  # paths and --resume; the start point is read with torch
     from mtnlg_ray.train.finetune import run_finetune
 
-    run_finetune(job)
+    run_finetune(job, args.resume)
 
 
 def cmd_tune(args):
@@ -52,7 +58,14 @@ def cmd_tune(args):
     run_tune(job)
 
 
+def _require(path: str, what: str) -> None:
+    """A missing local input path is a usage error, found before torch or Ray is imported."""
+    if "://" not in path and not os.path.exists(path):
+        raise PathError(f"{path}: no such {what}")
+
+
 def cmd_export(args):
+    _require(args.source, "run directory, checkpoint or GPT-2 directory")
     from mtnlg_ray.api import export
 
     out = export(args.source, args.out, fmt=args.format, step=args.step)
@@ -60,6 +73,9 @@ def cmd_export(args):
 
 
 def cmd_import_hf(args):
+    _require(args.source, "GPT-2 directory")
+    if args.tokenizer:
+        _require(args.tokenizer, "tokenizer file")
     from mtnlg_ray.api import export
 
     out = export(args.source, args.out, fmt="native", tokenizer=args.tokenizer)
@@ -67,6 +83,7 @@ def cmd_import_hf(args):
 
 
 def cmd_generate(args):
+    _require(args.checkpoint, "checkpoint, run directory or GPT-2 directory")
     from mtnlg_ray.api import generate_text
 
     text = generate_text(args.checkpoint, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -75,6 +92,7 @@ def cmd_generate(args):
 
 
 def cmd_serve(args):
+    _require(args.checkpoint, "checkpoint, run directory or GPT-2 directory")
     from mtnlg_ray.serve.app import run_serve
 
     run_serve(args)
@@ -87,6 +105,7 @@ def cmd_quickstart(args):
 
 
 def cmd_plot(args):
+    _require(args.run_dir, "run directory")
     from mtnlg_ray.train.plot import plot_run
 
     for path in plot_run(args.run_dir):
@@ -97,6 +116,14 @@ def _config_cmd(p, set_example: str = "train.max_steps=20"):
     p.add_argument("config", help="job config YAML (see jobs/configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key, e.g. --set {set_example} (repeatable)")
+
+
+def _train_cmd(p):
+    _config_cmd(p)
+    p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto: continue the run in scaling.storage_path/name if it has checkpoints; never: refuse "
+                   "to start where a run exists; PATH: a new run starts from this checkpoint or run directory "
+                   "(the model, tokenizer, seq_len and data must match it)")
 
 
 def _export_args(p):
@@ -144,9 +171,9 @@ COMMANDS = {
     "preprocess": (cmd_preprocess, lambda p: _config_cmd(p, "pack.seq_len=512"),
                    "clean, dedup, train a tokenizer, write Parquet shards",
                    "mtnlg preprocess jobs/configs/preprocess/stdlib.yaml --set output_dir=data_out/py"),
-    "pretrain": (cmd_pretrain, _config_cmd, "pretrain on Ray Train (FSDP / TP / PP)",
+    "pretrain": (cmd_pretrain, _train_cmd, "pretrain on Ray Train (FSDP / TP / PP)",
                  "mtnlg pretrain jobs/configs/pretrain/debug.yaml --set train.max_steps=50"),
-    "finetune": (cmd_finetune, _config_cmd, "fine-tune (full or LoRA) from a checkpoint",
+    "finetune": (cmd_finetune, _train_cmd, "fine-tune (full or LoRA) from a checkpoint",
                  "mtnlg finetune jobs/configs/finetune/code.yaml"),
     "tune": (cmd_tune, lambda p: _config_cmd(p, "finetune.train.max_steps=20"),
              "hyperparameter search on Ray Tune (ASHA)",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_probe import heavy, probe
 
 import mtnlg_ray
 from mtnlg_ray.cli import COMMANDS, build_parser, main
@@ -43,9 +44,7 @@ def test_usage_error_exit_2():
     assert mtnlg("frobnicate").returncode == 2
 
 
-def test_runtime_error_exit_1_and_generate(tmp_path, tiny_tokenizer):
-    res = mtnlg("generate", str(tmp_path / "missing"), "--prompt", "x")
-    assert res.returncode == 1 and "Traceback" not in res.stderr and "no such checkpoint" in res.stderr
+def test_generate_export_and_import_hf(tmp_path, tiny_tokenizer):
     cfg = ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size)
     torch.manual_seed(0)
     path = save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
@@ -55,6 +54,54 @@ def test_runtime_error_exit_1_and_generate(tmp_path, tiny_tokenizer):
     assert res.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file()
     res = mtnlg("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
     assert res.returncode == 0 and (tmp_path / "back" / "manifest.json").is_file()
+
+
+def write_yaml(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["pretrain", "finetune", "export", "generate", "serve", "plot"])
+def test_a_missing_path_is_one_line_exit_2_before_ray_or_torch(tmp_path, case):
+    missing = tmp_path / "missing"
+    runs = tmp_path / "runs"
+    args, line = {
+        "pretrain": (["pretrain", write_yaml(tmp_path / "p.yaml", f"data: {{datasets: [{{path: {missing}}}]}}\n"
+                                            f"scaling: {{storage_path: {runs}}}\n")],
+                     f"data.datasets[0].path: {missing}: no such dataset directory (mtnlg preprocess writes one)"),
+        "finetune": (["finetune", write_yaml(tmp_path / "f.yaml", f"init_from: {missing}\n"
+                                            f"scaling: {{storage_path: {runs}}}\n")],
+                     f"init_from: {missing}: no such checkpoint, run directory or GPT-2 directory"),
+        "export": (["export", str(missing), "--out", str(tmp_path / "out")],
+                   f"{missing}: no such run directory, checkpoint or GPT-2 directory"),
+        "generate": (["generate", str(missing), "--prompt", "x"],
+                     f"{missing}: no such checkpoint, run directory or GPT-2 directory"),
+        "serve": (["serve", str(missing), "--port", "0"],
+                  f"{missing}: no such checkpoint, run directory or GPT-2 directory"),
+        "plot": (["plot", str(missing)], f"{missing}: no such run directory"),
+    }[case]
+    res, seconds = probe(*args)
+    assert (res.returncode, res.stderr) == (2, f"error: {line}\n")
+    assert heavy(res) == "heavy: []"  # refused before torch or Ray was imported
+    assert {p.name for p in tmp_path.iterdir()} <= {"p.yaml", "f.yaml"}  # no run, output or export written
+    assert seconds < 4, seconds
+
+
+def test_help_and_config_errors_stay_fast(tmp_path):
+    res, seconds = probe("--help")
+    assert res.returncode == 0 and heavy(res) == "heavy: []" and seconds < 4, seconds
+    res, seconds = probe("pretrain", write_yaml(tmp_path / "p.yaml", "train: {max_steps: 0}\n"))
+    assert res.returncode == 2 and res.stderr.startswith("error: p.yaml: train.max_steps:")
+    assert heavy(res) == "heavy: []" and seconds < 4, seconds
+
+
+def test_pretrain_refuses_a_missing_resume_path_before_ray(tmp_path, cluster_pretrain_data):
+    runs, missing = tmp_path / "runs", tmp_path / "nope"
+    cfg = write_yaml(tmp_path / "p.yaml", f"data: {{datasets: [{{path: {cluster_pretrain_data}}}]}}\n"
+                                          f"model: {{preset: debug, max_seq_len: 64}}\nscaling: {{storage_path: {runs}}}\n")
+    res, seconds = probe("pretrain", cfg, "--resume", str(missing))
+    assert (res.returncode, res.stderr) == (2, f"error: --resume {missing}: no such checkpoint or run directory\n")
+    assert heavy(res) == "heavy: []" and not runs.exists() and seconds < 4, seconds
 
 
 def test_version():

@@ -21,9 +21,11 @@ Stages (each spreads over the cluster)
 
 Report (goes into manifest.json["cleaning"] and is printed)
     documents_read, documents_kept, dropped {reason: count} (malformed_json, missing_field,
-    empty, too_short, too_long, exact_duplicate, near_duplicate), utf8_replaced (documents whose
-    invalid UTF-8 was replaced, kept), bad_records (malformed + missing + utf8_replaced),
-    bad_examples (the first few "file:line: what" lines).
+    binary, empty, too_short, too_long, exact_duplicate, near_duplicate), utf8_replaced (documents
+    whose invalid UTF-8 was replaced, kept), bad_records (malformed + missing + utf8_replaced),
+    bad_examples (the first few "file:line: what" lines, binary files included). Binary files
+    (data/readers.py) are dropped, not bad records: a folder may hold a stray image without the
+    corpus being broken.
 More than `max_bad_fraction` bad records is a one-line UserError; so is nothing left, naming each filter
 that removed documents and its config key (a ConfigError, exit 2, when a filter's setting emptied the corpus).
 """
@@ -46,8 +48,11 @@ from mtnlg_ray.config import CleanConfig
 from mtnlg_ray.errors import ConfigError, UserError
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Cc minus \t (09) and \n (0a)
-REASONS = ("malformed_json", "missing_field", "empty", "too_short", "too_long", "exact_duplicate", "near_duplicate")
+REASONS = ("malformed_json", "missing_field", "binary", "empty", "too_short", "too_long", "exact_duplicate", "near_duplicate")
 BAD_INPUT = ("malformed_json", "missing_field")
+EXAMPLES = (*BAD_INPUT, "binary")  # records shown in bad_examples
+BUCKET_SCHEMA = pa.schema([("bucket", pa.int64()), ("doc_id", pa.int64()), ("content_hash", pa.int64()),
+                           ("minhash", pa.binary())])
 MINHASH_SEED = 1  # fixed: signatures must agree across workers and runs
 MAX_EXAMPLES = 5
 
@@ -115,19 +120,24 @@ def _mark(batch: pa.Table, cfg: CleanConfig) -> pa.Table:
             .append_column("minhash", pa.array(sigs, pa.binary())))
 
 
-def _bucket_rows(batch: dict, bands: int, near: bool) -> dict:
-    """Stage 2a: one (bucket, doc_id, content_hash, signature) row per LSH band of each document.
+def _bucket_rows(batch: pa.Table, bands: int, near: bool) -> pa.Table:
+    """Stage 2a: one (bucket, doc_id, content_hash, signature) row per LSH band of each kept document.
 
     Without near-dedup a document has one bucket, its content hash: exact dedup is LSH with one band.
+    The filter to kept documents happens here, on blocks that always hold rows, and the result has
+    BUCKET_SCHEMA even when no document of the block was kept: Ray Data turns a map task's empty
+    output into a block without columns, and the shuffle cannot concatenate that with the others.
     """
-    n = len(batch["doc_id"])
+    kept = batch.filter(pc.equal(batch["status"], ""))
+    ids, hashes = kept["doc_id"].to_numpy(), kept["content_hash"].to_numpy()
     if not near:
-        return {"bucket": batch["content_hash"], "doc_id": batch["doc_id"], "content_hash": batch["content_hash"],
-                "minhash": np.array([b""] * n, dtype=object)}
-    keys = [band_keys(np.frombuffer(sig, np.uint32), bands) for sig in batch["minhash"]]
-    return {"bucket": np.concatenate(keys) if keys else np.array([], np.int64),
-            "doc_id": np.repeat(batch["doc_id"], bands), "content_hash": np.repeat(batch["content_hash"], bands),
-            "minhash": np.repeat(batch["minhash"], bands)}
+        return pa.table({"bucket": hashes, "doc_id": ids, "content_hash": hashes,
+                         "minhash": [b""] * len(ids)}, schema=BUCKET_SCHEMA)
+    sigs = kept["minhash"].to_pylist()
+    keys = [band_keys(np.frombuffer(sig, np.uint32), bands) for sig in sigs]
+    return pa.table({"bucket": np.concatenate(keys) if keys else np.array([], np.int64),
+                     "doc_id": np.repeat(ids, bands), "content_hash": np.repeat(hashes, bands),
+                     "minhash": [sig for sig in sigs for _ in range(bands)]}, schema=BUCKET_SCHEMA)
 
 
 def _bucket_dups(group: dict, threshold: float, near: bool) -> dict:
@@ -155,12 +165,12 @@ def _apply_drops(batch: pa.Table, exact: np.ndarray, near: np.ndarray) -> pa.Tab
     return batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status.tolist(), pa.string()))
 
 
-def _duplicates(ok: ray.data.Dataset, cfg: CleanConfig, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+def _duplicates(marked: ray.data.Dataset, cfg: CleanConfig, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: (exact duplicate ids, near duplicate ids) by a group-by on LSH bucket keys."""
     rows = n_docs * (cfg.bands if cfg.near_dedup else 1)
     partitions = int(min(200, max(2, rows // 200_000)))
-    dups = (ok.select_columns(["doc_id", "content_hash", "minhash"])
-            .map_batches(_bucket_rows, batch_format="numpy", fn_kwargs={"bands": cfg.bands, "near": cfg.near_dedup})
+    dups = (marked.select_columns(["doc_id", "status", "content_hash", "minhash"])
+            .map_batches(_bucket_rows, batch_format="pyarrow", fn_kwargs={"bands": cfg.bands, "near": cfg.near_dedup})
             .groupby("bucket", num_partitions=partitions)
             .map_groups(_bucket_dups, batch_format="numpy",
                         fn_kwargs={"threshold": cfg.threshold, "near": cfg.near_dedup}))
@@ -181,7 +191,7 @@ def clean_corpus(docs: ray.data.Dataset, cfg: CleanConfig, name: str = "corpus")
     exact = near = np.array([], np.int64)
     n_ok = stats["counts"].get("", 0)
     if n_ok and (cfg.exact_dedup or cfg.near_dedup):
-        exact, near = _duplicates(marked.map_batches(_only_kept, batch_format="pyarrow"), cfg, n_ok)
+        exact, near = _duplicates(marked, cfg, n_ok)
         if not cfg.exact_dedup:  # near-dedup alone still drops exact copies, counted as near duplicates
             near, exact = np.union1d(near, exact), np.array([], np.int64)
     report = _report(stats, len(exact), len(near))
@@ -201,7 +211,7 @@ def _stats_row(batch: pa.Table) -> pa.Table:
     counts = {}
     for st in batch["status"].to_pylist():
         counts[st] = counts.get(st, 0) + 1
-    bad = batch.filter(pc.or_(pc.is_in(batch["status"], pa.array(BAD_INPUT)), batch["utf8_replaced"]))
+    bad = batch.filter(pc.or_(pc.is_in(batch["status"], pa.array(EXAMPLES)), batch["utf8_replaced"]))
     examples = [f"{src}: {note or 'invalid UTF-8 replaced by U+FFFD'}"
                 for src, note in zip(bad["source"].to_pylist()[:MAX_EXAMPLES], bad["note"].to_pylist())]
     return pa.table({"first_doc": [batch["doc_id"][0].as_py() if batch.num_rows else 0],
@@ -253,6 +263,7 @@ def _empty_causes(dropped: dict, cfg: CleanConfig, name: str) -> list[tuple[str,
         "too_short": (f"shorter than clean.min_chars={cfg.min_chars} (lower clean.min_chars)", "clean.min_chars"),
         "missing_field": (f"lacking the string field that {text_field} names", text_field),
         "malformed_json": ("not valid JSON", None),
+        "binary": ("binary files, not text", None),
         "empty": ("empty or blank", None),
         # the first document of every duplicate cluster is kept, so these never empty a corpus alone
         "exact_duplicate": ("exact duplicates (clean.exact_dedup)", "clean.exact_dedup"),

@@ -15,15 +15,23 @@ hdfs://, file://). Compressed files (.gz, .bz2, .zst) are decompressed by suffix
 read in sorted order; `max_files` keeps the first N.
 
 Rows: doc_id int64 (file index << 32 | record number: unique and stable), text, source
-("path:line" where the record starts), status ("" or a bad-input reason: malformed_json,
-missing_field), note (what was wrong, for the report), utf8_replaced (invalid UTF-8 bytes were
-replaced by U+FFFD; the document is kept and counted).
+("path:line" where the record starts), status ("" or why the record is not a document:
+malformed_json, missing_field, binary), note (what was wrong, for the report), utf8_replaced
+(invalid UTF-8 bytes were replaced by U+FFFD; the document is kept and counted).
+
+Binary files: the first SNIFF_BYTES of every text / JSONL file are checked (as git and grep do):
+a NUL byte, or more than BINARY_SHARE of the characters invalid UTF-8, makes the whole file one
+`binary` record (an image or archive in a corpus folder is not text with a few bad bytes; left
+in, its replacement characters would reach the tokenizer sample and the shards). A file with no
+records at all (empty, or only blank lines) is one empty document, so the cleaning report counts
+it under `empty` and every file yields at least one row.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import itertools
 import json
 import os
 import sysconfig
@@ -44,12 +52,15 @@ TEST_DIRS = {"test", "tests", "idle_test"}
 SCHEMA = pa.schema([("doc_id", pa.int64()), ("text", pa.string()), ("source", pa.string()),
                     ("status", pa.string()), ("note", pa.string()), ("utf8_replaced", pa.bool_())])
 BATCH_DOCS = 512  # documents per emitted block: a huge line-mode file streams out in pieces
+SNIFF_BYTES = 8192  # the start of a file that decides binary or text
+# Latin-1 text read as UTF-8 loses a few percent of its characters; random bytes about half
+BINARY_SHARE = 0.1
 
 
 class Record(NamedTuple):
     text: str
     line: int            # 1-based line where the record starts (1 for file mode)
-    status: str = ""     # "" or malformed_json / missing_field
+    status: str = ""     # "" or malformed_json / missing_field / binary
     note: str = ""
     utf8_replaced: bool = False
 
@@ -133,6 +144,17 @@ def _decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
+def binary_reason(head: bytes) -> str:
+    """Why bytes from the start of a file are binary content, or "" when they read as text."""
+    if b"\x00" in head:
+        return "binary content (NUL bytes)"
+    text = head.decode("utf-8", errors="replace")
+    share = text.count("\ufffd") / max(1, len(text))
+    if share > BINARY_SHARE:
+        return f"binary content ({share:.0%} of the characters are not valid UTF-8)"
+    return ""
+
+
 def _lines(stream) -> Iterator[tuple[int, bytes]]:
     for n, raw in enumerate(stream, start=1):
         yield n, raw.rstrip(b"\r\n")
@@ -147,6 +169,10 @@ def iter_records(path: str, kind: str, text_mode: str = "file", text_field: str 
         return
     with fs.open_input_stream(p, compression="detect") as raw_stream:
         stream = _LineReader(raw_stream)
+        why = binary_reason(stream.peek(SNIFF_BYTES))
+        if why:
+            yield Record("", 1, "binary", why)
+            return
         if kind == "stdlib" or (kind == "text" and text_mode == "file"):
             text, bad = _decode(stream.read_all())
             yield Record(text, 1, utf8_replaced=bad)
@@ -195,24 +221,40 @@ def _parquet_records(pf: pq.ParquetFile, path: str, field: str) -> Iterator[Reco
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             n += 1
-            if isinstance(value, str):
+            if isinstance(value, str) and "\x00" in value:
+                yield Record("", n, "binary", "binary content (NUL characters)")
+            elif isinstance(value, str):
                 yield Record(value, n)
             else:
                 yield Record("", n, "missing_field", f"column {field!r} is null", False)
 
 
 class _LineReader:
-    """Binary line iteration (and read-all) over a pyarrow input stream."""
+    """Binary line iteration (and read-all) over a pyarrow input stream, after an optional peek."""
 
     def __init__(self, stream, chunk: int = 1 << 20):
-        self.stream, self.chunk = stream, chunk
+        self.stream, self.chunk, self.head = stream, chunk, b""
+
+    def peek(self, n: int) -> bytes:
+        """The first n bytes (fewer at the end of the stream), still to be read after."""
+        while len(self.head) < n and (more := self.stream.read(n - len(self.head))):
+            self.head += more
+        return self.head
 
     def read_all(self) -> bytes:
-        return self.stream.read()
+        head, self.head = self.head, b""
+        return head + self.stream.read()
+
+    def _chunks(self) -> Iterator[bytes]:
+        head, self.head = self.head, b""
+        if head:
+            yield head
+        while chunk := self.stream.read(self.chunk):
+            yield chunk
 
     def __iter__(self) -> Iterator[bytes]:
         rest = b""
-        while chunk := self.stream.read(self.chunk):
+        for chunk in self._chunks():
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
             for line in lines:
@@ -238,7 +280,11 @@ def _read_files(batch: dict, kind: str, text_mode: str, text_field: str) -> Iter
     """map_batches UDF: a batch of (file_index, path) rows -> blocks of document rows."""
     for file_index, path in zip(batch["file_index"].tolist(), batch["path"].tolist()):
         rows: dict[str, list] = {name: [] for name in SCHEMA.names}
-        for i, rec in enumerate(iter_records(path, kind, text_mode, text_field)):
+        records = iter_records(path, kind, text_mode, text_field)
+        first = next(records, None)
+        # a file without records is one empty document, counted under `empty` in the report
+        records = [Record("", 1)] if first is None else itertools.chain([first], records)
+        for i, rec in enumerate(records):
             rows["doc_id"].append((file_index << 32) | i)
             rows["text"].append(rec.text)
             rows["source"].append(f"{path}:{rec.line}")

@@ -28,7 +28,7 @@ from ray.serve import Application
 
 from mtnlg_ray import console
 from mtnlg_ray.config import ServeJob, ServeSection, apply_overrides, load_yaml, validate
-from mtnlg_ray.errors import ConfigError, UserError
+from mtnlg_ray.errors import ConfigError, PathError, UserError
 from mtnlg_ray.serve.proxy import CONTROLLER_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def check_checkpoint(path: str) -> None:
 
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: no such checkpoint, run directory or GPT-2 directory")
+        raise PathError(f"{p}: no such checkpoint, run directory or GPT-2 directory")
     if is_native_checkpoint(p) or is_hf_gpt2_dir(p):
         if not (p / TOKENIZER).is_file():
             raise UserError(f"{p}: has no {TOKENIZER}; the server needs a tokenizer to read text")

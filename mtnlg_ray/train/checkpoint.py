@@ -27,7 +27,6 @@ import json
 import logging
 import pickle
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -51,15 +50,15 @@ from torch.distributed.checkpoint.state_dict import (
 from torch import nn
 
 from mtnlg_ray.config import ModelConfig, validate
-from mtnlg_ray.errors import UserError
+from mtnlg_ray.errors import PathError, UserError
 from mtnlg_ray.fileio import file_sha256
 from mtnlg_ray.model.checkpoint import CONFIG, FORMAT_VERSION, MANIFEST, TOKENIZER, read_config
 from mtnlg_ray.train.optim import Optimizers
+from mtnlg_ray.train.storage import CKPT_RE, step_of
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
-CKPT_RE = re.compile(r"^checkpoint_(\d{8})_")
 OPTIM_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
@@ -144,11 +143,6 @@ def verify_checkpoint(directory: Path) -> str | None:
         dist.all_gather_object(problems, problem)
         problem = next((p for p in problems if p), None)
     return problem
-
-
-def step_of(directory: Path) -> int:
-    m = CKPT_RE.match(directory.name)
-    return int(m.group(1)) if m else -1
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -321,7 +315,7 @@ def load_run_state(path: str | Path, step: int | None = None) -> tuple[ModelConf
     """
     p = Path(path)
     if not p.is_dir():
-        raise UserError(f"{p}: no such run or checkpoint directory")
+        raise PathError(f"{p}: no such run or checkpoint directory")
     ckpt = pick_checkpoint(p, step)
     cfg, meta = read_config(ckpt)
     tensors = consolidate(ckpt)

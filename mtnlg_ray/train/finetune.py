@@ -11,7 +11,8 @@
 Hugging Face GPT-2 directory that holds our tokenizer.model (as `mtnlg export --format hf`
 writes it): the chat template needs the tokenizer's role tokens. Re-running the same config
 resumes from the run's latest checkpoint, as pretraining does (the dataset is rebuilt
-identically: preparation is deterministic).
+identically: preparation is deterministic); `--resume never|PATH` and the check that the
+checkpoint fits the job run in `plan_start`, before Ray starts (train/resume.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import ray.train
 import torch
 
 from mtnlg_ray.config import DataConfig, DatasetSpec, FinetuneJob
-from mtnlg_ray.errors import UserError
+from mtnlg_ray.errors import PathError, UserError
 
 log = logging.getLogger(__name__)
 TOKENIZER = "tokenizer.model"
@@ -40,7 +42,7 @@ def init_tokenizer(path: str | Path) -> Path:
 
     p = local_source(path)
     if not p.exists():
-        raise UserError(f"init_from: {p}: no such checkpoint, run directory or GPT-2 directory")
+        raise PathError(f"init_from: {p}: no such checkpoint, run directory or GPT-2 directory")
     tok = (p if is_native_checkpoint(p) or is_hf_gpt2_dir(p) else pick_checkpoint(p)) / TOKENIZER
     if not tok.is_file():
         raise UserError(f"init_from: {path} has no {TOKENIZER}; fine-tuning needs the SentencePiece model the "
@@ -60,20 +62,44 @@ def resolve_paths(job: FinetuneJob) -> FinetuneJob:
                                   "output_dir": str(Path(job.output_dir).resolve()), "sft": sft})
 
 
-def prepare_data(job: FinetuneJob, require_val: bool = False) -> FinetuneJob:
-    """Check the start point against the tokenizer, write the task dataset; returns the resolved job.
+class Start(NamedTuple):
+    """Where a fine-tuning run starts, checked before Ray starts (`plan_start`)."""
+
+    job: FinetuneJob             # paths made absolute
+    tokenizer: Path              # the tokenizer.model of the task data
+    resume_from: str | None      # --resume PATH: the checkpoint a new run starts from
+
+
+def plan_start(job: FinetuneJob, resume: str | None = None) -> Start:
+    """The start point against the tokenizer, and with `resume` (auto, never or PATH) the run
+    directory and the checkpoint it resumes from against the job (train/resume.py); no Ray.
 
     A model whose vocabulary differs from the tokenizer's, or whose context is shorter than
-    sft.seq_len, is refused before any data is written; so are splits too small for one
-    micro-batch (the loop could not train, or could not evaluate), and, with `require_val`, a
-    task without validation data."""
-    from mtnlg_ray.data.sft import prepare_sft
+    sft.seq_len, is refused; so is a resume that changes the model, tokenizer, LoRA shape or task data."""
     from mtnlg_ray.data.tokenizer import Tokenizer
-    from mtnlg_ray.train.trainer import ensure_ray, model_config
+    from mtnlg_ray.fileio import file_sha256
+    from mtnlg_ray.train.preflight import check_finetune_inputs, model_config
+    from mtnlg_ray.train.resume import check_resume, identity
 
+    check_finetune_inputs(job, None)  # paths; --resume below, once the job's identity is known
     job = resolve_paths(job)
     tok_path = Path(job.sft.tokenizer) if job.sft.tokenizer else init_tokenizer(job.init_from)
-    model_config(job, Tokenizer(tok_path).vocab_size, job.sft.seq_len, tok_path)  # vocab and length checks
+    cfg = model_config(job, Tokenizer(tok_path).vocab_size, job.sft.seq_len, tok_path)  # vocab and length checks
+    start_from = None
+    if resume is not None:
+        ident = identity(job, cfg.model_dump(mode="json"), file_sha256(tok_path), job.sft.seq_len)
+        start_from = check_resume(job, resume, ident)
+    return Start(job, tok_path, start_from)
+
+
+def prepare_data(job: FinetuneJob, require_val: bool = False, start: Start | None = None) -> FinetuneJob:
+    """Write the task dataset (after `plan_start`'s checks, which `start` says were done); returns
+    the resolved job. Splits too small for one micro-batch are refused (the loop could not train,
+    or could not evaluate); so, with `require_val`, is a task without validation data."""
+    from mtnlg_ray.data.sft import prepare_sft
+    from mtnlg_ray.train.trainer import ensure_ray
+
+    job, tok_path, _ = start or plan_start(job)
     ensure_ray()
     splits = prepare_sft(job.sft, tok_path, job.output_dir)["splits"]
     mb = job.train.micro_batch_size
@@ -115,19 +141,21 @@ def baseline_val_loss(job: FinetuneJob, bundle) -> float | None:
     return total / tokens if tokens else None
 
 
-def fit(job: FinetuneJob, bundle, callbacks=None) -> ray.train.Result:
+def fit(job: FinetuneJob, bundle, callbacks=None, resume_from: str | None = None) -> ray.train.Result:
     """Run (or resume) the fine-tuning job on Ray Train with the pretraining trainer."""
     from mtnlg_ray.train.trainer import build_trainer
 
-    return build_trainer(job, bundle, callbacks=callbacks).fit()
+    return build_trainer(job, bundle, callbacks=callbacks, resume_from=resume_from).fit()
 
 
-def run_finetune(job: FinetuneJob) -> ray.train.Result:
-    """`mtnlg finetune`: prepare the task data, report the starting validation loss, train, summarise."""
+def run_finetune(job: FinetuneJob, resume: str = "auto") -> ray.train.Result:
+    """`mtnlg finetune`: prepare the task data, report the starting validation loss, train, summarise.
+    `resume`: auto, never or a checkpoint path (train/resume.py), checked before Ray starts."""
     from mtnlg_ray.train.plot import plot_run
     from mtnlg_ray.train.trainer import run_dir_of
 
-    job = prepare_data(job)
+    start = plan_start(job, resume)
+    job = prepare_data(job, start=start)
     bundle = open_task_data(job)
     before = baseline_val_loss(job, bundle) if job.baseline_eval else None
     if before is not None:
@@ -135,7 +163,7 @@ def run_finetune(job: FinetuneJob) -> ray.train.Result:
     run_dir = run_dir_of(job)[1]
     mode = f"LoRA rank {job.lora.rank} on {', '.join(job.lora.target_modules)}" if job.lora else "full fine-tuning"
     log.info("fine-tuning (%s); run directory: %s", mode, run_dir)
-    result = fit(job, bundle)
+    result = fit(job, bundle, resume_from=start.resume_from)
     for path in plot_run(run_dir):
         log.info("wrote %s", path)
     after = (result.metrics or {}).get("val_loss")

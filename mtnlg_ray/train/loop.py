@@ -332,7 +332,7 @@ def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimi
         return
     trainer_state = {**asdict(state), "tokens": state.consumed_samples * run["seq_len"],
                      "micro_batch_size": config_json["job"]["train"]["micro_batch_size"], "time": time.time(),
-                     "run_start": run["start_time"]}
+                     "run_start": run["start_time"], "identity": run.get("identity")}
     local = ckpt.save(model.parts, optimizers, trainer_state, config_json, run["tokenizer_path"])
     if metrics_log is not None and metrics_log.path.is_file():
         shutil.copyfile(metrics_log.path, local / METRICS_FILE)  # the run's history travels with it
@@ -355,11 +355,13 @@ def _add_to_manifest(directory: Path, name: str) -> None:
 
 def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None, run: dict):
     """(TrainState, clock) from the newest valid checkpoint Ray knows of (an older one when it is
-    corrupted), or a fresh start. clock() gives the run's wall seconds: since the command started
-    (`run["start_time"]`), plus, when resuming a run an earlier command started, the seconds that
-    one had reached at its checkpoint."""
+    corrupted), else from `run["resume_from"]` (--resume PATH), or a fresh start. clock() gives
+    the run's wall seconds: since the command started (`run["start_time"]`), plus, when resuming
+    a run an earlier command started, the seconds that one had reached at its checkpoint."""
     start = run["start_time"]
     latest = ray.train.get_checkpoint()
+    if latest is None and run.get("resume_from"):  # --resume PATH, until the run has checkpoints of its own
+        latest = ray.train.Checkpoint(run["resume_from"])
     if latest is None:
         return TrainState(), lambda: time.time() - start
     path, skipped = resolve_resume_from(latest)  # remote storage: fetched to this node first

@@ -22,6 +22,7 @@ its own disk, and resume (or export) would find an incomplete checkpoint.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +33,25 @@ NETWORK_FS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
     "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.mount-s3",
 })
+
+
+# The checkpoint directories of a run: checkpoint_{step:08d}_{time} (train/checkpoint.py names them).
+# Here, with no torch import, so the checks that run before Ray starts can list a run's checkpoints.
+CKPT_RE = re.compile(r"^checkpoint_(\d{8})_")
+
+
+def step_of(directory: str | Path) -> int:
+    """The step of a checkpoint directory (path or URI), -1 for any other name."""
+    m = CKPT_RE.match(str(directory).rstrip("/").rpartition("/")[2])
+    return int(m.group(1)) if m else -1
+
+
+def run_location(storage_path: str, name: str) -> str:
+    """Where a run's checkpoints go: `storage_path/name`, a URI or an absolute local path. Asks no
+    Ray (whether a local path may be used at all is `check_storage_path`'s question)."""
+    if is_uri(storage_path):
+        return storage_path.rstrip("/") + "/" + name
+    return os.path.join(os.path.abspath(os.path.expanduser(storage_path.removeprefix("file://"))), name)
 
 
 def is_uri(path: str) -> bool:

@@ -5,7 +5,9 @@
                                                       RunConfig: storage_path/name, keep K, max_failures
     result   = trainer.fit()                          resumes when storage_path/name has checkpoints
 
-Everything that can be refused is refused here, before any worker starts, with one line:
+Before Ray starts, `run_pretrain` runs train/preflight.py: the dataset directories, the model
+against their tokenizer and rows, and --resume with its compatibility check (train/resume.py).
+What needs the cluster is refused here, before any worker starts, with one line:
 the parallel layout for every worker count the run may get (an elastic [min, max] run may start
 with any count in the range), the micro-batch against the pipeline's chunks, the model against
 the dataset's tokenizer and sequence length, and a layout that would leave Ray Data no CPU (its
@@ -30,6 +32,8 @@ from mtnlg_ray import console
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.train.loop import train_loop
+from mtnlg_ray.train.preflight import Start, model_config, plan_pretrain
+from mtnlg_ray.train.resume import identity
 from mtnlg_ray.train.schedule import planned_samples
 
 log = logging.getLogger(__name__)
@@ -47,43 +51,6 @@ def ensure_ray() -> None:
 def worker_range(job) -> tuple[int, int]:
     n = job.scaling.num_workers
     return (n, n) if isinstance(n, int) else tuple(n)
-
-
-def model_config(job, vocab_size: int, seq_len: int, tokenizer: Path) -> ModelConfig:
-    """The model of the run, with vocab_size from the tokenizer (a different explicit one is refused)."""
-    if isinstance(job, FinetuneJob):
-        cfg = _init_model_config(job.init_from)
-        where = f"init_from {job.init_from}"
-    else:
-        cfg, where = job.model, "model.vocab_size"
-    if cfg.vocab_size is None:
-        cfg = cfg.model_copy(update={"vocab_size": vocab_size})
-    elif cfg.vocab_size != vocab_size:
-        raise ConfigError(f"{where}: the model has vocab_size {cfg.vocab_size} but the dataset's tokenizer "
-                          f"{tokenizer} has {vocab_size} tokens")
-    if cfg.max_seq_len < seq_len:
-        raise ConfigError(f"model.max_seq_len: {cfg.max_seq_len} is shorter than the dataset's rows "
-                          f"(seq_len {seq_len})")
-    return ModelConfig.model_validate(cfg.model_dump())
-
-
-def _init_model_config(path: str) -> ModelConfig:
-    """The ModelConfig of a fine-tuning start point, reading as little as possible."""
-    from mtnlg_ray.model.checkpoint import is_native_checkpoint, read_config
-    from mtnlg_ray.model.convert import is_hf_gpt2_dir
-    from mtnlg_ray.train.remote import local_source
-
-    p = local_source(path)  # a run on s3:// / gs://: its checkpoint, fetched to this node
-    if is_native_checkpoint(p):
-        return read_config(p)[0]
-    if not is_hf_gpt2_dir(p):
-        from mtnlg_ray.train.checkpoint import pick_checkpoint
-
-        if p.is_dir():
-            return read_config(pick_checkpoint(p))[0]
-    from mtnlg_ray.api import load_state_any
-
-    return load_state_any(p)[0]
 
 
 def check_scaling(job, model_cfg: ModelConfig, seq_len: int | None = None) -> None:
@@ -155,9 +122,11 @@ def run_dir_of(job) -> tuple[str, Path]:
     return storage, Path(storage) / s.name
 
 
-def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None) -> TorchTrainer:
+def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
+                  resume_from: str | None = None) -> TorchTrainer:
     """A TorchTrainer running `train_loop` for `job` (datasets: `bundle`, default open_datasets(job.data)).
-    `callbacks`: Ray Train callbacks (fine-tuning's Tune trials pass one that forwards reports to Tune)."""
+    `callbacks`: Ray Train callbacks (fine-tuning's Tune trials pass one that forwards reports to Tune).
+    `resume_from`: a checkpoint the workers start from while the run has none of its own (--resume PATH)."""
     from mtnlg_ray.data.dataset import open_datasets
 
     start_time = time.time()
@@ -180,7 +149,11 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None) -
         "job": job.model_dump(mode="json"),
         "run": {"model": model_cfg.model_dump(mode="json"), "seq_len": bundle.seq_len,
                 "tokenizer_path": str(Path(bundle.tokenizer_path).resolve()), "has_val": bundle.val is not None,
-                "metrics_dir": str(metrics_dir), "train_rows": bundle.train_rows, "start_time": start_time},
+                "metrics_dir": str(metrics_dir), "train_rows": bundle.train_rows, "start_time": start_time,
+                # saved in every checkpoint: what a later resume is compared with (train/resume.py)
+                "identity": identity(job, model_cfg.model_dump(mode="json"), bundle.manifests[0]["tokenizer_sha256"],
+                                     bundle.seq_len, bundle.manifests),
+                "resume_from": resume_from},
     }
     datasets = {"train": bundle.train}
     if bundle.val is not None:
@@ -199,11 +172,14 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None) -
                         run_config=run_config, datasets=datasets, dataset_config=data_config)
 
 
-def run_pretrain(job: PretrainJob) -> ray.train.Result:
-    """Train (or resume) `job` on Ray Train; writes metrics.jsonl and loss.png in the run directory."""
+def run_pretrain(job: PretrainJob, resume: str | Start = "auto") -> ray.train.Result:
+    """Train (or resume) `job` on Ray Train; writes metrics.jsonl and loss.png in the run directory.
+    `resume`: auto, never or a checkpoint path (train/resume.py), or the Start that
+    `preflight.plan_pretrain` returned for it (the CLI checks before importing Ray)."""
     from mtnlg_ray.train.plot import plot_run
 
-    trainer = build_trainer(job)
+    start = resume if isinstance(resume, Start) else plan_pretrain(job, resume)
+    trainer = build_trainer(job, resume_from=start.resume_from)
     metrics_dir = Path(trainer.train_loop_config["run"]["metrics_dir"])
     log.info("run directory: %s (checkpoints, metrics.jsonl, loss.png)", metrics_dir)
     result = trainer.fit()

@@ -88,8 +88,8 @@ def test_exact_only_and_length_filter(ray_session, tmp_path):
     cfg = CleanConfig(near_dedup=False, min_chars=20, max_chars=1000)
     kept, report = clean_corpus(read_corpus(CorpusConfig(kind="jsonl", paths=[str(f)])), cfg)
     # "a\r\n" normalises to "a\n", a different text, so exact dedup keeps it; the near copy stays too
-    assert report["dropped"] == {"malformed_json": 0, "missing_field": 0, "empty": 1, "too_short": 1, "too_long": 1,
-                                 "exact_duplicate": 0, "near_duplicate": 0}
+    assert report["dropped"] == {"malformed_json": 0, "missing_field": 0, "binary": 0, "empty": 1, "too_short": 1,
+                                 "too_long": 1, "exact_duplicate": 0, "near_duplicate": 0}
     assert kept.count() == 3
     f2 = _jsonl(tmp_path, [json.dumps({"text": t}) for t in (a, "\u00e9" + a, "e\u0301" + a)], "nfc.jsonl")
     kept, report = clean_corpus(read_corpus(CorpusConfig(kind="jsonl", paths=[str(f2)])), cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import random
 import shutil
 import sysconfig
 from pathlib import Path
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mtnlg_ray.config import CorpusConfig
-from mtnlg_ray.data.readers import corpus_files, iter_records, read_corpus, resolve_paths, stdlib_files
+from mtnlg_ray.data.readers import Record, corpus_files, iter_records, read_corpus, resolve_paths, stdlib_files
 from mtnlg_ray.errors import UserError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "corpus"
@@ -108,3 +109,32 @@ def test_read_corpus_on_ray(ray_session):
     rows = both.take_all()
     assert len({r["source"].rsplit(":", 1)[0] for r in rows}) == 3  # lines.txt, given twice, is read once
     assert len({r["doc_id"] for r in rows}) == len(rows) == 3 + 6 + 6
+
+
+def test_binary_files_are_one_binary_record(tmp_path):
+    rng = random.Random(0)
+    (tmp_path / "random.txt").write_bytes(rng.randbytes(4096))
+    (tmp_path / "utf16.txt").write_text("plain words " * 50, encoding="utf-16")
+    (tmp_path / "noise.jsonl").write_bytes(bytes(rng.randrange(0x80, 0xC0) for _ in range(3000)))  # no NUL
+    with gzip.open(tmp_path / "random.txt.gz", "wb") as g:
+        g.write(rng.randbytes(4096))
+    for name, kind, note in [("random.txt", "text", "binary content (NUL bytes)"),
+                             ("utf16.txt", "text", "binary content (NUL bytes)"),
+                             ("random.txt.gz", "text", "binary content (NUL bytes)"),
+                             ("noise.jsonl", "jsonl", "binary content (100% of the characters are not valid UTF-8)")]:
+        for mode in ("file", "line"):
+            assert list(iter_records(str(tmp_path / name), kind, text_mode=mode)) == [
+                Record("", 1, "binary", note)], (name, mode)
+    # text with a few stray Latin-1 bytes stays a document (its bytes replaced and counted)
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait, in a sentence of plain words\n".encode("latin-1") * 20)
+    (rec,) = iter_records(str(tmp_path / "latin1.txt"), "text")
+    assert rec.status == "" and rec.utf8_replaced and rec.text.count("\ufffd") == 20
+
+
+def test_an_empty_file_is_one_empty_document(ray_session, tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    assert list(iter_records(str(tmp_path / "empty.jsonl"), "jsonl")) == []
+    rows = read_corpus(CorpusConfig(kind="jsonl", paths=[str(tmp_path)])).take_all()
+    assert sorted((r["source"], r["text"], r["status"]) for r in rows) == [
+        (f"{tmp_path / 'blank.jsonl'}:1", "", ""), (f"{tmp_path / 'empty.jsonl'}:1", "", "")]

@@ -180,3 +180,35 @@ def test_job_script_bad_input_one_line(tmp_path):
                           env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # checked before Ray is joined
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: corpus.paths: {tmp_path / 'missing.jsonl'}: no such file or directory"
+
+
+def _decoded_rows(out: Path) -> str:
+    tok = Tokenizer(out / "tokenizer.model")
+    return "".join(tok.decode(row) for split in ("train", "val") for row in _shard_ids(out / split))
+
+
+def test_an_empty_file_in_a_jsonl_corpus_counts_as_empty(ray_session, tmp_path):
+    """20 good records plus an empty .jsonl: preprocessed, the empty file counted under `empty`."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _docs(20)))
+    (corpus / "empty.jsonl").write_bytes(b"")
+    out = run_preprocess(_job(tmp_path, "o", "corpus.kind=jsonl", f"corpus.paths=[{corpus}]"))
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_read"], c["documents_kept"], c["dropped"]["empty"], c["bad_records"]) == (21, 20, 1, 0)
+
+
+def test_a_binary_file_is_dropped_not_tokenized(ray_session, tmp_path):
+    """4 KB of random bytes named .txt among text files: dropped as `binary`, nowhere in the shards."""
+    import random
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(_docs(12)):
+        (corpus / f"doc{i:02d}.txt").write_text(text)
+    (corpus / "random.txt").write_bytes(random.Random(0).randbytes(4096))
+    out = run_preprocess(_job(tmp_path, "o", "corpus.kind=text", f"corpus.paths=[{corpus}]"))
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_read"], c["documents_kept"], c["dropped"]["binary"]) == (13, 12, 1)
+    assert c["utf8_replaced"] == 0 and c["bad_examples"] == [f"{corpus / 'random.txt'}:1: binary content (NUL bytes)"]
+    assert "\ufffd" not in _decoded_rows(out)  # no replacement character reached the tokenizer or the rows

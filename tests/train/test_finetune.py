@@ -30,6 +30,7 @@ def test_a_tokenizer_that_does_not_match_the_checkpoint_is_refused(assets, tmp_p
     init, task = assets
     other = train_tokenizer(["def f(x):\n    return x + 1\n" * 50], tmp_path / "other.model", vocab_size=300)
     job = finetune_job(init, tmp_path, tmp_path / "runs", "x", sft={"train_paths": [str(task / "train.jsonl")],
+                                                                    "val_paths": [str(task / "val.jsonl")],
                                                                     "tokenizer": str(other.path)})
     with pytest.raises(UserError, match=r"vocab_size 512 .* has 300 tokens"):
         prepare_data(job)
