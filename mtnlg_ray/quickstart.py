@@ -1,7 +1,7 @@
 """The main job end to end (`mtnlg quickstart`, `make demo`): raw text to a served model.
 
     1 preprocess  the built-in corpus (stdlib sources): cleaning report, tokenizer, Parquet shards
-    2 pretrain    a small GPT with two Ray Train workers (FSDP2)
+    2 pretrain    a small GPT, one Ray Train worker computing on all cores
     3 finetune    the code recipe (docstring + signature -> body pairs from the stdlib)
     4 export      the fine-tuned run -> a consolidated checkpoint
     5 serve       Ray Serve deployment, OpenAI-style requests (one streamed), then shut down
@@ -105,7 +105,7 @@ def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dic
     data_dir = run_preprocess(load_job(path, cls, sets))
     timings["preprocess"] = time.perf_counter() - t
 
-    t = _stage(2, "pretrain", "two Ray Train workers, FSDP2")
+    t = _stage(2, "pretrain", "a 4-layer GPT on one Ray Train worker (all cores)")
     path, cls, sets = jobs["pretrain"]
     run_pretrain(load_job(path, cls, sets))
     pre_run = work / "runs" / "pretrain"

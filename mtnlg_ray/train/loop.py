@@ -9,7 +9,7 @@
                lr from tokens consumed; clip; AdamW; metrics; eval; checkpoint; ray.train.report
 
 Threads: a worker computes with `scaling.threads_per_worker` torch threads, by default the CPUs
-of its node shared among the training workers on it (`set_threads`); Ray's CPU reservation
+of its node shared among the training workers on it, at the driver's priority (`claim_cores`); Ray's CPU reservation
 (`cpus_per_worker`) only schedules, so Ray Data keeps CPUs to run its read tasks.
 
 Data: every rank reads the SAME stream: every row of the run, each epoch in a fresh seeded
@@ -32,8 +32,10 @@ does not divide G only makes some micro-batches a row shorter. The logged loss i
 token-weighted mean over the G rows. What a worker count must satisfy is only structural (the
 tp x pp layout divides it): `trainer.check_scaling` checks every count of the range.
 
-Every rank calls `ray.train.report` at the same steps (it is a barrier): each log interval,
-each evaluation and each checkpoint.
+Every rank calls `ray.train.report` at the same steps (it is a barrier): each evaluation and each
+checkpoint. Not at every log line: Ray Train V2 queues one report per worker and the controller
+takes it when it polls, so reports closer together than its poll interval stall the loop (about
+1 s each); rank 0 writes metrics.jsonl and the step lines itself.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,9 +59,10 @@ import torch
 import torch.distributed as dist
 
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, validate
-from mtnlg_ray.data.dataset import iter_batches
+from mtnlg_ray.data.dataset import ROWS_PER_BLOCK, iter_batches
 from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
+from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.train import checkpoint as ckpt
 from mtnlg_ray.train.batching import accumulate, deal, inputs_targets
 from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops,
@@ -82,14 +86,16 @@ class TrainState:
 
 class TokenStream:
     """The train stream (every row of the run, epochs included: data/dataset.py); `take(n)` returns
-    the next n rows. It is read in micro-batches of `micro_batch` rows, so a run resumed after
-    `consumed` rows skips consumed // micro_batch reads and the first consumed % micro_batch rows
-    of the next."""
+    the next n rows. It is read in chunks of `read_rows` rows, whatever the batch sizes: each read
+    from Ray Data costs the worker a few milliseconds of Python (iterator, format conversion) that
+    small steps would feel, so a chunk of one Ray Data block (ROWS_PER_BLOCK) serves many steps.
+    A run resumed after `consumed` rows skips consumed // read_rows chunks and the first
+    consumed % read_rows rows of the next."""
 
-    def __init__(self, shard, micro_batch: int, consumed: int):
-        skip, self._drop = divmod(consumed, micro_batch)
-        self._it = iter_batches(shard, micro_batch, skip_batches=skip, drop_last=False)
-        self._buf: dict[str, torch.Tensor] | None = None  # the micro-batch being taken from
+    def __init__(self, shard, consumed: int, read_rows: int = ROWS_PER_BLOCK):
+        skip, self._drop = divmod(consumed, read_rows)
+        self._it = iter_batches(shard, read_rows, skip_batches=skip, drop_last=False)
+        self._buf: dict[str, torch.Tensor] | None = None  # the chunk being taken from
         self._off = 0  # rows of _buf already taken
         self.pos = consumed
         self.wait_s = 0.0  # seconds spent waiting for data since the last reset
@@ -134,7 +140,7 @@ def setup_model(job, model_cfg: ModelConfig, device: torch.device):
 
         transform = functools.partial(apply_lora, cfg=job.lora)
     model = parallelize(model_cfg, dims, job.parallel, device, init_state=init_state, seed=job.train.seed,
-                        model_transform=transform)
+                        model_transform=transform, compile_blocks=job.train.compile)
     del init_state
     return dims, model, Optimizers(model.parts, job.optim)
 
@@ -197,15 +203,26 @@ def evaluate(model, eval_set: list[dict], dims, device: torch.device,
     return out
 
 
-def set_threads(job) -> int:
-    """torch threads of this worker: scaling.threads_per_worker, or the CPUs this process may run
-    on shared among the training workers of its node (Ray sets one thread per reserved CPU, so a
-    0.5-CPU worker would leave the rest of the machine idle)."""
+def claim_cores(job, niceness: int) -> int:
+    """Set this worker's torch threads; returns their number. scaling.threads_per_worker, or the
+    CPUs this process may run on shared among the training workers of its node (Ray sets one
+    thread per reserved CPU, so a 0.5-CPU worker would leave the rest of the machine idle). Ray
+    also starts workers at niceness 15, below every other process of the machine; a training
+    worker is the job itself, so it takes the driver's niceness back when the OS allows it."""
     n = job.scaling.threads_per_worker
     if n is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         n = max(1, cpus // max(1, ray.train.get_context().get_local_world_size()))
     torch.set_num_threads(n)
+    keep_freed_memory()  # reuse the heap step after step instead of faulting in fresh pages (malloc.py)
+    # Linux nices threads one by one: every thread of the worker (torch's pool included) is set.
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    for tid in tasks:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, int(tid)) > niceness:
+                os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+        except OSError:  # raising priority needs CAP_SYS_NICE (or the thread has ended): keep Ray's
+            pass
     return n
 
 
@@ -227,7 +244,7 @@ def train_loop(config: dict) -> None:
     model_cfg = validate(ModelConfig, run["model"], "run.model (worker)")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    threads = set_threads(job)
+    threads = claim_cores(job, run["niceness"])
     # The workers' own read pipelines would each draw progress bars over the driver's output;
     # training progress is the per-step metrics line instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -240,7 +257,7 @@ def train_loop(config: dict) -> None:
 
     state, clock = resume(model, optimizers, metrics_log, run)
     torch.manual_seed(tc.seed + 1000 * dims.dp_rank + dims.pp_rank + 7919 * state.step)  # dropout; same over tp
-    stream = TokenStream(ray.train.get_dataset_shard("train"), mb, state.consumed_samples)
+    stream = TokenStream(ray.train.get_dataset_shard("train"), state.consumed_samples)
     val_shard = ray.train.get_dataset_shard("val") if run["has_val"] else None
     eval_set = load_eval_set(val_shard, mb, tc.eval_batches)
     token_bytes = torch.from_numpy(token_byte_lengths(Tokenizer(run["tokenizer_path"])))
@@ -250,6 +267,7 @@ def train_loop(config: dict) -> None:
     peak = peak_flops_total(job, device)
     if metrics_log is not None and state.step == 0:
         metrics_log.write({"event": "start", "threads_per_worker": threads, "world_size": dims.world_size,
+                           "niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None,
                            "peak_flops": peak, "time": clock()})
     config_json = {"model": model_cfg.model_dump(mode="json"), "kind": config["kind"], "job": config["job"]}
     window = {"tokens": 0, "time": 0.0, "wait": 0.0}
@@ -259,7 +277,7 @@ def train_loop(config: dict) -> None:
         record = {"step": 0, "tokens": 0, "time": clock(), **evaluate(model, eval_set, dims, device, token_bytes)}
         if metrics_log is not None:
             metrics_log.write(record)
-            print(_progress_line(record, tc.max_steps), flush=True)
+            _show(_progress_line(record, tc.max_steps))
         ray.train.report(record)
 
     while state.step < tc.max_steps:
@@ -303,11 +321,18 @@ def train_loop(config: dict) -> None:
         if metrics_log is not None:
             metrics_log.write(record)
             if do_log:
-                print(_progress_line(record, tc.max_steps), flush=True)
-        if do_log or do_eval or do_ckpt:
+                _show(_progress_line(record, tc.max_steps))
+        if do_eval or do_ckpt:  # not every log line: a report waits for the controller's poll (~1 s)
             report(record, state, do_ckpt, model, optimizers, config_json, run, metrics_log)
         if tc.kill_at_step == state.step and rank == 0:
             _kill_once(Path(run["metrics_dir"]), state.step)
+
+
+def _show(line: str) -> None:
+    """One line to the console. Not print(): Ray Train patches print in workers to write through
+    its logger as well as to stdout, so every line would reach the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _progress_line(r: dict, max_steps: int) -> str:

@@ -150,6 +150,7 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
         "run": {"model": model_cfg.model_dump(mode="json"), "seq_len": bundle.seq_len,
                 "tokenizer_path": str(Path(bundle.tokenizer_path).resolve()), "has_val": bundle.val is not None,
                 "metrics_dir": str(metrics_dir), "train_rows": bundle.train_rows, "start_time": start_time,
+                "niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0,
                 # saved in every checkpoint: what a later resume is compared with (train/resume.py)
                 "identity": identity(job, model_cfg.model_dump(mode="json"), bundle.manifests[0]["tokenizer_sha256"],
                                      bundle.seq_len, bundle.manifests),
