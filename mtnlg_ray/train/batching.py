@@ -59,6 +59,14 @@ def counted_per_row(rows: dict[str, torch.Tensor]) -> torch.Tensor:
     return (labels[:, 1:] != -100).sum(dim=1)
 
 
+def pad_rows(ids: torch.Tensor, labels: torch.Tensor, pad: int,
+             first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pad` more rows counted nowhere: copies of `first` (default ids[:1]) as inputs, labels -100."""
+    row = ids[:1] if first is None else first
+    return (torch.cat([ids, row.expand(pad, -1)]),
+            torch.cat([labels, torch.full((pad, ids.shape[1]), -100, dtype=labels.dtype)]))
+
+
 @dataclass
 class MicroBatch:
     rows: dict[str, torch.Tensor]  # "input_ids" and "labels", (B, T+1) each; B <= micro_batch_size
@@ -93,9 +101,8 @@ def deal(rows: dict[str, torch.Tensor], micro_batch_size: int, dp: int, dp_rank:
         if j % dp != dp_rank:
             continue
         inp, lab = ids[r.start:r.stop], labels[r.start:r.stop]
-        if pad:  # copies of the batch's first row as inputs, nothing counted
-            inp = torch.cat([inp, ids[:1].expand(pad, -1)])
-            lab = torch.cat([lab, torch.full((pad, ids.shape[1]), -100, dtype=lab.dtype)])
+        if pad:
+            inp, lab = pad_rows(inp, lab, pad, first=ids[:1])
         n = int(per_row[r.start:r.stop].sum())
         if n == 0:
             # finite loss, zero gradient (module doc); a pipeline's token-sum loss needs no trick

@@ -126,7 +126,8 @@ def baseline_val_loss(job: FinetuneJob, bundle) -> float | None:
     from mtnlg_ray.api import load_state_any
     from mtnlg_ray.model.checkpoint import build_model
     from mtnlg_ray.model.gpt import lm_loss
-    from mtnlg_ray.train.loop import inputs_targets, load_eval_set
+    from mtnlg_ray.train.batching import inputs_targets
+    from mtnlg_ray.train.evaluate import load_eval_set
 
     if bundle.val is None:
         return None

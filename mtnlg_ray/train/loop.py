@@ -44,7 +44,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -64,7 +63,8 @@ from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.train import checkpoint as ckpt
-from mtnlg_ray.train.batching import accumulate, deal, inputs_targets
+from mtnlg_ray.train.batching import accumulate, deal
+from mtnlg_ray.train.evaluate import evaluate, load_eval_set, world_mean
 from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops,
                                      token_byte_lengths)
 from mtnlg_ray.train.optim import Optimizers
@@ -143,64 +143,6 @@ def setup_model(job, model_cfg: ModelConfig, device: torch.device):
                         model_transform=transform, compile_blocks=job.train.compile)
     del init_state
     return dims, model, Optimizers(model.parts, job.optim)
-
-
-def load_eval_set(shard, micro_batch: int, batches: int | str) -> list[dict[str, torch.Tensor]]:
-    """The first `batches` micro-batches of the validation stream ("all": the whole split), kept in
-    memory (the same on every rank). With "all" the last, partial micro-batch is padded to full size
-    with rows counted nowhere (labels -100), so every forward has one shape (pipelines need it)."""
-    out = []
-    if shard is None:
-        return out
-    whole = batches == "all"
-    for batch in iter_batches(shard, micro_batch, drop_last=not whole):
-        out.append(batch)
-        if len(out) == batches:
-            break
-    last = out[-1] if out else None
-    if last is not None and len(last["input_ids"]) < micro_batch:
-        ids = last["input_ids"]
-        pad = micro_batch - len(ids)
-        labels = last.get("labels", ids)
-        out[-1] = {"input_ids": torch.cat([ids, ids[:1].expand(pad, -1)]),
-                   "labels": torch.cat([labels, torch.full((pad, ids.shape[1]), -100, dtype=labels.dtype)])}
-    return out
-
-
-def world_mean(values: list[float], device: torch.device) -> list[float]:
-    """Mean over all ranks (tp/pp replicas hold equal values, so this is the mean over dp)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
-def evaluate(model, eval_set: list[dict], dims, device: torch.device,
-             token_bytes: torch.Tensor | None = None) -> dict[str, float]:
-    """{"val_loss": token-weighted mean loss (nats / token), "val_ppl", "val_bpb": bits per byte}.
-
-    dp rank r takes batches r, r+dp, ... Every rank runs the same number of forwards (collectives
-    inside); padding batches get weight 0. Bits per byte (nanochat's tokenizer-independent measure)
-    = the summed loss over ln 2 x the UTF-8 bytes of the targets (`token_bytes`: (V,) bytes per id)."""
-    per_rank = math.ceil(len(eval_set) / dims.dp)
-    loss_sum = tokens = nbytes = 0.0
-    for i in range(per_rank):
-        idx = i * dims.dp + dims.dp_rank
-        inp, tgt = inputs_targets(eval_set[min(idx, len(eval_set) - 1)], device)
-        loss = float(model.eval_loss(inp, tgt))
-        if idx < len(eval_set):
-            counted = tgt[tgt != -100]
-            loss_sum += loss * counted.numel()
-            tokens += counted.numel()
-            if token_bytes is not None:
-                nbytes += float(token_bytes[counted.cpu()].sum())
-    loss_sum, tokens, nbytes = world_mean([loss_sum, tokens, nbytes], device)
-    out = {"val_loss": loss_sum / max(tokens, 1.0)}
-    out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
-    if nbytes:
-        out["val_bpb"] = loss_sum / (math.log(2) * nbytes)
-    return out
 
 
 def claim_cores(job, niceness: int) -> int:
