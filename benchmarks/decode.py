@@ -18,8 +18,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from mtnlg_ray.model.checkpoint import build_model
-from mtnlg_ray.model.convert import load_hf_gpt2
+from mtnlg_ray.checkpoint import hf_gpt2
+from mtnlg_ray.checkpoint.native import build_model
 from mtnlg_ray.model.kv_cache import KVCache
 
 SHAPES = {"6x384": dict(n_layer=6, n_embd=384, n_head=6), "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12)}
@@ -31,7 +31,7 @@ def make_pair(shape: dict):
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **shape)).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        cfg, tensors = load_hf_gpt2(d)
+        cfg, tensors = hf_gpt2.load(d)
     return hf, build_model(cfg, tensors)
 
 

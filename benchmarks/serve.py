@@ -33,6 +33,16 @@ from pathlib import Path
 
 import torch
 
+from mtnlg_ray.api import from_pretrained
+from mtnlg_ray.checkpoint import native
+from mtnlg_ray.config import ModelConfig, ServeJob
+from mtnlg_ray.data.tokenizer import Tokenizer, train_tokenizer
+from mtnlg_ray.model.gpt import GPT
+from mtnlg_ray.serve.async_engine import AsyncEngine
+from mtnlg_ray.serve.deploy import deploy, shutdown
+from mtnlg_ray.serve.engine import Engine
+from mtnlg_ray.serve.sampling import SamplingParams
+
 LEVELS = (1, 4, 16)
 REPLICA_THREADS = 1  # the replica reserves num_cpus=1, so Ray gives it OMP_NUM_THREADS=1
 
@@ -51,18 +61,13 @@ class Result:
 
 def build_checkpoint(out: Path, vocab: int, context: int, n_layers: int = 6, d_model: int = 384) -> Path:
     """A GPT (64-wide heads) with random weights (seed 0) and a tokenizer trained on stdlib sources."""
-    from mtnlg_ray.config import ModelConfig
-    from mtnlg_ray.data.tokenizer import train_tokenizer
-    from mtnlg_ray.model.checkpoint import save_checkpoint
-    from mtnlg_ray.model.gpt import GPT
-
     lib = Path(sysconfig.get_paths()["stdlib"])
     docs = [p.read_text(errors="replace") for p in sorted(lib.glob("*.py"))[:60]]
     tok = train_tokenizer(docs, out / "tokenizer.model", vocab_size=vocab)
     torch.manual_seed(0)
     cfg = ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=d_model // 64, max_seq_len=context,
                       vocab_size=tok.vocab_size)
-    return save_checkpoint(GPT(cfg).state_dict(), cfg, out / "ckpt", tokenizer_path=out / "tokenizer.model")
+    return native.save(GPT(cfg).state_dict(), cfg, out / "ckpt", tokenizer_path=out / "tokenizer.model")
 
 
 def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -119,8 +124,6 @@ def http_request(session, url: str, output_len: int):
 
 
 def engine_request(aeng, output_len: int):
-    from mtnlg_ray.serve.sampling import SamplingParams
-
     params = SamplingParams(max_tokens=output_len, temperature=0.0)
 
     async def one(prompt: list[int]) -> Result:
@@ -165,12 +168,6 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas:
     import aiohttp
     import ray
 
-    from mtnlg_ray.api import load_model
-    from mtnlg_ray.config import ServeJob
-    from mtnlg_ray.serve.app import deploy, shutdown
-    from mtnlg_ray.serve.async_engine import AsyncEngine
-    from mtnlg_ray.serve.engine import Engine
-
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     job = ServeJob.model_validate({"serve": dict(
         checkpoint=str(ckpt), port=0, max_batch_slots=slots, max_waiting=64, max_ongoing_requests=64,
@@ -178,11 +175,11 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas:
         autoscaling=dict(min_replicas=replicas, max_replicas=replicas))})
     url = deploy(job)
     torch.set_num_threads(REPLICA_THREADS)
-    loaded = load_model(ckpt)
+    tokenizer, model = from_pretrained(ckpt)
     lo, hi = min(prompts_at), max(prompts_at)
 
     async def main():
-        aeng = AsyncEngine(Engine(loaded.model, max_slots=slots, max_waiting=64, decode=loaded.tokenizer.decode))
+        aeng = AsyncEngine(Engine(model, max_slots=slots, max_waiting=64, decode=tokenizer.decode))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
                                          connector=aiohttp.TCPConnector(limit=64)) as session:
             paths = {"bare": engine_request(aeng, output_len), "http": http_request(session, url, output_len)}
@@ -259,8 +256,6 @@ def main() -> None:
     per_level = {1: 2, 4: 4, 16: 16} if args.quick else {1: 3, 4: 6, 16: 16}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(Path(tmp), vocab=4096, context=1024, n_layers=args.n_layers, d_model=args.d_model)
-        from mtnlg_ray.data.tokenizer import Tokenizer
-
         tok = Tokenizer(Path(tmp) / "tokenizer.model")
         prompts = make_prompts(tok, max(per_level.values()), args.input_len)
         prompts_at = {c: prompts[:n] for c, n in per_level.items()}

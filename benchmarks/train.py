@@ -115,12 +115,12 @@ def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
 
     from safetensors.torch import load_model as load_weights
 
-    from mtnlg_ray.api import load_model
+    from mtnlg_ray.api import from_pretrained
     from mtnlg_ray.model.gpt import GPT
 
     bare_model = GPT(cfg)
     load_weights(bare_model, str(bare_out))
-    bare_val, ours_val = val_loss(bare_model, data), val_loss(load_model(work / "runs" / "nanogpt").model, data)
+    bare_val, ours_val = val_loss(bare_model, data), val_loss(from_pretrained(work / "runs" / "nanogpt")[1], data)
     print(f"\nnanoGPT CPU shape: GPT 4x128, block 64, char vocab {vocab}, batch 12, {steps} steps "
           f"({12 * 64 * steps:,} tokens), {fpt / 1e6:.2f} MFLOP/token; val loss over the whole val split")
     rows = ["| run | wall s (process start to exit) | tokens/s | MFU | final val loss (nats/char) |",

@@ -8,14 +8,12 @@ With --tune the config is a TuneJob and this runs `mtnlg tune` instead.
 import sys
 
 from mtnlg_ray.cli import job_main
+from mtnlg_ray.train.finetune import run_finetune
+from mtnlg_ray.train.tune import run_tune
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if "--tune" in argv:  # the config is a TuneJob: run the Ray Tune search
         argv.remove("--tune")
-        from mtnlg_ray.train.tune import run_tune
-
         sys.exit(job_main(__doc__, "TuneJob", run_tune, argv))
-    from mtnlg_ray.train.finetune import run_finetune
-
     sys.exit(job_main(__doc__, "FinetuneJob", run_finetune, argv))

@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 
 def from_pretrained(path, device="cpu"):
-    """`tokenizer, model = mtnlg_ray.from_pretrained(path)` (native checkpoint, run dir, or GPT-2 dir)."""
+    """`tokenizer, model = mtnlg_ray.from_pretrained(path)`: any checkpoint kind (see mtnlg_ray.api)."""
+    # imported on call: `import mtnlg_ray` (every `mtnlg` command) must not import torch
     from mtnlg_ray.api import from_pretrained as _load
 
     return _load(path, device)

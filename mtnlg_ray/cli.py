@@ -2,6 +2,10 @@
 
 Exit codes: 0 success, 2 usage or config error, 1 runtime failure. User mistakes print one
 line (`error: FILE: key: what is wrong`), never a traceback (`--verbose` adds it for bugs).
+
+Each subcommand imports its library inside its handler, after its own arguments are checked:
+`mtnlg --help`, a config error or a wrong path answers in about a second, before torch or Ray
+(seconds each to import) is loaded.
 """
 
 from __future__ import annotations
@@ -65,7 +69,9 @@ def _require(path: str, what: str) -> None:
 
 
 def cmd_export(args):
-    _require(args.source, "run directory, checkpoint or GPT-2 directory")
+    from mtnlg_ray.checkpoint.source import check_exists
+
+    check_exists(args.source)
     from mtnlg_ray.api import export
 
     out = export(args.source, args.out, fmt=args.format, step=args.step)
@@ -83,7 +89,9 @@ def cmd_import_hf(args):
 
 
 def cmd_generate(args):
-    _require(args.checkpoint, "checkpoint, run directory or GPT-2 directory")
+    from mtnlg_ray.checkpoint.source import check_exists
+
+    check_exists(args.checkpoint)
     from mtnlg_ray.api import generate_text
 
     text = generate_text(args.checkpoint, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -92,8 +100,10 @@ def cmd_generate(args):
 
 
 def cmd_serve(args):
-    _require(args.checkpoint, "checkpoint, run directory or GPT-2 directory")
-    from mtnlg_ray.serve.app import run_serve
+    from mtnlg_ray.checkpoint.source import check_exists
+
+    check_exists(args.checkpoint)
+    from mtnlg_ray.serve.deploy import run_serve
 
     run_serve(args)
 

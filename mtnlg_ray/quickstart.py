@@ -20,7 +20,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mtnlg_ray.api import export
 from mtnlg_ray.config import FinetuneJob, PreprocessJob, PretrainJob, ServeJob, load_job
+from mtnlg_ray.data.shards import run_preprocess
+from mtnlg_ray.serve.deploy import deploy, shutdown
+from mtnlg_ray.train.finetune import run_finetune
+from mtnlg_ray.train.trainer import ensure_ray, run_pretrain
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
@@ -87,12 +92,6 @@ def _copy_plots(run_dir: Path, work: Path, prefix: str) -> list[Path]:
 
 def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dict:
     """Run all five stages; returns {"timings": {...}, "samples": [...], "paths": {...}}."""
-    from mtnlg_ray.api import export
-    from mtnlg_ray.data.shards import run_preprocess
-    from mtnlg_ray.serve.deploy import deploy, shutdown
-    from mtnlg_ray.train.finetune import run_finetune
-    from mtnlg_ray.train.trainer import ensure_ray, run_pretrain
-
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     jobs = _jobs(work, quick)

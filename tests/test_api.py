@@ -1,4 +1,4 @@
-"""The one loader and the short Python API."""
+"""The public Python API: from_pretrained, export, generate_text."""
 
 import os
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import mtnlg_ray
-from mtnlg_ray.api import export, generate_text, load_model
+from mtnlg_ray.api import export, from_pretrained, generate_text
+from mtnlg_ray.checkpoint import native
 from mtnlg_ray.config import ModelConfig
 from mtnlg_ray.errors import UserError
-from mtnlg_ray.model.checkpoint import save_checkpoint
 from mtnlg_ray.model.gpt import GPT
 
 
@@ -17,7 +17,7 @@ from mtnlg_ray.model.gpt import GPT
 def ckpt(tmp_path, tiny_tokenizer):
     torch.manual_seed(0)
     cfg = ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size)
-    return save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
+    return native.save(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
 
 
 def test_from_pretrained_generate_decode(ckpt):
@@ -32,24 +32,27 @@ def test_from_pretrained_generate_decode(ckpt):
 def test_export_hf_and_back_keeps_weights(ckpt, tmp_path):
     hf = export(ckpt, tmp_path / "hf", fmt="hf")
     assert (hf / "tokenizer.model").is_file()
-    native = export(hf, tmp_path / "native")
-    a, b = load_model(ckpt), load_model(native)
+    back = export(hf, tmp_path / "native")
+    (tok_a, a), (tok_b, b) = from_pretrained(ckpt), from_pretrained(back)
     ids = torch.randint(0, 500, (1, 10))
     with torch.no_grad():
-        assert torch.allclose(a.model(ids)[..., :512], b.model(ids)[..., :512], atol=1e-6)
-    assert b.tokenizer.sha256 == a.tokenizer.sha256
+        assert torch.allclose(a(ids)[..., :512], b(ids)[..., :512], atol=1e-6)
+    assert tok_b.sha256 == tok_a.sha256
 
 
 def test_vocab_mismatch_is_refused(tmp_path, tiny_tokenizer):
     cfg = ModelConfig(preset="debug", vocab_size=1000)
-    path = save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "bad", tiny_tokenizer.path)
+    path = native.save(GPT(cfg).state_dict(), cfg, tmp_path / "bad", tiny_tokenizer.path)
     with pytest.raises(UserError, match="tokenizer has 512 tokens but the model's vocab_size is 1000"):
-        load_model(path)
+        from_pretrained(path)
+    with pytest.raises(UserError, match="tokenizer has 512 tokens but the model's vocab_size is 1000"):
+        export(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_path(tmp_path):
     with pytest.raises(UserError, match="no such checkpoint"):
-        load_model(tmp_path / "nope")
+        from_pretrained(tmp_path / "nope")
 
 
 def test_from_pretrained_gpt2_directory_with_its_tokenizer(tmp_path):

@@ -11,9 +11,9 @@ import torch
 from cli_probe import heavy, probe
 
 import mtnlg_ray
+from mtnlg_ray.checkpoint import native
 from mtnlg_ray.cli import COMMANDS, build_parser, main
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PreprocessJob, PretrainJob, TuneJob, load_job
-from mtnlg_ray.model.checkpoint import save_checkpoint
 from mtnlg_ray.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_usage_error_exit_2():
 def test_generate_export_and_import_hf(tmp_path, tiny_tokenizer):
     cfg = ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size)
     torch.manual_seed(0)
-    path = save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
+    path = native.save(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
     res = mtnlg("generate", str(path), "--prompt", "import os", "--max-tokens", "5", "--seed", "0", "--temperature", "0.7")
     assert res.returncode == 0 and res.stdout.startswith("import os")
     res = mtnlg("export", str(path), "--out", str(tmp_path / "hf"), "--format", "hf")
@@ -73,7 +73,7 @@ def test_a_missing_path_is_one_line_exit_2_before_ray_or_torch(tmp_path, case):
                                             f"scaling: {{storage_path: {runs}}}\n")],
                      f"init_from: {missing}: no such checkpoint, run directory or GPT-2 directory"),
         "export": (["export", str(missing), "--out", str(tmp_path / "out")],
-                   f"{missing}: no such run directory, checkpoint or GPT-2 directory"),
+                   f"{missing}: no such checkpoint, run directory or GPT-2 directory"),
         "generate": (["generate", str(missing), "--prompt", "x"],
                      f"{missing}: no such checkpoint, run directory or GPT-2 directory"),
         "serve": (["serve", str(missing), "--port", "0"],
@@ -122,7 +122,7 @@ def test_verbosity_flags_go_before_or_after_the_subcommand():
 
 def test_quiet_after_the_subcommand_drops_info_lines(tmp_path, tiny_tokenizer):
     cfg = ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size)
-    path = save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
+    path = native.save(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path)
     res = mtnlg("export", str(path), "--out", str(tmp_path / "a"))
     assert (res.returncode, res.stdout, res.stderr) == (0, f"exported {path} -> {tmp_path / 'a'} (native)\n", "")
     res = mtnlg("export", str(path), "--out", str(tmp_path / "b"), "-q")

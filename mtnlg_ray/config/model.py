@@ -1,4 +1,4 @@
-"""The GPT architecture config (presets fill it)."""
+"""The GPT architecture config (presets.py fills it)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mtnlg_ray.config.base import Section
+from mtnlg_ray.config.presets import PRESETS
 from mtnlg_ray.errors import ConfigError
 
 
@@ -36,8 +37,6 @@ class ModelConfig(Section):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") is not None:
-            from mtnlg_ray.model.presets import PRESETS
-
             name = data["preset"]
             if name not in PRESETS:
                 raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")

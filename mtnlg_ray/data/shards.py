@@ -43,6 +43,8 @@ from tqdm import tqdm
 
 from mtnlg_ray import console
 from mtnlg_ray.config import PreprocessJob
+from mtnlg_ray.data.clean import clean_corpus, format_report
+from mtnlg_ray.data.readers import corpus_files, read_corpus
 from mtnlg_ray.data.tokenizer import Tokenizer, cuts_are_exact, encode_documents, train_tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.fileio import atomic_dir
@@ -323,9 +325,6 @@ def _label_split(batch: pa.Table, cut: int | None = None, name: str | None = Non
 
 def run_preprocess(job: PreprocessJob) -> Path:
     """read -> clean -> tokenizer -> tokenize + pack (Ray Data) -> Parquet shards + manifest.json."""
-    from mtnlg_ray.data.clean import clean_corpus, format_report
-    from mtnlg_ray.data.readers import corpus_files, read_corpus
-
     for corpus in (job.corpus, job.val_corpus):  # bad paths fail before any work starts
         if corpus is not None:
             corpus_files(corpus)

@@ -253,6 +253,7 @@ def load_tokenizer(source: str | Path):
     """A Tokenizer for a `.model` file, or a GPT2BPETokenizer for a directory with vocab.json + merges.txt."""
     p = Path(source)
     if p.is_dir():
+        # imported here: gpt2_bpe imports torch, and this module is read before torch starts (CLI checks)
         from mtnlg_ray.data.gpt2_bpe import GPT2BPETokenizer
 
         return GPT2BPETokenizer(p)

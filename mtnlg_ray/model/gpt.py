@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtnlg_ray.config import ModelConfig
+from mtnlg_ray.model import generate as decoding
 from mtnlg_ray.model.kv_cache import KVCache
 
 
@@ -235,9 +236,7 @@ class GPT(nn.Module):
 
     def generate(self, input_ids, max_new_tokens: int, **kwargs):
         """Incremental (KV-cached) decoding; see `mtnlg_ray.model.generate.generate`."""
-        from mtnlg_ray.model.generate import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return decoding.generate(self, input_ids, max_new_tokens, **kwargs)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -14,8 +14,8 @@ per-chunk Python here never holds up a decode step. If the engine process dies, 
 with an error and check_health fails (Serve replaces the replica); if this process dies, Serve's
 proxy ends its open streams with an error event (proxy.py) and the engine process exits.
 
-Deploy with `build_app(ServeJob)` (Serve config YAML: `import_path: mtnlg_ray.serve.app:build_app`)
-or `mtnlg serve CHECKPOINT` (`run_serve`); both live in deploy.py and are re-exported at the end.
+Deployed by deploy.py: `build_app(ServeJob)` (Serve config YAML: `import_path: mtnlg_ray.serve.deploy:build_app`)
+or `mtnlg serve CHECKPOINT` (`run_serve`).
 """
 
 import hmac
@@ -34,6 +34,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtnlg_ray.config import ServeSection
+from mtnlg_ray.data.chat import chat_stop_id, encode_chat
+from mtnlg_ray.data.tokenizer import load_tokenizer
 from mtnlg_ray.serve.async_engine import Group
 from mtnlg_ray.serve.engine import EngineDead, QueueFull
 from mtnlg_ray.serve.engine_process import ProcessEngine
@@ -114,9 +116,6 @@ class OpenAIServer:
     """One replica: the model, its continuous-batching engine, and the OpenAI routes."""
 
     def __init__(self, serve_config: dict):
-        from mtnlg_ray.data.chat import chat_stop_id
-        from mtnlg_ray.data.tokenizer import load_tokenizer
-
         cfg = self.cfg = ServeSection.model_validate(serve_config)
         device = cfg.device if cfg.device != "auto" else ("auto" if cfg.num_gpus else "cpu")
         # The model and its engine live in a child process (engine_process.py); this one does HTTP.
@@ -302,8 +301,6 @@ class OpenAIServer:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        from mtnlg_ray.data.chat import encode_chat
-
         arrival = time.perf_counter()
         req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         self._check_model(req.model)
@@ -339,8 +336,6 @@ class OpenAIServer:
 
     @api.post("/tokenize")
     async def tokenize(self, request: Request):
-        from mtnlg_ray.data.chat import encode_chat
-
         req: TokenizeRequest = await self._body(request, TokenizeRequest)
         self._check_model(req.model)
         if req.prompt is not None:
@@ -373,10 +368,3 @@ class OpenAIServer:
         self._auth(request)
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
-
-
-# Deployment: options from the ServeJob, the typed builder (`import_path: mtnlg_ray.serve.app:build_app`),
-# `mtnlg serve`. They live in deploy.py and are re-exported here, where Serve configs and the CLI look.
-from mtnlg_ray.serve.deploy import build_app, deploy, run_serve, shutdown  # noqa: E402
-
-__all__ = ["api", "APIError", "OpenAIServer", "build_app", "deploy", "run_serve", "shutdown"]

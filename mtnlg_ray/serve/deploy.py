@@ -1,7 +1,7 @@
 """How the server is deployed: Serve options from a validated ServeJob, the typed app builder, `mtnlg serve`.
 
-`build_app(ServeJob)` is what a Serve config YAML names (`import_path: mtnlg_ray.serve.app:build_app`,
-re-exported by app.py): Serve validates the YAML's `args` against the annotation, so misspelled keys
+`build_app(ServeJob)` is what a Serve config YAML names (`import_path: mtnlg_ray.serve.deploy:build_app`):
+Serve validates the YAML's `args` against the annotation, so misspelled keys
 (which Serve itself would ignore in autoscaling_config) are refused. `deploy(job)` and `run_serve(args)`
 start or join Ray (RAY_ADDRESS, else a local instance) and run the application. No
 `from __future__ import annotations` here: Serve reads build_app's annotation as a class.
@@ -27,8 +27,10 @@ from ray import serve
 from ray.serve import Application
 
 from mtnlg_ray import console
+from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import ServeJob, ServeSection, apply_overrides, load_yaml, validate
-from mtnlg_ray.errors import ConfigError, PathError, UserError
+from mtnlg_ray.errors import ConfigError, UserError
+from mtnlg_ray.serve.app import OpenAIServer
 from mtnlg_ray.serve.proxy import CONTROLLER_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,6 @@ def deployment_options(cfg: ServeSection) -> dict:
 
 def build_app(args: ServeJob) -> Application:
     """Typed app builder: `serve run` / `serve deploy` validate the YAML's `args` as a ServeJob."""
-    from mtnlg_ray.serve.app import OpenAIServer
-
     job = args if isinstance(args, ServeJob) else validate(ServeJob, dict(args), "serve args")
     return OpenAIServer.options(**deployment_options(job.serve)).bind(job.serve.model_dump(mode="json"))
 
@@ -87,20 +87,10 @@ def serve_job_from_args(args) -> ServeJob:
 
 def check_checkpoint(path: str) -> None:
     """Refuse, in one line and before deploying, a path no replica could load (else Serve retries its
-    constructor over and over). Cheap: no weights are read."""
-    from mtnlg_ray.model.checkpoint import TOKENIZER, is_native_checkpoint
-    from mtnlg_ray.model.convert import is_hf_gpt2_dir
-
-    p = Path(path)
-    if not p.exists():
-        raise PathError(f"{p}: no such checkpoint, run directory or GPT-2 directory")
-    if is_native_checkpoint(p) or is_hf_gpt2_dir(p):
-        if not (p / TOKENIZER).is_file():
-            raise UserError(f"{p}: has no {TOKENIZER}; the server needs a tokenizer to read text")
-        return
-    from mtnlg_ray.train.checkpoint import pick_checkpoint
-
-    pick_checkpoint(p)  # a run directory: raises a UserError naming what is missing
+    constructor over and over). No weights are loaded; a run's checkpoint is chosen by its manifest, and one
+    on remote storage is fetched to this node."""
+    if open_source(path).tokenizer_path is None:
+        raise UserError(f"{path}: has no tokenizer.model; the server needs a tokenizer to read text")
 
 
 def deploy(job: ServeJob, name: str = APP_NAME) -> str:

@@ -30,9 +30,12 @@ import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import torch
+
+from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.serve.async_engine import EngineClient, apply
-from mtnlg_ray.serve.engine import Output
+from mtnlg_ray.serve.engine import Engine, Output
 
 
 class ProcessEngine(EngineClient):
@@ -115,22 +118,18 @@ class ProcessEngine(EngineClient):
 
 # ---------------------------------------------------------------------------------------- the child
 def build_engine(spec: dict):
-    """Load the model (any source the loader reads) and its Engine; (engine, info for the replica)."""
-    import torch
-
-    from mtnlg_ray.api import load_model
-    from mtnlg_ray.serve.engine import Engine
-
+    """Load the model (any checkpoint kind, checkpoint/source.py) and its Engine; (engine, info for the replica)."""
     device = spec["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_model(spec["checkpoint"], device)
-    if loaded.tokenizer is None:
+    source = open_source(spec["checkpoint"])
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
         raise UserError(f"{spec['checkpoint']}: has no tokenizer; the server needs one to read text")
-    engine = Engine(loaded.model, spec["max_slots"], spec["max_context"], spec["max_waiting"],
-                    decode=loaded.tokenizer.decode)
+    engine = Engine(source.model(device), spec["max_slots"], spec["max_context"], spec["max_waiting"],
+                    decode=tokenizer.decode)
     info = dict(max_slots=engine.max_slots, max_waiting=engine.max_waiting, max_context=engine.max_context,
-                vocab_size=engine.vocab_size, tokenizer=str(loaded.tokenizer.path), device=str(device))
+                vocab_size=engine.vocab_size, tokenizer=str(tokenizer.path), device=str(device))
     return engine, info
 
 

@@ -25,25 +25,29 @@ from typing import NamedTuple
 import ray.train
 import torch
 
+from mtnlg_ray.checkpoint.manifest import TOKENIZER
+from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import DataConfig, DatasetSpec, FinetuneJob
-from mtnlg_ray.errors import PathError, UserError
+from mtnlg_ray.data.dataset import open_datasets
+from mtnlg_ray.data.sft import prepare_sft
+from mtnlg_ray.data.tokenizer import Tokenizer
+from mtnlg_ray.errors import UserError
+from mtnlg_ray.fileio import file_sha256
+from mtnlg_ray.model.gpt import lm_loss
+from mtnlg_ray.train.batching import inputs_targets
+from mtnlg_ray.train.evaluate import load_eval_set
+from mtnlg_ray.train.plot import plot_run
+from mtnlg_ray.train.preflight import check_finetune_inputs, model_config
+from mtnlg_ray.train.resume import check_resume, identity
+from mtnlg_ray.train.trainer import build_trainer, ensure_ray, run_dir_of
 
 log = logging.getLogger(__name__)
-TOKENIZER = "tokenizer.model"
 
 
 def init_tokenizer(path: str | Path) -> Path:
     """The tokenizer.model that belongs to a fine-tuning start point (checkpoint, run dir or GPT-2 dir,
     or a run on s3:// / gs://, whose latest checkpoint is fetched to this node)."""
-    from mtnlg_ray.model.checkpoint import is_native_checkpoint
-    from mtnlg_ray.model.convert import is_hf_gpt2_dir
-    from mtnlg_ray.train.checkpoint import pick_checkpoint
-    from mtnlg_ray.train.remote import local_source
-
-    p = local_source(path)
-    if not p.exists():
-        raise PathError(f"init_from: {p}: no such checkpoint, run directory or GPT-2 directory")
-    tok = (p if is_native_checkpoint(p) or is_hf_gpt2_dir(p) else pick_checkpoint(p)) / TOKENIZER
+    tok = open_source(path).path / TOKENIZER
     if not tok.is_file():
         raise UserError(f"init_from: {path} has no {TOKENIZER}; fine-tuning needs the SentencePiece model the "
                         f"checkpoint was trained with (set sft.tokenizer to it)")
@@ -76,11 +80,6 @@ def plan_start(job: FinetuneJob, resume: str | None = None) -> Start:
 
     A model whose vocabulary differs from the tokenizer's, or whose context is shorter than
     sft.seq_len, is refused; so is a resume that changes the model, tokenizer, LoRA shape or task data."""
-    from mtnlg_ray.data.tokenizer import Tokenizer
-    from mtnlg_ray.fileio import file_sha256
-    from mtnlg_ray.train.preflight import check_finetune_inputs, model_config
-    from mtnlg_ray.train.resume import check_resume, identity
-
     check_finetune_inputs(job, None)  # paths; --resume below, once the job's identity is known
     job = resolve_paths(job)
     tok_path = Path(job.sft.tokenizer) if job.sft.tokenizer else init_tokenizer(job.init_from)
@@ -96,9 +95,6 @@ def prepare_data(job: FinetuneJob, require_val: bool = False, start: Start | Non
     """Write the task dataset (after `plan_start`'s checks, which `start` says were done); returns
     the resolved job. Splits too small for one micro-batch are refused (the loop could not train,
     or could not evaluate); so, with `require_val`, is a task without validation data."""
-    from mtnlg_ray.data.sft import prepare_sft
-    from mtnlg_ray.train.trainer import ensure_ray
-
     job, tok_path, _ = start or plan_start(job)
     ensure_ray()
     splits = prepare_sft(job.sft, tok_path, job.output_dir)["splits"]
@@ -114,8 +110,6 @@ def prepare_data(job: FinetuneJob, require_val: bool = False, start: Start | Non
 
 def open_task_data(job: FinetuneJob):
     """The prepared task dataset as the trainer's DatasetBundle."""
-    from mtnlg_ray.data.dataset import open_datasets
-
     return open_datasets(DataConfig(datasets=[DatasetSpec(path=job.output_dir)], seed=job.sft.seed))
 
 
@@ -123,16 +117,9 @@ def open_task_data(job: FinetuneJob):
 def baseline_val_loss(job: FinetuneJob, bundle) -> float | None:
     """Validation loss of the initial weights on the rows the loop evaluates (the first
     eval_batches micro-batches of the val stream), token-weighted like the loop's `evaluate`."""
-    from mtnlg_ray.api import load_state_any
-    from mtnlg_ray.model.checkpoint import build_model
-    from mtnlg_ray.model.gpt import lm_loss
-    from mtnlg_ray.train.batching import inputs_targets
-    from mtnlg_ray.train.evaluate import load_eval_set
-
     if bundle.val is None:
         return None
-    cfg, tensors, _, _ = load_state_any(job.init_from)
-    model = build_model(cfg, tensors, job.init_from)
+    model = open_source(job.init_from).model()
     total = tokens = 0.0
     for batch in load_eval_set(bundle.val, job.train.micro_batch_size, job.train.eval_batches):
         inp, tgt = inputs_targets(batch, torch.device("cpu"))
@@ -144,17 +131,12 @@ def baseline_val_loss(job: FinetuneJob, bundle) -> float | None:
 
 def fit(job: FinetuneJob, bundle, callbacks=None, resume_from: str | None = None) -> ray.train.Result:
     """Run (or resume) the fine-tuning job on Ray Train with the pretraining trainer."""
-    from mtnlg_ray.train.trainer import build_trainer
-
     return build_trainer(job, bundle, callbacks=callbacks, resume_from=resume_from).fit()
 
 
 def run_finetune(job: FinetuneJob, resume: str = "auto") -> ray.train.Result:
     """`mtnlg finetune`: prepare the task data, report the starting validation loss, train, summarise.
     `resume`: auto, never or a checkpoint path (train/resume.py), checked before Ray starts."""
-    from mtnlg_ray.train.plot import plot_run
-    from mtnlg_ray.train.trainer import run_dir_of
-
     start = plan_start(job, resume)
     job = prepare_data(job, start=start)
     bundle = open_task_data(job)

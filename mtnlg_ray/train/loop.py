@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -57,18 +56,21 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from mtnlg_ray.checkpoint import manifest, sharded
+from mtnlg_ray.checkpoint.remote import checkpoint_dir_name
+from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, validate
 from mtnlg_ray.data.dataset import ROWS_PER_BLOCK, iter_batches
 from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.malloc import keep_freed_memory
-from mtnlg_ray.train import checkpoint as ckpt
+from mtnlg_ray.model.lora import apply_lora
+from mtnlg_ray.parallel import build_mesh, parallelize
 from mtnlg_ray.train.batching import accumulate, deal
 from mtnlg_ray.train.evaluate import evaluate, load_eval_set, world_mean
 from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops,
                                      token_byte_lengths)
 from mtnlg_ray.train.optim import Optimizers
-from mtnlg_ray.train.remote import resolve_resume_from
 from mtnlg_ray.train.schedule import global_batch_at, in_tokens, lr_at, planned_tokens
 
 log = logging.getLogger(__name__)
@@ -126,18 +128,12 @@ class TokenStream:
 # --------------------------------------------------------------------------------------- setup
 def setup_model(job, model_cfg: ModelConfig, device: torch.device):
     """(ParallelDims, Parallelized, Optimizers) for this worker's share of the model."""
-    from mtnlg_ray.parallel import build_mesh, parallelize
-
     world = ray.train.get_context().get_world_size()
     dims = build_mesh(job.parallel, world, device.type, model_cfg)
     init_state, transform = None, None
     if getattr(job, "init_from", None):
-        from mtnlg_ray.api import load_state_any
-
-        _, init_state, _, _ = load_state_any(job.init_from)
+        init_state = open_source(job.init_from).state_dict()
     if getattr(job, "lora", None) is not None:
-        from mtnlg_ray.model.lora import apply_lora
-
         transform = functools.partial(apply_lora, cfg=job.lora)
     model = parallelize(model_cfg, dims, job.parallel, device, init_state=init_state, seed=job.train.seed,
                         model_transform=transform, compile_blocks=job.train.compile)
@@ -300,24 +296,15 @@ def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimi
     trainer_state = {**asdict(state), "tokens": state.consumed_samples * run["seq_len"],
                      "micro_batch_size": config_json["job"]["train"]["micro_batch_size"], "time": time.time(),
                      "run_start": run["start_time"], "identity": run.get("identity")}
-    local = ckpt.save(model.parts, optimizers, trainer_state, config_json, run["tokenizer_path"])
+    local = sharded.save(model.parts, optimizers.pairs, trainer_state, config_json, run["tokenizer_path"])
     if metrics_log is not None and metrics_log.path.is_file():
         shutil.copyfile(metrics_log.path, local / METRICS_FILE)  # the run's history travels with it
-        _add_to_manifest(local, METRICS_FILE)
+        manifest.add_file(local, METRICS_FILE)
     try:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=ckpt.checkpoint_dir_name(state.step))
+                         checkpoint_dir_name=checkpoint_dir_name(state.step))
     finally:
         shutil.rmtree(local, ignore_errors=True)
-
-
-def _add_to_manifest(directory: Path, name: str) -> None:
-    mpath = directory / ckpt.MANIFEST
-    manifest = json.loads(mpath.read_text())
-    from mtnlg_ray.fileio import file_sha256
-
-    manifest["files"][name] = file_sha256(directory / name)
-    mpath.write_text(json.dumps(manifest, indent=2))
 
 
 def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None, run: dict):
@@ -331,14 +318,14 @@ def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None, run: d
         latest = ray.train.Checkpoint(run["resume_from"])
     if latest is None:
         return TrainState(), lambda: time.time() - start
-    path, skipped = resolve_resume_from(latest)  # remote storage: fetched to this node first
+    path, skipped = sharded.resolve_resume(latest.filesystem, latest.path)  # remote storage: fetched here first
     for problem in skipped:
         log.warning("skipping a corrupted checkpoint: %s", problem)
         if metrics_log is not None:
             metrics_log.write({"event": "checkpoint_skipped", "reason": problem, "time": time.time() - start})
     if path is None:
         raise UserError(f"{latest.path.rstrip('/').rpartition('/')[0]}: no valid checkpoint to resume from ({'; '.join(skipped)})")
-    saved = ckpt.load(path, model.parts, optimizers)
+    saved = sharded.load(path, model.parts, optimizers.pairs)
     state = TrainState(step=saved["step"], consumed_samples=saved["consumed_samples"],
                        elapsed_s=saved.get("elapsed_s", 0.0))
     offset = 0.0 if saved.get("run_start") == start else state.elapsed_s

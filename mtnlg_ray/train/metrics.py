@@ -33,14 +33,13 @@ import numpy as np
 import torch
 
 from mtnlg_ray.config import ModelConfig
+from mtnlg_ray.model.gpt import GPT
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def matmul_params(cfg: ModelConfig) -> int:
     """N: parameters used in matrix multiplies (no embedding tables; the LM head counted once)."""
-    from mtnlg_ray.model.gpt import GPT
-
     with torch.device("meta"):
         model = GPT(cfg)
     return model.num_params(non_embedding=True) + cfg.padded_vocab_size * cfg.d_model

@@ -6,9 +6,9 @@
     check_finetune_inputs(job, resume)  init_from, the sft paths, and what --resume needs
 
 A missing path is a one-line PathError, a config that does not fit a ConfigError (both exit 2).
-This module imports neither torch nor Ray (a fine-tuning start point is read lazily), so the CLI
-runs it first: `mtnlg pretrain` with a wrong dataset path answers in about a second, not after a
-Ray start.
+This module imports neither torch nor Ray (a fine-tuning start point is opened through
+checkpoint/source.py, which reads its config.json, no weights), so the CLI runs it first:
+`mtnlg pretrain` with a wrong dataset path answers in about a second, not after a Ray start.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from mtnlg_ray.checkpoint.source import check_exists, open_source
 from mtnlg_ray.config import FinetuneJob, ModelConfig
 from mtnlg_ray.errors import ConfigError, PathError
 from mtnlg_ray.train.resume import check_resume, identity, resume_target
@@ -59,7 +60,7 @@ def check_datasets(data) -> list[dict]:
 def model_config(job, vocab_size: int, seq_len: int, tokenizer: Path) -> ModelConfig:
     """The model of the run, with vocab_size from the tokenizer (a different explicit one is refused)."""
     if isinstance(job, FinetuneJob):
-        cfg = _init_model_config(job.init_from)
+        cfg = open_source(job.init_from).config()  # a run on s3:// / gs://: its checkpoint, fetched here
         where = f"init_from {job.init_from}"
     else:
         cfg, where = job.model, "model.vocab_size"
@@ -72,25 +73,6 @@ def model_config(job, vocab_size: int, seq_len: int, tokenizer: Path) -> ModelCo
         raise ConfigError(f"model.max_seq_len: {cfg.max_seq_len} is shorter than the dataset's rows "
                           f"(seq_len {seq_len})")
     return ModelConfig.model_validate(cfg.model_dump())
-
-
-def _init_model_config(path: str) -> ModelConfig:
-    """The ModelConfig of a fine-tuning start point, reading as little as possible (imports torch)."""
-    from mtnlg_ray.model.checkpoint import is_native_checkpoint, read_config
-    from mtnlg_ray.model.convert import is_hf_gpt2_dir
-    from mtnlg_ray.train.remote import local_source
-
-    p = local_source(path)  # a run on s3:// / gs://: its checkpoint, fetched to this node
-    if is_native_checkpoint(p):
-        return read_config(p)[0]
-    if not is_hf_gpt2_dir(p):
-        from mtnlg_ray.train.checkpoint import pick_checkpoint
-
-        if p.is_dir():
-            return read_config(pick_checkpoint(p))[0]
-    from mtnlg_ray.api import load_state_any
-
-    return load_state_any(p)[0]
 
 
 def plan_pretrain(job, resume: str = "auto") -> Start:
@@ -106,8 +88,7 @@ def check_finetune_inputs(job: FinetuneJob, resume: str | None = "auto") -> None
     """The paths of a fine-tuning job exist, and (unless `resume` is None) its run directory is what
     --resume asks for. The start point itself is opened later (train/finetune.plan_start), when
     torch is imported anyway."""
-    if "://" not in job.init_from and not Path(job.init_from).exists():
-        raise PathError(f"init_from: {job.init_from}: no such checkpoint, run directory or GPT-2 directory")
+    check_exists(job.init_from, "init_from")
     if job.sft.tokenizer and not Path(job.sft.tokenizer).is_file():
         raise PathError(f"sft.tokenizer: {job.sft.tokenizer}: no such file")
     for key in ("train_paths", "val_paths"):

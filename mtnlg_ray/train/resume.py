@@ -23,11 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import NamedTuple
 
-from mtnlg_ray.errors import ConfigError, PathError, UserError
-from mtnlg_ray.train.storage import CKPT_RE, is_uri, run_location, step_of
+import pyarrow.fs as pafs
+
+from mtnlg_ray.checkpoint.manifest import CONFIG, MANIFEST, TOKENIZER, TRAINER_STATE
+from mtnlg_ray.checkpoint.remote import CKPT_RE, checkpoints, is_uri, listing, open_location, step_of
+from mtnlg_ray.errors import ConfigError, PathError
+from mtnlg_ray.train.storage import run_location
 
 log = logging.getLogger(__name__)
 
@@ -70,36 +73,7 @@ def identity(job, model: dict, tokenizer_sha256: str, seq_len: int, manifests: l
     return json.loads(json.dumps(out))  # as it reads back from trainer_state.json (tuples -> lists)
 
 
-# ---------------------------------------------------------------------------- storage, any kind
-def _fs(location: str):
-    """(pyarrow filesystem, path in it) of a local path or a storage URI."""
-    import pyarrow.fs as pafs
-
-    if not is_uri(location):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise UserError(f"{location}: cannot open this storage location ({err})") from None
-
-
-def _listing(fs, path: str) -> list:
-    """FileInfos directly inside `path` (empty when it does not exist or is not a directory)."""
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-
-
-def _checkpoints(infos: list) -> list[str]:
-    """Checkpoint directories among `infos`, newest first (by step, then name: time of writing)."""
-    import pyarrow.fs as pafs
-
-    found = [i.path for i in infos if i.type == pafs.FileType.Directory and CKPT_RE.match(i.base_name)]
-    return sorted(found, key=lambda p: (step_of(p), p), reverse=True)
-
-
+# ------------------------------------------------------------------------------- saved checkpoints
 def _read_json(fs, path: str) -> dict | None:
     try:
         with fs.open_input_stream(path) as f:
@@ -119,16 +93,16 @@ class Saved(NamedTuple):
 
 def read_saved(fs, path: str, where: str) -> Saved:
     """The Saved of checkpoint directory `path` on `fs` (`where`: how to name it in messages)."""
-    config, state = _read_json(fs, f"{path}/config.json"), _read_json(fs, f"{path}/trainer_state.json")
+    config, state = _read_json(fs, f"{path}/{CONFIG}"), _read_json(fs, f"{path}/{TRAINER_STATE}")
     if config is None or state is None:
         raise PathError(f"{where}: not a training checkpoint (config.json or trainer_state.json missing or "
                         "unreadable)")
     ident = state.get("identity")
     if ident is None:  # written before identities were saved: rebuild what the files still tell
         model = config.get("model") or {}
-        files = (_read_json(fs, f"{path}/manifest.json") or {}).get("files", {})
+        files = (_read_json(fs, f"{path}/{MANIFEST}") or {}).get("files", {})
         ident = {f"model.{k}": model.get(k) for k in ARCH_KEYS}
-        ident["tokenizer.sha256"] = files.get("tokenizer.model")
+        ident["tokenizer.sha256"] = files.get(TOKENIZER)
         if state.get("consumed_samples"):
             ident["seq_len"] = state["tokens"] // state["consumed_samples"]
     return Saved(where, int(state.get("step", step_of(path))), config.get("job") or {}, ident)
@@ -148,9 +122,9 @@ def resume_target(job, mode: str) -> tuple[Saved | None, str | None]:
     """(what the run would resume from, or None; the checkpoint a new run starts from (PATH), or
     None), refusing in one line what `--resume mode` forbids (see the module docstring)."""
     run = run_location(job.scaling.storage_path, job.scaling.name)
-    fs, run_path = _fs(run)
-    infos = _listing(fs, run_path)
-    ckpts = _checkpoints(infos)
+    fs, run_path = open_location(run)
+    infos = listing(fs, run_path)
+    ckpts = checkpoints(fs, run_path)
     if mode == "never":
         if infos:
             what = f"checkpoints up to step {step_of(ckpts[0])}" if ckpts else \
@@ -182,10 +156,7 @@ def _name(run: str, path: str, run_path: str) -> str:
 
 def _resume_source(value: str) -> tuple:
     """(fs, path, name for messages and for the workers) of the checkpoint `--resume PATH` means."""
-    import pyarrow.fs as pafs
-
-    fs, path = _fs(value)
-    path = path.rstrip("/")
+    fs, path = open_location(value)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.NotFound:
         raise PathError(f"--resume {value}: no such checkpoint or run directory")
@@ -194,10 +165,10 @@ def _resume_source(value: str) -> tuple:
     name = value.rstrip("/") if is_uri(value) else path
     if CKPT_RE.match(path.rpartition("/")[2]):
         return fs, path, name
-    ckpts = _checkpoints(_listing(fs, path))
+    ckpts = checkpoints(fs, path)
     if ckpts:
         return fs, ckpts[0], name + ckpts[0][len(path):]
-    if _read_json(fs, f"{path}/config.json") is not None:
+    if _read_json(fs, f"{path}/{CONFIG}") is not None:
         raise PathError(f"--resume {value}: an exported model (no optimizer or trainer state), not a training "
                         "checkpoint; to start from its weights, fine-tune with init_from")
     raise PathError(f"--resume {value}: no checkpoint_* directories (not a run directory, or none saved yet)")

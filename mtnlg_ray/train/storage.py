@@ -22,10 +22,10 @@ its own disk, and resume (or export) would find an incomplete checkpoint.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from mtnlg_ray.checkpoint.remote import is_uri
 from mtnlg_ray.errors import UserError
 
 # Filesystem types (the third field of /proc/mounts) that are shared between machines.
@@ -35,29 +35,12 @@ NETWORK_FS = frozenset({
 })
 
 
-# The checkpoint directories of a run: checkpoint_{step:08d}_{time} (train/checkpoint.py names them).
-# Here, with no torch import, so the checks that run before Ray starts can list a run's checkpoints.
-CKPT_RE = re.compile(r"^checkpoint_(\d{8})_")
-
-
-def step_of(directory: str | Path) -> int:
-    """The step of a checkpoint directory (path or URI), -1 for any other name."""
-    m = CKPT_RE.match(str(directory).rstrip("/").rpartition("/")[2])
-    return int(m.group(1)) if m else -1
-
-
 def run_location(storage_path: str, name: str) -> str:
     """Where a run's checkpoints go: `storage_path/name`, a URI or an absolute local path. Asks no
     Ray (whether a local path may be used at all is `check_storage_path`'s question)."""
     if is_uri(storage_path):
         return storage_path.rstrip("/") + "/" + name
     return os.path.join(os.path.abspath(os.path.expanduser(storage_path.removeprefix("file://"))), name)
-
-
-def is_uri(path: str) -> bool:
-    """True for `scheme://...` other than `file://` (a remote store that pyarrow.fs resolves)."""
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
 
 
 def mount_fstype(path: str | Path, mounts_file: str = "/proc/mounts") -> str | None:

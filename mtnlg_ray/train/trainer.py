@@ -29,12 +29,18 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from mtnlg_ray import console
+from mtnlg_ray.checkpoint.remote import is_uri
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob
+from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.errors import ConfigError, UserError
+from mtnlg_ray.parallel import check_layout
+from mtnlg_ray.parallel.mesh import resolve_dims
 from mtnlg_ray.train.loop import train_loop
+from mtnlg_ray.train.plot import plot_run
 from mtnlg_ray.train.preflight import Start, model_config, plan_pretrain
 from mtnlg_ray.train.resume import identity
 from mtnlg_ray.train.schedule import planned_samples
+from mtnlg_ray.train.storage import check_storage_path
 
 log = logging.getLogger(__name__)
 DATA_CPUS = 1.0  # CPUs Ray Data needs beside the workers (one read / map task at a time)
@@ -59,9 +65,6 @@ def check_scaling(job, model_cfg: ModelConfig, seq_len: int | None = None) -> No
     Ray Train V2 starts an elastic run with any count in [min, max] that the cluster holds (and
     restarts it with another after a failure), so every count of the range must fit the
     tp x pp layout. The global batch need not divide by anything (batching.py)."""
-    from mtnlg_ray.parallel import check_layout
-    from mtnlg_ray.parallel.mesh import resolve_dims
-
     lo, hi = worker_range(job)
     p, tc = job.parallel, job.train
     for world in range(lo, hi + 1):
@@ -111,8 +114,6 @@ def check_data_cpus(job) -> None:
 
 def run_dir_of(job) -> tuple[str, Path]:
     """(storage path for RunConfig, local directory for metrics.jsonl / plots)."""
-    from mtnlg_ray.train.storage import check_storage_path, is_uri
-
     s = job.scaling
     hi = worker_range(job)[1]
     need = {"CPU": hi * s.cpus_per_worker, "GPU": hi * ((s.gpus_per_worker or 1) if s.use_gpu else 0)}
@@ -127,8 +128,6 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
     """A TorchTrainer running `train_loop` for `job` (datasets: `bundle`, default open_datasets(job.data)).
     `callbacks`: Ray Train callbacks (fine-tuning's Tune trials pass one that forwards reports to Tune).
     `resume_from`: a checkpoint the workers start from while the run has none of its own (--resume PATH)."""
-    from mtnlg_ray.data.dataset import open_datasets
-
     start_time = time.time()
     ensure_ray()
     kind = "finetune" if isinstance(job, FinetuneJob) else "pretrain"
@@ -177,8 +176,6 @@ def run_pretrain(job: PretrainJob, resume: str | Start = "auto") -> ray.train.Re
     """Train (or resume) `job` on Ray Train; writes metrics.jsonl and loss.png in the run directory.
     `resume`: auto, never or a checkpoint path (train/resume.py), or the Start that
     `preflight.plan_pretrain` returned for it (the CLI checks before importing Ray)."""
-    from mtnlg_ray.train.plot import plot_run
-
     start = resume if isinstance(resume, Start) else plan_pretrain(job, resume)
     trainer = build_trainer(job, resume_from=start.resume_from)
     metrics_dir = Path(trainer.train_loop_config["run"]["metrics_dir"])

@@ -29,6 +29,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from mtnlg_ray.config import HYPERPARAMETERS, FinetuneJob, TuneJob, apply_overrides, dump_yaml, validate
 from mtnlg_ray.errors import UserError
+from mtnlg_ray.train.finetune import fit, open_task_data, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ def evaluations(job: FinetuneJob) -> int:
 
 def _trial(config: dict, job: dict, storage: str) -> None:
     """One Tune trial: the Ray Train driver of a short fine-tuning run with this trial's hyperparameters."""
-    from mtnlg_ray.train.finetune import fit, open_task_data
-
     run = trial_job(FinetuneJob.model_validate(job), config["hp"])
     name = f"trial_{tune.get_context().get_trial_id()}"
     run = run.model_copy(update={"scaling": run.scaling.model_copy(update={"storage_path": storage, "name": name})})
@@ -93,8 +92,6 @@ def format_ranking(rows: list[dict], max_evals: int) -> str:
 
 def run_tune(job: TuneJob) -> list[dict]:
     """`mtnlg tune`: search, print the ranking, write the best FinetuneJob; returns the ranked rows."""
-    from mtnlg_ray.train.finetune import prepare_data
-
     grid = job.tune.search_space.grid()
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     for hp in combos:  # refuse an impossible combination (e.g. a batch size micro_batch does not divide) now

@@ -176,7 +176,7 @@ def test_rayservice_serve_config_validates_with_serve_and_our_model():
 
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
     (app,) = serve_config.applications
-    assert app.import_path == "mtnlg_ray.serve.app:build_app"
+    assert app.import_path == "mtnlg_ray.serve.deploy:build_app"
     job = ServeJob.model_validate(app.args)
     # Serve's own typed-builder call: args -> ServeJob -> our build_app -> a Serve Application.
     application = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)

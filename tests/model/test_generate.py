@@ -54,7 +54,7 @@ def test_stops_at_context_length():
 
 
 def test_decode_layout_keeps_values_and_checkpoints(tmp_path):
-    from mtnlg_ray.model.checkpoint import load_state, save_checkpoint
+    from mtnlg_ray.checkpoint import native
     from mtnlg_ray.model.generate import use_decode_layout
 
     m = model()
@@ -65,6 +65,6 @@ def test_decode_layout_keeps_values_and_checkpoints(tmp_path):
     assert w.stride() == (1, w.shape[0]) and w is m.tok_emb.weight  # column-major, still tied
     torch.testing.assert_close(m(ids), before, rtol=1e-5, atol=1e-5)
     use_decode_layout(m)  # idempotent
-    save_checkpoint(m.state_dict(), m.config, tmp_path / "ck")
-    _, tensors, _ = load_state(tmp_path / "ck")
+    native.save(m.state_dict(), m.config, tmp_path / "ck")
+    tensors = native.load_tensors(tmp_path / "ck")
     torch.testing.assert_close(tensors["tok_emb.weight"], w.detach().contiguous())

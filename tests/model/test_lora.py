@@ -5,7 +5,7 @@ import torch
 
 from mtnlg_ray.config import FinetuneJob, LoraConfig, ModelConfig, validate
 from mtnlg_ray.errors import ConfigError
-from mtnlg_ray.model.checkpoint import build_model
+from mtnlg_ray.checkpoint.native import build_model
 from mtnlg_ray.model.gpt import GPT, lm_loss
 from mtnlg_ray.model.lora import LoraLinear, apply_lora, is_lora_state, lora_parameter_names, merge_lora_state
 

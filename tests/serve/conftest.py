@@ -11,7 +11,8 @@ import torch
 
 from mtnlg_ray.config import ModelConfig
 from mtnlg_ray.data.tokenizer import train_tokenizer
-from mtnlg_ray.model.checkpoint import save_checkpoint
+from mtnlg_ray.api import from_pretrained
+from mtnlg_ray.checkpoint import native
 from mtnlg_ray.model.gpt import GPT
 
 STDLIB_FILES = ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "string.py")
@@ -28,16 +29,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = ModelConfig(preset="debug", vocab_size=tok.vocab_size, max_seq_len=CONTEXT)
     model = GPT(cfg)
-    return save_checkpoint(model.state_dict(), cfg, root / "ckpt", tokenizer_path=root / "tokenizer.model")
+    return native.save(model.state_dict(), cfg, root / "ckpt", tokenizer_path=root / "tokenizer.model")
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_checkpoint):
     """(model in eval mode, tokenizer) loaded with the one loader."""
-    from mtnlg_ray.api import load_model
-
-    loaded = load_model(tiny_checkpoint)
-    return loaded.model.eval(), loaded.tokenizer
+    tokenizer, model = from_pretrained(tiny_checkpoint)
+    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def test_serve_configs_validate_and_misspelled_keys_are_refused():
 
     from mtnlg_ray.config import ServeJob, load_job
     from mtnlg_ray.errors import ConfigError
-    from mtnlg_ray.serve.app import build_app
+    from mtnlg_ray.serve.deploy import build_app
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
     for app_cfg in config.applications:

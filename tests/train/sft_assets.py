@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mtnlg_ray.config import FinetuneJob, ModelConfig, validate
-from mtnlg_ray.model.checkpoint import save_checkpoint
+from mtnlg_ray.checkpoint import native
 from mtnlg_ray.model.gpt import GPT
 
 SEQ_LEN = 64
@@ -20,7 +20,7 @@ def tiny_checkpoint(out: Path, tokenizer) -> Path:
     """A native checkpoint of a randomly initialised debug GPT (64-token context) with `tokenizer`."""
     torch.manual_seed(0)
     cfg = ModelConfig(preset="debug", vocab_size=tokenizer.vocab_size, max_seq_len=SEQ_LEN)
-    return save_checkpoint(GPT(cfg).state_dict(), cfg, out, tokenizer_path=tokenizer.path)
+    return native.save(GPT(cfg).state_dict(), cfg, out, tokenizer_path=tokenizer.path)
 
 
 def toy_task(path: Path, n: int, seed: int) -> Path:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from mtnlg_ray import api
+from mtnlg_ray.checkpoint.sharded import consolidate
+from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.data.tokenizer import train_tokenizer
-from mtnlg_ray.train.checkpoint import consolidate, pick_checkpoint
 from mtnlg_ray.train.finetune import baseline_val_loss, fit, open_task_data, prepare_data
 
 from sft_assets import finetune_job, tiny_checkpoint, write_task
@@ -69,8 +70,8 @@ def test_lora_trains_only_adapters_and_resumes_exactly(ray_session, assets, tmp_
     run_dir = tmp_path / "runs" / "lora"
 
     # the run's checkpoint: base weights exactly the initial ones, adapters trained
-    _, start, _, _ = api.load_state_any(init)
-    raw = consolidate(pick_checkpoint(run_dir))
+    start = open_source(init).state_dict()
+    raw = consolidate(open_source(run_dir).path)
     adapters = {k for k in raw if ".lora_" in k}
     assert len(adapters) == 2 * 3 * 2  # (A, B) x 3 targets x 2 layers
     for key, value in start.items():
@@ -79,10 +80,10 @@ def test_lora_trains_only_adapters_and_resumes_exactly(ray_session, assets, tmp_
 
     # export merges the adapters into plain weights: a checkpoint the server loads as is
     out = api.export(run_dir, tmp_path / "export")
-    loaded = api.load_model(out)
-    assert not any(".lora_" in k for k in loaded.model.state_dict())
-    assert not torch.equal(loaded.model.state_dict()["blocks.0.attn.q_proj.weight"], start["blocks.0.attn.q_proj.weight"])
-    assert torch.equal(loaded.model.state_dict()["blocks.0.attn.k_proj.weight"], start["blocks.0.attn.k_proj.weight"])
+    merged = api.from_pretrained(out)[1].state_dict()
+    assert not any(".lora_" in k for k in merged)
+    assert not torch.equal(merged["blocks.0.attn.q_proj.weight"], start["blocks.0.attn.q_proj.weight"])
+    assert torch.equal(merged["blocks.0.attn.k_proj.weight"], start["blocks.0.attn.k_proj.weight"])
 
     # 3 steps, stop, resume to 6: the same losses as the 6-step run (init_from does not override the checkpoint)
     half = job.model_copy(update={"scaling": job.scaling.model_copy(update={"name": "lora_resumed"}),

@@ -15,9 +15,14 @@ import shutil
 
 import pytest
 import torch
-from train_jobs import SEQ_LEN, make_job
+from train_jobs import SEQ_LEN, make_job, run_checkpoints
 
-from mtnlg_ray.train.checkpoint import list_checkpoints, load_run_state, step_of
+from mtnlg_ray.api import from_pretrained
+from mtnlg_ray.checkpoint.remote import step_of
+from mtnlg_ray.checkpoint.source import open_source
+from mtnlg_ray.cli import main
+from mtnlg_ray.data.dataset import iter_batches, open_datasets
+from mtnlg_ray.model.gpt import lm_loss
 from mtnlg_ray.train.metrics import read_metrics
 from mtnlg_ray.train.trainer import run_pretrain
 
@@ -79,14 +84,11 @@ def test_debug_run_learns_and_reports(reference, storage, tmp_path):
     assert [r["step"] for r in logged] == [5, 10, 15, 20]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 <= r["data_wait"] <= 1 for r in logged)
     assert (storage / "reference" / "loss.png").stat().st_size > 10_000
-    assert [step_of(p) for p in list_checkpoints(storage / "reference")] == [20, 15]  # num_to_keep=2
-
-    from mtnlg_ray.api import load_model
-    from mtnlg_ray.cli import main
+    assert [step_of(p) for p in run_checkpoints(storage / "reference")] == [20, 15]  # num_to_keep=2
 
     assert main(["export", str(storage / "reference"), "--out", str(tmp_path / "export")]) == 0
-    loaded = load_model(tmp_path / "export")
-    assert loaded.tokenizer.vocab_size == loaded.config.vocab_size == 512
+    tokenizer, model = from_pretrained(tmp_path / "export")
+    assert tokenizer.vocab_size == model.config.vocab_size == 512
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_stop_and_resume_is_exact(reference, resumed):
 
 def test_corrupted_latest_checkpoint_is_skipped(resumed, reference, pretrain_data, storage):
     run = storage / "resumed"
-    latest, previous = list_checkpoints(run)
+    latest, previous = run_checkpoints(run)
     assert (step_of(latest), step_of(previous)) == (2 * N, 3 * N // 2)
     shard = latest / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
@@ -141,15 +143,10 @@ def test_elastic_run_survives_a_killed_worker(reference, pretrain_data, storage)
         assert got["loss"] == pytest.approx(ref["loss"], abs=2e-4)
 
     # The FSDP-sharded checkpoint consolidates in this one process and gives the reported val loss.
-    from mtnlg_ray.data.dataset import iter_batches, open_datasets
-    from mtnlg_ray.model.checkpoint import build_model
-    from mtnlg_ray.model.gpt import lm_loss
-    from train_jobs import make_job as job_for
-
-    cfg, tensors, _, meta = load_run_state(run)
-    assert meta["step"] == 2 * N
-    model = build_model(cfg, tensors)
-    bundle = open_datasets(job_for(pretrain_data, storage, "x").data)
+    source = open_source(run)
+    assert source.meta()["step"] == 2 * N
+    model = source.model()
+    bundle = open_datasets(make_job(pretrain_data, storage, "x").data)
     with torch.no_grad():
         losses = [lm_loss(model(b["input_ids"][:, :-1]), b["input_ids"][:, 1:]).item()
                   for b, _ in zip(iter_batches(bundle.val, 4), range(2))]
@@ -161,7 +158,6 @@ def test_evaluation_threads_time_and_final_only_checkpoint(ray_session, pretrain
     """eval_at_start gives a step-0 evaluation; eval_batches: all evaluates every validation row;
     val_bpb is the loss over ln 2 x the bytes of the targets; every record carries the run's wall
     time; threads_per_worker is applied; checkpoint.interval: 0 saves only at the end."""
-    from mtnlg_ray.data.dataset import iter_batches, open_datasets
     from mtnlg_ray.data.tokenizer import Tokenizer
     from mtnlg_ray.train.metrics import token_byte_lengths
 
@@ -174,7 +170,7 @@ def test_evaluation_threads_time_and_final_only_checkpoint(ray_session, pretrain
     assert times == sorted(times) and 0 < times[0] < times[-1] < 600
     start = [e for e in events if e["event"] == "start"]
     assert len(start) == 1 and start[0]["threads_per_worker"] == 1
-    assert [step_of(p) for p in list_checkpoints(storage / "knobs")] == [4]
+    assert [step_of(p) for p in run_checkpoints(storage / "knobs")] == [4]
 
     # bits per byte over every validation row: the same rows, ids -> UTF-8 bytes of their pieces
     val = open_datasets(make_job(pretrain_data, storage, "x").data).val

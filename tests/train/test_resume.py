@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from cli_probe import heavy, probe
-from train_jobs import make_job
+from train_jobs import make_job, run_checkpoints
 
 from mtnlg_ray.api import export
+from mtnlg_ray.checkpoint.remote import step_of
 from mtnlg_ray.config import dump_yaml
 from mtnlg_ray.errors import ConfigError, PathError
-from mtnlg_ray.train.checkpoint import list_checkpoints, step_of
 from mtnlg_ray.train.metrics import read_metrics
 from mtnlg_ray.train.preflight import plan_pretrain
 from mtnlg_ray.train.resume import manifest_digest
@@ -68,7 +68,7 @@ def test_a_changed_model_tokenizer_or_dataset_is_one_line_naming_the_keys(first,
                          "--set", f"data.datasets=[{{path: {cluster_pretrain_data}}}]")
     old, new = (json.loads((Path(d) / "manifest.json").read_text()) for d in (job.data.datasets[0].path,
                                                                                cluster_pretrain_data))
-    latest = list_checkpoints(run)[0]
+    latest = run_checkpoints(run)[0]
     assert res.returncode == 2 and res.stderr == (
         f"error: {latest}: cannot resume: model.n_layers (2 -> 3), tokenizer.sha256 "
         f"({old['tokenizer_sha256'][:12]} -> {new['tokenizer_sha256'][:12]}), data.datasets[0] "
@@ -86,13 +86,13 @@ def test_safe_changes_are_allowed_and_logged(first, caplog):
     with caplog.at_level(logging.INFO, logger="mtnlg_ray"):
         start = plan_pretrain(changed)
     assert start.resume_from is None  # auto: Ray Train continues the run itself
-    assert f"resuming from {list_checkpoints(run)[0]} (step 4); changed since then: checkpoint.interval: 2 -> 4; " \
+    assert f"resuming from {run_checkpoints(run)[0]} (step 4); changed since then: checkpoint.interval: 2 -> 4; " \
            "train.eval_batches: 2 -> 3; train.log_interval: 1 -> 2; train.max_steps: 4 -> 8" in caplog.text
 
 
 def test_resume_path_refusals(first, tmp_path):
     job, run = first
-    step2, step4 = sorted(list_checkpoints(run), key=step_of)
+    step2, step4 = sorted(run_checkpoints(run), key=step_of)
     assert plan_pretrain(job, str(step4)).resume_from is None  # the run's own latest: the same as auto
     with pytest.raises(ConfigError, match=rf"--resume {step2}: {run} holds a run already, which Ray Train would "
                                           r"continue from its own latest checkpoint instead"):
@@ -108,7 +108,7 @@ def test_resume_path_refusals(first, tmp_path):
 
 def test_resume_path_starts_a_new_run_from_that_checkpoint(first):
     job, run = first
-    step2 = min(list_checkpoints(run), key=step_of)
+    step2 = min(run_checkpoints(run), key=step_of)
     fresh = job.model_copy(update={"scaling": job.scaling.model_copy(update={"name": "from_path"})})
     run_pretrain(fresh, resume=str(step2))
     steps, events = read_metrics(run.parent / "from_path")
@@ -120,5 +120,5 @@ def test_resume_path_starts_a_new_run_from_that_checkpoint(first):
         ref = reference[r["step"]]
         assert (r["tokens_sha"], r["lr"]) == (ref["tokens_sha"], ref["lr"])
         assert r["loss"] == pytest.approx(ref["loss"], abs=1e-6)
-    saved = json.loads((list_checkpoints(run.parent / "from_path")[0] / "trainer_state.json").read_text())
+    saved = json.loads((run_checkpoints(run.parent / "from_path")[0] / "trainer_state.json").read_text())
     assert saved["step"] == 4 and saved["identity"]["seq_len"] == 64  # what the next resume is checked against

@@ -8,15 +8,7 @@ import os
 import pytest
 
 from mtnlg_ray.errors import UserError
-from mtnlg_ray.train.storage import check_storage_path, is_uri, mount_fstype
-
-
-@pytest.mark.parametrize("path, expected", [
-    ("s3://bucket/runs", True), ("gs://bucket/runs", True), ("abfs://c@acct.dfs.core.windows.net/r", True),
-    ("file:///tmp/runs", False), ("runs", False), ("/mnt/shared/runs", False), ("C:/runs", False),
-])
-def test_is_uri(path, expected):
-    assert is_uri(path) is expected
+from mtnlg_ray.train.storage import check_storage_path, mount_fstype
 
 
 def test_mount_fstype_picks_the_longest_mount_point(tmp_path):

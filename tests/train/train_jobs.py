@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mtnlg_ray.checkpoint import remote
 from mtnlg_ray.config import PretrainJob, validate
 
 SEQ_LEN = 64
@@ -23,3 +24,8 @@ def make_job(data: Path, storage: Path, name: str, **sections) -> PretrainJob:
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return validate(PretrainJob, base, "test job")
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint_* directories of a local run, newest first."""
+    return [Path(p) for p in remote.checkpoints(*remote.open_location(run_dir))]

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
+from mtnlg_ray.checkpoint import manifest, native
+from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import ModelConfig
 from mtnlg_ray.errors import UserError
-from mtnlg_ray.model.checkpoint import load_checkpoint, save_checkpoint
 from mtnlg_ray.model.gpt import GPT
 
 
@@ -16,15 +17,20 @@ def saved(tmp_path, tiny_tokenizer):
     torch.manual_seed(0)
     cfg = ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size, position="rotary")
     model = GPT(cfg).eval()
-    path = save_checkpoint(model.state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path, extra={"step": 7})
+    path = native.save(model.state_dict(), cfg, tmp_path / "ckpt", tiny_tokenizer.path, extra={"step": 7})
     return path, model
+
+
+def load(path):
+    source = open_source(path)
+    return source.model(), source.meta()
 
 
 def test_round_trip(saved):
     path, model = saved
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "tokenizer.model"]
-    loaded, meta = load_checkpoint(path)
-    assert meta["step"] == 7 and meta["format_version"] == 1
+    loaded, meta = load(path)
+    assert meta["step"] == 7 and manifest.read_config(path)[1]["format_version"] == 1
     assert loaded.lm_head.weight is loaded.tok_emb.weight
     ids = torch.randint(0, 500, (2, 12))
     with torch.no_grad():
@@ -39,17 +45,17 @@ def test_corrupted_file_is_refused_by_name(saved, name):
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(UserError, match=rf"{name}: sha256 does not match"):
-        load_checkpoint(path)
+        native.load_tensors(path)
 
 
 def test_missing_file_is_refused_by_name(saved):
     path, _ = saved
     (path / "tokenizer.model").unlink()
     with pytest.raises(UserError, match=r"tokenizer.model: missing"):
-        load_checkpoint(path)
+        native.load_tensors(path)
     (path / "manifest.json").unlink()
     with pytest.raises(UserError, match=r"manifest.json: missing"):
-        load_checkpoint(path)
+        native.load_tensors(path)
 
 
 def test_wrong_shapes_are_refused(saved):
@@ -57,15 +63,13 @@ def test_wrong_shapes_are_refused(saved):
     meta = json.loads((path / "config.json").read_text())
     meta["model"]["d_model"] = 128
     (path / "config.json").write_text(json.dumps(meta))
-    from mtnlg_ray.model.checkpoint import write_manifest
-
-    write_manifest(path)
+    manifest.write(path)
     with pytest.raises(UserError, match="config expects"):
-        load_checkpoint(path)
+        load(path)
 
 
 def test_failed_save_leaves_nothing(tmp_path):
     cfg = ModelConfig(preset="debug", vocab_size=100)
     with pytest.raises(FileNotFoundError):
-        save_checkpoint(GPT(cfg).state_dict(), cfg, tmp_path / "out", tokenizer_path=tmp_path / "missing.model")
+        native.save(GPT(cfg).state_dict(), cfg, tmp_path / "out", tokenizer_path=tmp_path / "missing.model")
     assert list(tmp_path.iterdir()) == []

@@ -13,10 +13,3 @@ PRESETS: dict[str, dict] = {
     "gpt-1.3b": dict(n_layers=24, d_model=2048, n_heads=16, max_seq_len=2048, vocab_size=50257),
     "mtnlg-530b": dict(n_layers=105, d_model=20480, n_heads=128, max_seq_len=2048, vocab_size=50257),
 }
-
-
-def preset(name: str, **overrides):
-    """The ModelConfig of a named preset, with field overrides."""
-    from mtnlg_ray.config import ModelConfig
-
-    return ModelConfig(preset=name, **overrides)

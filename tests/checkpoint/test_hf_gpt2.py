@@ -4,9 +4,12 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from mtnlg_ray.checkpoint import hf_gpt2
+from mtnlg_ray.checkpoint.native import build_model
+from mtnlg_ray.checkpoint.source import Kind, open_source
+from mtnlg_ray.config import ModelConfig
 from mtnlg_ray.errors import UserError
-from mtnlg_ray.model.checkpoint import build_model
-from mtnlg_ray.model.convert import is_hf_gpt2_dir, load_hf_gpt2, save_hf_gpt2
+from mtnlg_ray.model.gpt import GPT
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +24,9 @@ def hf_dir(tmp_path_factory):
 
 def test_import_logits_and_greedy_match_transformers(hf_dir):
     path, ref = hf_dir
-    assert is_hf_gpt2_dir(path)
-    cfg, tensors = load_hf_gpt2(path)
-    ours = build_model(cfg, tensors)
+    source = open_source(path)
+    assert source.kind is Kind.HF_GPT2 and source.config() == hf_gpt2.load(path)[0]
+    ours = source.model()
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         assert (ours(ids)[..., :300] - ref(ids).logits).abs().max() < 1e-4
@@ -34,8 +37,8 @@ def test_import_logits_and_greedy_match_transformers(hf_dir):
 
 def test_export_loads_in_transformers(hf_dir, tmp_path):
     path, ref = hf_dir
-    cfg, tensors = load_hf_gpt2(path)
-    out = save_hf_gpt2(cfg, build_model(cfg, tensors).state_dict(), tmp_path / "exported")
+    cfg, tensors = hf_gpt2.load(path)
+    out = hf_gpt2.save(cfg, build_model(cfg, tensors).state_dict(), tmp_path / "exported")
     back = GPT2LMHeadModel.from_pretrained(out).eval()
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
@@ -47,14 +50,11 @@ def test_bin_only_directory_is_refused(hf_dir, tmp_path):
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(UserError, match="convert it to model.safetensors"):
-        load_hf_gpt2(tmp_path)
+        hf_gpt2.load(tmp_path)
 
 
 def test_rotary_model_cannot_be_exported_as_gpt2(tmp_path):
-    from mtnlg_ray.config import ModelConfig
-    from mtnlg_ray.model.gpt import GPT
-
     cfg = ModelConfig(preset="debug", vocab_size=300, position="rotary")
     with pytest.raises(UserError, match="learned positions"):
-        save_hf_gpt2(cfg, GPT(cfg).state_dict(), tmp_path / "x")
+        hf_gpt2.save(cfg, GPT(cfg).state_dict(), tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mtnlg_ray.checkpoint.manifest import CONFIG, WEIGHTS
 from mtnlg_ray.config import ModelConfig
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.fileio import atomic_dir
@@ -24,17 +25,8 @@ from mtnlg_ray.fileio import atomic_dir
 TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 
 
-def is_hf_gpt2_dir(path: str | Path) -> bool:
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("model_type") == "gpt2"
-    except (json.JSONDecodeError, OSError):
-        return False
-
-
-def hf_config_to_ours(hf: dict, source: str) -> ModelConfig:
+def model_config(hf: dict, source: str) -> ModelConfig:
+    """Our ModelConfig of a transformers GPT2Config dict (`source` names it in errors)."""
     act = hf.get("activation_function", "gelu_new")
     if act not in TANH_GELUS:
         raise UserError(f"{source}: activation_function={act!r} is not supported (GPT-2 uses gelu_new)")
@@ -50,28 +42,33 @@ def hf_config_to_ours(hf: dict, source: str) -> ModelConfig:
     )
 
 
-def load_hf_gpt2(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_config(path: str | Path) -> ModelConfig:
+    """Our ModelConfig of a transformers GPT-2 directory (its config.json; no weights read)."""
+    cpath = Path(path) / CONFIG
+    try:
+        return model_config(json.loads(cpath.read_text()), str(cpath))
+    except (KeyError, OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{cpath}: not a GPT-2 config ({err})") from None
+
+
+def load(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a transformers GPT-2 directory into our config and state dict (full tensors)."""
     p = Path(path)
-    if not (p / "model.safetensors").is_file():
+    if not (p / WEIGHTS).is_file():
         if list(p.glob("*.bin")):
-            raise UserError(f"{p}: only pytorch_model.bin found; convert it to model.safetensors "
+            raise UserError(f"{p}: only pytorch_model.bin found; convert it to {WEIGHTS} "
                             "(e.g. GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))")
-        raise UserError(f"{p / 'model.safetensors'}: not found")
+        raise UserError(f"{p / WEIGHTS}: not found")
+    cfg = read_config(p)
     try:
-        hf_cfg = json.loads((p / "config.json").read_text())
-        cfg = hf_config_to_ours(hf_cfg, str(p / "config.json"))
-    except (KeyError, json.JSONDecodeError) as err:
-        raise UserError(f"{p / 'config.json'}: not a GPT-2 config ({err})") from None
-    try:
-        hf = {k.removeprefix("transformer."): v for k, v in load_file(p / "model.safetensors").items()}
+        hf = {k.removeprefix("transformer."): v for k, v in load_file(p / WEIGHTS).items()}
     except SafetensorError as err:
-        raise UserError(f"{p / 'model.safetensors'}: unreadable ({err})") from None
+        raise UserError(f"{p / WEIGHTS}: unreadable ({err})") from None
     d, V = cfg.d_model, cfg.padded_vocab_size
 
     def get(name: str) -> torch.Tensor:
         if name not in hf:
-            raise UserError(f"{p / 'model.safetensors'}: missing tensor {name!r}")
+            raise UserError(f"{p / WEIGHTS}: missing tensor {name!r}")
         return hf[name]
 
     wte = get("wte.weight")
@@ -96,7 +93,7 @@ def load_hf_gpt2(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     return cfg, {k: v.contiguous() for k, v in sd.items()}
 
 
-def save_hf_gpt2(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+def save(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Write our weights as a transformers GPT-2 directory (`GPT2LMHeadModel.from_pretrained` loads it)."""
     if cfg.position != "learned" or not cfg.bias:
         raise UserError("export --format hf: GPT-2 needs learned positions and biases "
@@ -125,7 +122,6 @@ def save_hf_gpt2(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir:
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
     }
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in hf.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in hf.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(hf_cfg, indent=2))
     return Path(out_dir)
