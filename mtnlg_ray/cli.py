@@ -92,11 +92,32 @@ def cmd_generate(args):
     from mtnlg_ray.checkpoint.source import check_exists
 
     check_exists(args.checkpoint)
-    from mtnlg_ray.api import generate_text
+    from mtnlg_ray.serve.local import check_sampling, generate
 
-    text = generate_text(args.checkpoint, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(text)
+    req = check_sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the model
+    generate(args.checkpoint, args.prompt, req, chat=args.chat, system=args.system)
+
+
+def cmd_chat(args):
+    _require(args.checkpoint, "checkpoint, run directory or GPT-2 directory")
+    from mtnlg_ray.serve.local import chat, check_sampling
+
+    req = check_sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # before the model
+    chat(args.checkpoint, req, system=args.system)
+
+
+def cmd_eval(args):
+    _require(args.checkpoint, "checkpoint, run directory or GPT-2 directory")
+    for path in args.data:
+        if "://" not in path and not any(ch in path for ch in "*?["):
+            _require(path, "data file or directory")
+    from mtnlg_ray.train.heldout import evaluate_file
+
+    r = evaluate_file(args.checkpoint, args.data, kind=args.kind, text_mode=args.text_mode, text_field=args.text_field,
+                      max_docs=args.max_docs, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device)
+    log.info("%d documents, %d tokens in %d rows (%d tail tokens that fill no row not scored)", r["documents"],
+             r["tokens"], r["rows"], r["dropped_tail_tokens"])
+    print(f"loss {r['val_loss']:.4f} nats/token  perplexity {r['val_ppl']:.3f}  bits/byte {r.get('val_bpb', 0):.4f}")
 
 
 def cmd_serve(args):
@@ -150,14 +171,45 @@ def _import_args(p):
     p.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model to bundle")
 
 
-def _generate_args(p):
-    p.add_argument("checkpoint", help="native checkpoint, run directory, or GPT-2 directory")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (stops at end-of-document)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+def _sampling_args(p, max_tokens: int | None, temperature: float):
+    """Sampling flags, checked by the server's request schema (serve/schemas.py)."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help="tokens to generate at most; capped, with a warning, where the context ends" +
+                   ("" if max_tokens else " (default: up to the context)"))
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass (default: off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one each run)")
+
+
+def _generate_args(p):
+    p.add_argument("checkpoint", help="native checkpoint, run directory, or GPT-2 directory")
+    p.add_argument("--prompt", required=True, help="text to continue (special tokens written in it are those tokens)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat "
+                   "template and print the reply")
+    p.add_argument("--system", default=None, help="with --chat: a system message")
+    _sampling_args(p, 64, 0.0)
+
+
+def _chat_args(p):
+    p.add_argument("checkpoint", help="native checkpoint, run directory, or GPT-2 directory (a chat fine-tune)")
+    p.add_argument("--system", default=None, help="system message at the start of the conversation")
+    _sampling_args(p, None, 0.7)
+
+
+def _eval_args(p):
+    p.add_argument("checkpoint", help="native checkpoint, run directory, or GPT-2 directory")
+    p.add_argument("--data", required=True, nargs="+", help="text, JSONL or Parquet files, directories or globs")
+    p.add_argument("--kind", choices=["text", "jsonl", "parquet"], default=None,
+                   help="file kind (default: from each file's suffix; text otherwise)")
+    p.add_argument("--text-mode", choices=["file", "line", "paragraph"], default="file",
+                   help="text files: a document per file, line or blank-line-separated paragraph")
+    p.add_argument("--text-field", default="text", help="JSONL / Parquet field holding the document")
+    p.add_argument("--max-docs", type=int, default=None, help="the first N documents only")
+    p.add_argument("--seq-len", type=int, default=None, help="row length as in preprocessing (default: the model's "
+                   "max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def _serve_args(p):
@@ -167,6 +219,16 @@ def _serve_args(p):
     p.add_argument("--port", type=int, default=None, help="HTTP port, 0 = any free one (default: serve.port, 8000)")
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (default: 1)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (default: 1)")
+    p.add_argument("--api-key", default=None, help="clients send 'Authorization: Bearer KEY' (serve.api_key; "
+                   "default: $MTNLG_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send (serve.model_name, default: mtnlg)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="context per sequence (serve.max_context, default: the model's max_seq_len)")
+    p.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                   help="sequences decoded together per replica (serve.max_batch_slots, default: 8)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja2 chat template file (serve.chat_template, default: the checkpoint's, else built in)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ServeJob key, e.g. --set serve.max_batch_slots=16 (repeatable)")
 
@@ -194,8 +256,12 @@ COMMANDS = {
                   "mtnlg import-hf ./gpt2 --out ckpt/gpt2"),
     "generate": (cmd_generate, _generate_args, "generate text from a checkpoint",
                  "mtnlg generate ckpt/ --prompt 'def fib(n):' --max-tokens 64"),
+    "chat": (cmd_chat, _chat_args, "chat in the terminal with a checkpoint's chat template",
+             "mtnlg chat demo_run/export --system 'You write Python.'"),
+    "eval": (cmd_eval, _eval_args, "held-out loss and perplexity of a checkpoint on text, JSONL or Parquet",
+             "mtnlg eval ckpt/ --data held_out.jsonl --max-docs 500"),
     "serve": (cmd_serve, _serve_args, "serve an OpenAI-compatible HTTP API on Ray Serve",
-              "mtnlg serve ckpt/ --port 8000 --min-replicas 1 --max-replicas 2"),
+              "mtnlg serve ckpt/ --port 8000 --api-key secret --served-model-name mtnlg --max-num-seqs 16"),
     "quickstart": (cmd_quickstart, _quickstart_args, "the main job end to end on the built-in corpus",
                    "mtnlg quickstart --workdir demo_run"),
     "plot": (cmd_plot, lambda p: p.add_argument("run_dir", help="run directory with metrics.jsonl"),

@@ -30,11 +30,17 @@ class ServeSection(Section):
     """One OpenAI-compatible deployment: the model, the engine's KV-cache pool, Serve's limits."""
 
     checkpoint: str = Field(description="native checkpoint, Ray Train run directory, or GPT-2 directory")
-    model_name: str = Field("mtnlg", description="the `model` clients send; others get 404")
+    model_name: str = Field("mtnlg", min_length=1, description="the `model` clients send; others get 404 "
+                            "(--served-model-name)")
+    api_key: str | None = Field(None, repr=False, description="clients send `Authorization: Bearer <key>`; "
+                                "None: $MTNLG_API_KEY in the replica, else no key (--api-key)")
+    chat_template: str | None = Field(None, description="Jinja2 chat template: a file, or the template itself; "
+                                      "None: the checkpoint's, else the built-in one (--chat-template)")
     host: str = Field("127.0.0.1", description="HTTP host (mtnlg serve; a Serve config sets http_options)")
     port: int = Field(8000, ge=0, lt=65536)
-    max_batch_slots: int = Field(8, gt=0, description="sequences decoded together (KV-cache rows)")
-    max_context: int | None = Field(None, gt=0, description="tokens per slot; None: the model's max_seq_len")
+    max_batch_slots: int = Field(8, gt=0, description="sequences decoded together (KV-cache rows; --max-num-seqs)")
+    max_context: int | None = Field(None, gt=1, description="tokens per slot; None: the model's max_seq_len "
+                                    "(--max-model-len)")
     max_waiting: int = Field(64, ge=0, description="engine queue bound beyond the slots")
     max_ongoing_requests: int = Field(32, gt=0, description="requests Serve sends one replica at a time")
     max_queued_requests: int = Field(64, ge=-1, description="requests queued per caller beyond that; -1: no bound")

@@ -3,7 +3,8 @@
 The algorithm of OpenAI's `encoder.py`: text is split by GPT-2's regex, each piece's UTF-8
 bytes are mapped to printable unicode characters, then merged by BPE rank. It offers the same
 interface as the SentencePiece `Tokenizer`, so a GPT-2 directory works wherever ours does.
-`<|endoftext|>` in the text is encoded as the special token (end of document).
+`<|endoftext|>` in the text is encoded as the special token (end of document), unless
+`parse_special=False`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class GPT2BPETokenizer:
         self.vocab_size = len(self.encoder)
         self.eod_id = self.encoder.get(EOT, self.vocab_size - 1)
         self.pad_id = self.eod_id
+        self.special_tokens = {EOT: self.encoder[EOT]} if EOT in self.encoder else {}
         self.sha256 = hashlib.sha256(vocab_file.read_bytes() + merges_file.read_bytes()).hexdigest()
         self._cache: dict[str, list[str]] = {}
 
@@ -91,9 +93,9 @@ class GPT2BPETokenizer:
             raise UserError(f"{self.path}: tokenizer has no {piece!r} token")
         return self.encoder[piece]
 
-    def encode(self, text: str, return_tensors: str | None = None):
+    def encode(self, text: str, return_tensors: str | None = None, parse_special: bool = True):
         ids: list[int] = []
-        for k, chunk in enumerate(text.split(EOT)):
+        for k, chunk in enumerate(text.split(EOT) if parse_special and self.special_tokens else [text]):
             if k:
                 ids.append(self.eod_id)
             ids.extend(self._encode_plain(chunk))
@@ -112,3 +114,7 @@ class GPT2BPETokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.decoder[i]
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for (a piece of a multi-byte character may be part of one)."""
+        return bytes(self.byte_decoder[c] for c in self.decoder.get(i, ""))

@@ -15,7 +15,11 @@ Special tokens (fixed ids so every stage agrees):
     0 <pad>            padding
     1 <unk>            unknown (unused with byte_fallback)
     2 <|endoftext|>    end of document (EOD), appended after every document when packing
-    <|system|> <|user|> <|assistant|> <|end|>   chat role markers (see data/sft.py)
+    <|system|> <|user|> <|assistant|> <|end|>   chat role markers (see data/chat.py)
+`Tokenizer.encode` reads every one of them written in the text as that token (as Hugging Face
+tokenizers and vLLM do: `"<|endoftext|>def"` is EOD then `def`); `parse_special=False` is the reading
+preprocessing gives a corpus (SentencePiece alone: `<pad>`, `<unk>` and `<|endoftext|>` are plain
+characters there, the role markers, SentencePiece's user-defined symbols, are still recognised).
 """
 
 from __future__ import annotations
@@ -103,6 +107,9 @@ class Tokenizer:
         self.vocab_size = self.sp.get_piece_size()
         self.eod_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id()
+        self.unk_id = self.sp.unk_id()
+        self.special_tokens = special_pieces(self.path.read_bytes())
+        self._special_re = special_pattern(self.special_tokens)
 
     def token_id(self, piece: str) -> int:
         """The id of a special piece; an error if this tokenizer lacks it."""
@@ -111,9 +118,16 @@ class Tokenizer:
             raise UserError(f"{self.path}: tokenizer has no {piece!r} token")
         return i
 
-    def encode(self, text: str, return_tensors: str | None = None):
-        """Token ids of `text` (no EOD added); return_tensors="pt" gives a (1, T) LongTensor."""
-        ids = self.sp.encode(text)
+    def encode(self, text: str, return_tensors: str | None = None, parse_special: bool = True):
+        """Token ids of `text` (no EOD added); return_tensors="pt" gives a (1, T) LongTensor.
+
+        Special tokens written in the text are those tokens (`parse_special=False`: only the role
+        markers, as preprocessing reads a corpus). Cutting the text at them is exact: SentencePiece
+        never merges across a user-defined symbol either."""
+        if parse_special and "<" in text:
+            ids = split_special(text, self._special_re, self.special_tokens, self.sp.encode)
+        else:
+            ids = self.sp.encode(text)
         if return_tensors == "pt":
             import torch  # lazily: Ray Data tokenizer tasks never pay torch's import time
 
@@ -133,6 +147,49 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes token `i` adds to decoded text: one byte for a byte-fallback piece <0xNN>,
+        none for control tokens (EOD, padding: decoding drops them), SentencePiece's ' ⁇ ' for <unk>."""
+        sp = self.sp
+        if sp.is_byte(i):
+            return bytes([int(sp.id_to_piece(i)[3:5], 16)])
+        if sp.is_control(i):
+            return b""
+        return sp.decode([i]).encode("utf-8") if sp.is_unknown(i) else sp.id_to_piece(i).replace(SPACE, " ").encode()
+
+
+def special_pieces(model: bytes) -> dict[str, int]:
+    """{piece: id} of a SentencePiece model's special tokens: control (pad, EOD), unknown, user-defined."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    kinds = (proto.SentencePiece.CONTROL, proto.SentencePiece.UNKNOWN, proto.SentencePiece.USER_DEFINED)
+    return {p.piece: i for i, p in enumerate(proto.pieces) if p.type in kinds}
+
+
+def special_pattern(specials: dict[str, int]) -> re.Pattern | None:
+    """One regex matching any of `specials`, longest first (so `<|end|>` never cuts `<|endoftext|>`)."""
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+
+def split_special(text: str, pattern: re.Pattern | None, specials: dict[str, int], encode) -> list[int]:
+    """Ids of `text` with every special token written in it read as that token, the rest by `encode`."""
+    if pattern is None:
+        return encode(text)
+    ids: list[int] = []
+    start = 0
+    for m in pattern.finditer(text):
+        if m.start() > start:
+            ids += encode(text[start:m.start()])
+        ids.append(specials[m.group()])
+        start = m.end()
+    if start < len(text):
+        ids += encode(text[start:])
+    return ids
 
 
 def training_sentences(docs: Iterable[str], max_bytes: int) -> Iterator[str]:

@@ -1,12 +1,15 @@
-"""The OpenAI-compatible HTTP server: a FastAPI ingress on a Ray Serve deployment (the only file that knows HTTP).
+"""The OpenAI-compatible HTTP server: a FastAPI ingress on a Ray Serve deployment.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE with `stream: true`, ending in
-`data: [DONE]`), GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics.
+`data: [DONE]`), GET /v1/models, GET /health, GET /metrics, GET /version, and from the mixin in
+tokenization.py POST /tokenize, POST /detokenize, GET /tokenizer_info; ingress.py holds the FastAPI
+object, errors, body reading and the OpenAPI document (/openapi.json, Swagger UI at /docs).
 Every error is an OpenAI error body `{"error": {"message", "type", "param", "code"}}` with
 400 (bad field), 401 (API key), 404 (model, route), 413 (body size) or 503 (overloaded: engine
 queue or Serve's max_queued_requests, both with Retry-After; a dead engine); a request never
-produces a 500. When MTNLG_API_KEY is set in the replica, every route but /health needs
-`Authorization: Bearer <key>`. A client that disconnects cancels its generation (its rows free).
+produces a 500. With an API key (serve.api_key, `--api-key`, or MTNLG_API_KEY in the replica), every
+route but /health, /version and the docs needs `Authorization: Bearer <key>`. A client that
+disconnects cancels its generation (its rows free).
 
 A replica is two processes: this one (FastAPI routes, tokenizer, validation, rendering, metrics)
 and its engine process (engine_process.py: the model, the KV cache, continuous batching), so the
@@ -18,91 +21,34 @@ Deployed by deploy.py: `build_app(ServeJob)` (Serve config YAML: `import_path: m
 or `mtnlg serve CHECKPOINT` (`run_serve`).
 """
 
-import hmac
 import json
 import logging
 import math
 import os
 import time
-from typing import Any
+from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mtnlg_ray import __version__
 from mtnlg_ray.config import ServeSection
-from mtnlg_ray.data.chat import chat_stop_id, encode_chat
+from mtnlg_ray.data.chat import chat_stop_id, load_chat_template
 from mtnlg_ray.data.tokenizer import load_tokenizer
 from mtnlg_ray.serve.async_engine import Group
 from mtnlg_ray.serve.engine import EngineDead, QueueFull
 from mtnlg_ray.serve.engine_process import ProcessEngine
+from mtnlg_ray.serve.ingress import APIError, api, body_doc, check_api_key, document_key, read_body
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.render import Choice, Renderer, new_id, usage
-from mtnlg_ray.serve.schemas import (ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, CompletionResponse,
-                                     DetokenizeRequest, ModelCard, ModelList, TokenizeRequest, error_body)
+from mtnlg_ray.serve.schemas import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                     CompletionRequest, CompletionResponse, ModelCard, ModelList, VersionResponse,
+                                     error_body)
+from mtnlg_ray.serve.tokenization import Tokenization
 
 log = logging.getLogger(__name__)
-TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}  # pydantic union-branch names in error locations
-
-
-class APIError(Exception):
-    """An HTTP error answered with an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def response(self) -> JSONResponse:
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return JSONResponse(error_body(self.message, kind, self.param, self.code), self.status, headers=self.headers)
-
-
-api = FastAPI(title="mtnlg OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-@api.exception_handler(APIError)
-async def _api_error(request, exc: APIError):
-    return exc.response()
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request, exc: StarletteHTTPException):
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request, exc: RequestValidationError):
-    return APIError(400, str(exc.errors()[0].get("msg")), code="invalid_value").response()
-
-
-@api.exception_handler(Exception)
-async def _bug(request, exc: Exception):  # not a user mistake: still an OpenAI body, and logged
-    log.exception("unexpected error in %s %s", request.method, request.url.path)
-    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
-
-
-def _param(loc: tuple) -> str:
-    """Dotted field path of a pydantic error location, without union-branch tags ('str', 'list[int]')."""
-    parts = [str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p.islower() and p not in TAGS)]
-    return ".".join(parts)
-
-
-def _validation_message(err: ValidationError) -> APIError:
-    e = err.errors()[0]
-    param = _param(e["loc"])
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif e["type"] == "missing":
-        msg = "required field is missing"
-    elif isinstance(e.get("input"), (int, float, str, bool)) and "got" not in msg:
-        msg = f"{msg} (got {json.dumps(e['input'])[:80]})"
-    return APIError(400, f"{param}: {msg}" if param else msg, param=param or None, code="invalid_value")
 
 
 def _sse(obj: BaseModel | dict) -> str:
@@ -112,7 +58,7 @@ def _sse(obj: BaseModel | dict) -> str:
 
 @serve.deployment(name="OpenAIServer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
 @serve.ingress(api)
-class OpenAIServer:
+class OpenAIServer(Tokenization):
     """One replica: the model, its continuous-batching engine, and the OpenAI routes."""
 
     def __init__(self, serve_config: dict):
@@ -126,7 +72,13 @@ class OpenAIServer:
         self.engine.on_step = self.metrics.on_step
         self.render = Renderer(self.tok, cfg.model_name)
         self.eod, self.chat_stop = self.tok.eod_id, chat_stop_id(self.tok)
-        self.api_key = os.environ.get("MTNLG_API_KEY") or None
+        checkpoint_dir = Path(self.engine.tokenizer_path).parent  # a tokenizer.model sits beside its template
+        self.chat_template = load_chat_template(cfg.chat_template, checkpoint_dir)
+        self.api_key = cfg.api_key or os.environ.get("MTNLG_API_KEY") or None
+        document_key(self.api_key is not None)
+        if cfg.max_context is not None and cfg.max_context > self.context:
+            log.warning("max_context=%d exceeds the model's %d tokens: serving %d", cfg.max_context, self.context,
+                        self.context)
         log.info("serving %s (%s) on %s: %d rows x %d tokens, engine process %d", cfg.model_name, cfg.checkpoint,
                  self.engine.device, cfg.max_batch_slots, self.context, self.engine.pid)
 
@@ -145,65 +97,17 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------------------ request edge
     def _auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+        check_api_key(request, self.api_key)
 
-    async def _body(self, request: Request, model_cls: type[BaseModel]) -> Any:
-        """Authenticate, bound the size, decode UTF-8 and JSON, validate: each failure a clear 4xx."""
+    async def _body(self, request: Request, model_cls: type[BaseModel]):
+        """Authenticate, then read and validate the body (ingress.read_body): each failure a clear 4xx."""
         self._auth(request)
-        limit = self.cfg.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        too_big = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_big
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise APIError(400, f"request body is not valid UTF-8 (byte {err.start})", code="invalid_encoding")
-        except json.JSONDecodeError as err:
-            raise APIError(400, f"request body is not valid JSON: {err}", code="invalid_json")
-        except RecursionError:
-            raise APIError(400, "request body is nested too deeply", code="invalid_json")
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        try:
-            return model_cls.model_validate(data)
-        except ValidationError as err:
-            raise _validation_message(err) from None
+        return await read_body(request, model_cls, self.cfg.max_body_bytes)
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.cfg.model_name:
             raise APIError(404, f"The model `{name}` does not exist (this server has `{self.cfg.model_name}`)",
                            param="model", code="model_not_found")
-
-    def _prompt(self, ids: list[int], truncate: int | None, param: str) -> list[int]:
-        """Validate a prompt's token ids against the vocabulary and the context (the 400 states the numbers)."""
-        C = self.context
-        if truncate is not None:
-            if truncate >= C:
-                raise APIError(400, f"truncate_prompt_tokens={truncate} must be less than the context of {C} "
-                               f"tokens", param="truncate_prompt_tokens", code="invalid_value")
-            ids = ids[-truncate:]
-        if not ids:
-            raise APIError(400, f"{param}: the prompt has no tokens", param=param, code="invalid_value")
-        bad = next((t for t in ids if not 0 <= t < self.tok.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {self.tok.vocab_size})",
-                           param=param, code="invalid_value")
-        if len(ids) >= C:
-            raise APIError(400, f"This model's maximum context length is {C} tokens, but the prompt has {len(ids)} "
-                           f"tokens (at most {C - 1} leave room to generate). Shorten the prompt or set "
-                           f"truncate_prompt_tokens.", param=param, code="context_length_exceeded")
-        return ids
 
     def _max_tokens(self, value: int | None, prompt_len: int, param: str) -> int:
         if value is None:
@@ -227,6 +131,11 @@ class OpenAIServer:
             raise APIError(503, str(err), code="engine_dead")
         except ValueError as err:
             raise APIError(400, str(err), code="invalid_value")
+
+    def _check_sampling(self, req) -> None:
+        """Token ids in sampling fields must be in the vocabulary (400 naming the field)."""
+        self.check_ids(req.stop_token_ids or (), "stop_token_ids")
+        self.check_ids([int(k) for k in req.logit_bias or {}], "logit_bias")
 
     # ------------------------------------------------------------------------------- generation
     async def _collect(self, group: Group, choices: list[Choice], tracker: Tracker) -> None:
@@ -269,15 +178,15 @@ class OpenAIServer:
         finally:
             self._cancel(group)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", response_model=CompletionResponse, tags=["generation"],
+              openapi_extra=body_doc(CompletionRequest))
     async def completions(self, request: Request):
         arrival = time.perf_counter()
         req: CompletionRequest = await self._body(request, CompletionRequest)
         self._check_model(req.model)
-        if req.suffix is not None:
-            raise APIError(400, "suffix: not supported", param="suffix", code="invalid_value")
-        prompts = [self._prompt(self.tok.encode(p) if isinstance(p, str) else list(p), req.truncate_prompt_tokens,
-                                "prompt") for p in req.prompts]
+        self._check_sampling(req)
+        prompts = [self.check_prompt(self.encode_text(p, req.split_special_tokens) if isinstance(p, str) else list(p),
+                                     req.truncate_prompt_tokens, "prompt") for p in req.prompts]
         max_tokens = self._max_tokens(16 if req.max_tokens is None else req.max_tokens, 0, "max_tokens")  # OpenAI: 16
         logprobs = req.logprobs is not None
         want_prompt_lp = req.echo and logprobs
@@ -299,16 +208,15 @@ class OpenAIServer:
         return StreamingResponse(self._stream(group, choices, tracker, chunks, usage_chunk),
                                  media_type="text/event-stream")
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["generation"],
+              openapi_extra=body_doc(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         arrival = time.perf_counter()
         req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         self._check_model(req.model)
-        try:
-            ids, _ = encode_chat(self.tok, req.chat_messages(), add_generation_prompt=True)
-        except ValueError as err:
-            raise APIError(400, str(err), param="messages", code="invalid_value")
-        ids = self._prompt(ids, req.truncate_prompt_tokens, "messages")
+        self._check_sampling(req)
+        ids = self.encode_messages(req.chat_messages(), True, req.split_special_tokens)
+        ids = self.check_prompt(ids, req.truncate_prompt_tokens, "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(req.token_budget, len(ids), param)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
@@ -328,34 +236,13 @@ class OpenAIServer:
                                  media_type="text/event-stream")
 
     # ------------------------------------------------------------------------------ other routes
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=ModelList, tags=["models"])
     async def models(self, request: Request):
         self._auth(request)
         card = ModelCard(id=self.cfg.model_name, max_model_len=self.context)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @api.post("/tokenize")
-    async def tokenize(self, request: Request):
-        req: TokenizeRequest = await self._body(request, TokenizeRequest)
-        self._check_model(req.model)
-        if req.prompt is not None:
-            ids = self.tok.encode(req.prompt)
-        else:
-            msgs = [{"role": m.role, "content": m.text} for m in req.messages]
-            ids, _ = encode_chat(self.tok, msgs, add_generation_prompt=req.add_generation_prompt)
-        return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
-
-    @api.post("/detokenize")
-    async def detokenize(self, request: Request):
-        req: DetokenizeRequest = await self._body(request, DetokenizeRequest)
-        self._check_model(req.model)
-        bad = next((t for t in req.tokens if not 0 <= t < self.tok.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {self.tok.vocab_size})",
-                           param="tokens", code="invalid_value")
-        return {"prompt": self.tok.decode(req.tokens)}
-
-    @api.get("/health")
+    @api.get("/health", tags=["operations"])
     async def health(self):
         try:
             self.engine.check_health()
@@ -363,8 +250,12 @@ class OpenAIServer:
             raise APIError(503, str(err), code="engine_dead")
         return Response(status_code=200)
 
-    @api.get("/metrics")
+    @api.get("/metrics", tags=["operations"])
     async def metrics_route(self, request: Request):
         self._auth(request)
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
+
+    @api.get("/version", response_model=VersionResponse, tags=["operations"])
+    async def version(self):
+        return {"version": __version__}

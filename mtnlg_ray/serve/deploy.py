@@ -29,6 +29,7 @@ from ray.serve import Application
 from mtnlg_ray import console
 from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import ServeJob, ServeSection, apply_overrides, load_yaml, validate
+from mtnlg_ray.data.chat import load_chat_template
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.serve.app import OpenAIServer
 from mtnlg_ray.serve.proxy import CONTROLLER_OPTIONS
@@ -63,25 +64,34 @@ def deployment_options(cfg: ServeSection) -> dict:
 def build_app(args: ServeJob) -> Application:
     """Typed app builder: `serve run` / `serve deploy` validate the YAML's `args` as a ServeJob."""
     job = args if isinstance(args, ServeJob) else validate(ServeJob, dict(args), "serve args")
+    if job.serve.chat_template:  # a template file is read here: replicas on other nodes need not see it
+        job.serve.chat_template = load_chat_template(job.serve.chat_template)
     return OpenAIServer.options(**deployment_options(job.serve)).bind(job.serve.model_dump(mode="json"))
 
 
+# `mtnlg serve` flags (vLLM's names where vLLM has one) -> the serve keys they set
+SERVE_FLAGS = {"host": "host", "port": "port", "api_key": "api_key", "served_model_name": "model_name",
+               "max_model_len": "max_context", "max_num_seqs": "max_batch_slots", "chat_template": "chat_template"}
+
+
 def serve_job_from_args(args) -> ServeJob:
-    """The ServeJob of `mtnlg serve CHECKPOINT [--config] [--host] [--port] [--min/max-replicas] [--set]`."""
+    """The ServeJob of `mtnlg serve CHECKPOINT [--config] [--set] [flags]`: a flag sets its key
+    (SERVE_FLAGS), after the config file and before --set."""
     data = load_yaml(args.config) if args.config else {}
     source = Path(args.config).name if args.config else "mtnlg serve"
     section = data.setdefault("serve", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: serve: must be a mapping")
     section["checkpoint"] = args.checkpoint
-    flags = {"host": args.host, "port": args.port}
-    section.update({k: v for k, v in flags.items() if v is not None})
+    section.update({key: getattr(args, flag) for flag, key in SERVE_FLAGS.items()
+                    if getattr(args, flag, None) is not None})
     scaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
     if any(v is not None for v in scaling.values()):
         auto = section.setdefault("autoscaling", {})
         auto.update({k: v for k, v in scaling.items() if v is not None})
     job = validate(ServeJob, apply_overrides(data, args.set), source)
     check_checkpoint(job.serve.checkpoint)
+    load_chat_template(job.serve.chat_template)  # a missing file or a template that does not compile: one line
     return job
 
 

@@ -3,10 +3,17 @@
 No HTTP here: the app turns these into JSON bodies or SSE events. A `Choice` gathers what one
 engine request produced; `Renderer` knows the tokenizer (token strings for logprobs) and the
 model name, and formats completions (`text_completion`) and chat (`chat.completion[.chunk]`).
+
+Logprob token strings follow OpenAI and vLLM: a token's text, or `bytes:\\xNN...` when its bytes are
+not whole UTF-8 characters (a byte-fallback piece of a multi-byte character), or the special token
+itself (`<|endoftext|>`, which adds no text). `text_offset` counts characters of the returned text:
+a character split over byte tokens is counted once it is complete, so offsets stay consistent with
+the text for any prompt or output (chat's `bytes` carry the raw bytes).
 """
 
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 
@@ -28,6 +35,7 @@ class Choice:
         self.finish_reason: str | None = None
         self.generated = 0
         self.started = False  # a chunk was sent (chat streams open with the role)
+        self.offsets = TextOffsets()  # text_offset of the next streamed token
 
     def add(self, out: Output) -> None:
         self.text.append(out.text)
@@ -48,28 +56,56 @@ def usage(choices: list[Choice]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+class TextOffsets:
+    """Character offset, in the decoded text, at which each next token starts (UTF-8 decoded
+    incrementally: the bytes of a character split over tokens count when the character completes)."""
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pos = 0
+
+    def advance(self, data: bytes) -> int:
+        at = self.pos
+        self.pos += len(self._decoder.decode(data))
+        return at
+
+
+def token_string(data: bytes, piece: str) -> str:
+    """A logprob token as OpenAI writes it: its text, `bytes:\\xNN..` for bytes that are not whole UTF-8
+    characters, or `piece` (the special token itself) when it adds no text."""
+    if not data:
+        return piece
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
 class Renderer:
     def __init__(self, tokenizer, model_name: str):
         self.tok, self.model = tokenizer, model_name
-        self._pieces: dict[int, str] = {}
+        self._tokens: dict[int, tuple[str, bytes]] = {}
+
+    def token(self, token: int) -> tuple[str, bytes]:
+        """(logprob string, the bytes it adds to the text) of one token id."""
+        got = self._tokens.get(token)
+        if got is None:
+            data = self.tok.token_bytes(token)
+            got = self._tokens[token] = (token_string(data, self.tok.id_to_piece(token)), data)
+        return got
 
     def token_str(self, token: int) -> str:
-        """Display text of one token (its own decode; a lone byte piece shows as U+FFFD)."""
-        s = self._pieces.get(token)
-        if s is None:
-            s = self._pieces[token] = self.tok.decode([token])
-        return s
+        return self.token(token)[0]
 
     # ---------------------------------------------------------------------------- completions
-    def completion_logprobs(self, tokens: list[int], entries: list, offset: int = 0) -> CompletionLogprobs:
+    def completion_logprobs(self, tokens: list[int], entries: list, offsets: TextOffsets) -> CompletionLogprobs:
         lp = CompletionLogprobs()
         for t, e in zip(tokens, entries):
-            s = self.token_str(t)
+            s, data = self.token(t)
             lp.tokens.append(s)
             lp.token_logprobs.append(None if e is None else e[0])
             lp.top_logprobs.append(None if e is None else {self.token_str(i): v for i, v in e[1]})
-            lp.text_offset.append(offset)
-            offset += len(s)
+            lp.text_offset.append(offsets.advance(data))
         return lp
 
     def completion(self, choices: list[Choice], echo: bool, logprobs: bool) -> CompletionResponse:
@@ -80,11 +116,13 @@ class Renderer:
             if logprobs:
                 if echo:
                     lp = self.completion_logprobs(c.prompt + c.tokens, (c.prompt_logprobs or [None] * len(c.prompt))
-                                                  + c.logprobs)
+                                                  + c.logprobs, TextOffsets())
                 else:
-                    lp = self.completion_logprobs(c.tokens, c.logprobs)
-            out.append(CompletionChoice(index=c.index, text=prefix + "".join(c.text), logprobs=lp,
-                                        finish_reason=c.finish_reason))
+                    lp = self.completion_logprobs(c.tokens, c.logprobs, TextOffsets())
+            text = prefix + "".join(c.text)
+            if lp is not None:  # a stop string cut the text short of the stop token's bytes
+                lp.text_offset = [min(o, len(text)) for o in lp.text_offset]
+            out.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=c.finish_reason))
         return CompletionResponse(model=self.model, choices=out, usage=usage(choices))
 
     def completion_chunk(self, rid: str, created: int, c: Choice, out: Output, echo: bool,
@@ -97,14 +135,14 @@ class Renderer:
         if out.token_id is not None:
             tokens.append(out.token_id)
             entries.append(out.logprob)
-        lp = self.completion_logprobs(tokens, entries) if logprobs else None
+        lp = self.completion_logprobs(tokens, entries, c.offsets) if logprobs else None
         choice = CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=out.finish_reason)
         return CompletionResponse(id=rid, created=created, model=self.model, choices=[choice])
 
     # ----------------------------------------------------------------------------------- chat
     def top(self, token: int, logprob: float) -> dict:
-        s = self.token_str(token)
-        return dict(token=s, logprob=logprob, bytes=list(s.encode("utf-8")))
+        s, data = self.token(token)
+        return dict(token=s, logprob=logprob, bytes=list(data or s.encode("utf-8")))
 
     def chat_logprobs(self, tokens: list[int], entries: list) -> ChatLogprobs:
         content = [TokenLogprob(**self.top(t, e[0]), top_logprobs=[TopLogprob(**self.top(i, v)) for i, v in e[1]])

@@ -5,16 +5,20 @@ strings are not coerced to numbers, NaN/inf are refused, and every range is chec
 the server answers 400 naming the field (`param`) instead of failing later. Fields that need
 the model (max_tokens vs the context, token ids vs the vocabulary) are checked by the app.
 Extensions beyond OpenAI follow vLLM: top_k, repetition_penalty, stop_token_ids, ignore_eos,
-truncate_prompt_tokens; /tokenize and /detokenize bodies are vLLM's.
+truncate_prompt_tokens, add_special_tokens; /tokenize and /detokenize bodies are vLLM's. Special
+tokens written in prompt text are read as those tokens (as vLLM); `split_special_tokens: true`
+(transformers' name) reads the text as preprocessing read the corpus. `describe_error` turns a
+pydantic error into (field path, one-line message) for the server's 400s and the CLI's flags alike.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtnlg_ray.serve.sampling import SamplingParams
 
@@ -24,6 +28,7 @@ MAX_LOGPROBS = 20
 MAX_CHOICES = 16  # n
 MAX_PROMPTS = 64  # prompts in one /v1/completions body
 MAX_TOKENS_LIMIT = 1_000_000  # absurd values fail here; the real bound is the model's context
+UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}  # pydantic union-branch names in error locations
 
 
 class Request(BaseModel):
@@ -54,6 +59,8 @@ class SamplingFields(Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     truncate_prompt_tokens: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
+    split_special_tokens: bool = Field(False, description="read special tokens written in the prompt as plain "
+                                       "text (as preprocessing reads a corpus) instead of as those tokens")
     user: str | None = None
 
     @field_validator("stop", mode="after")
@@ -109,6 +116,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 (= n) is supported")
     suffix: None = Field(None, description="not supported")
+    add_special_tokens: bool = Field(True, description="vLLM's: add the tokenizer's BOS/EOS (ours add none)")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -157,6 +165,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_special_tokens: bool = Field(False, description="vLLM's: add BOS/EOS beyond the template (ours add none)")
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -173,10 +182,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(Request):
+    """vLLM's two /tokenize bodies in one: `prompt` (text) or `messages` (rendered by the chat template)."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool | None = Field(None, description="vLLM's: add BOS/EOS (ours add none)")
+    return_token_strs: bool = Field(False, description="also return each token's string (its vocabulary piece)")
+    split_special_tokens: bool = Field(False, description="special tokens written in the text are plain text")
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -291,6 +305,28 @@ class ChatCompletionChunk(Response):
     usage: Usage | None = None
 
 
+class TokenizeResponse(Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(Response):
+    prompt: str
+
+
+class TokenizerInfoResponse(Response):
+    """vLLM's /tokenizer_info: the tokenizer_config.json a transformers tokenizer of this vocabulary has."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+
+
+class VersionResponse(Response):
+    version: str
+
+
 class ModelCard(Response):
     id: str
     object: Literal["model"] = "model"
@@ -308,3 +344,18 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
                code: str | int | None = None) -> dict[str, Any]:
     """The OpenAI error object: {"error": {"message", "type", "param", "code"}}."""
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def describe_error(err: ValidationError) -> tuple[str | None, str]:
+    """(dotted field path or None, one-line message) of a request's first validation error."""
+    e = err.errors()[0]
+    parts = [str(p) for p in e["loc"] if isinstance(p, int) or (p.isidentifier() and p.islower() and p not in UNION_TAGS)]
+    param = ".".join(parts)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif e["type"] == "missing":
+        msg = "required field is missing"
+    elif isinstance(e.get("input"), (int, float, str, bool)) and "got" not in msg:
+        msg = f"{msg} (got {json.dumps(e['input'])[:80]})"
+    return param or None, f"{param}: {msg}" if param else msg

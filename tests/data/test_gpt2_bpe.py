@@ -38,6 +38,9 @@ def test_end_of_text_is_special(gpt2_dir):
     tok = GPT2BPETokenizer(gpt2_dir)
     ids = tok.encode("a<|endoftext|>b")
     assert tok.eod_id in ids and tok.decode(ids) == "a<|endoftext|>b"
+    literal = tok.encode("a<|endoftext|>b", parse_special=False)  # as plain text
+    assert tok.eod_id not in literal and tok.decode(literal) == "a<|endoftext|>b"
+    assert b"".join(tok.token_bytes(i) for i in literal) == b"a<|endoftext|>b"
 
 
 def test_missing_merges(tmp_path, gpt2_dir):

@@ -25,6 +25,32 @@ def test_special_tokens_and_sha(tiny_tokenizer):
     assert tok.sha256 == file_sha256(tok.path)
 
 
+def test_special_tokens_written_in_text_are_those_tokens(tiny_tokenizer):
+    tok = tiny_tokenizer
+    specials = {"<pad>": 0, "<unk>": 1, EOD: 2, **{p: tok.token_id(p) for p in ROLE_TOKENS}}
+    assert tok.special_tokens == specials  # every special token of the model, none other
+    code = "def f():\n    return 1\n"
+    for piece, i in specials.items():
+        assert tok.encode(piece + code) == [i] + tok.encode(code)
+        assert tok.encode(code + piece + code) == tok.encode(code) + [i] + tok.encode(code)
+    # the literal reading is SentencePiece's own (as preprocessing reads a corpus): EOD as 13 characters
+    assert tok.encode(EOD + code, parse_special=False) == tok.sp.encode(EOD + code)
+    assert len(tok.encode(EOD, parse_special=False)) > 1
+    # without control tokens in the text, both readings agree (SentencePiece splits at role markers itself)
+    text = "<|user|>hi<|end|><|assistant|>" + code + "<|endoftext"
+    assert tok.encode(text) == tok.encode(text, parse_special=False) == tok.sp.encode(text)
+    assert tok.decode(tok.encode(code + EOD + code)) == code + code  # control tokens decode to nothing
+
+
+def test_token_bytes_join_into_the_text(tiny_tokenizer):
+    tok = tiny_tokenizer
+    text = "caf\u00e9 \u2603 \U0001f600 x = 1<|user|>"
+    ids = tok.encode(text)
+    assert any(tok.sp.is_byte(i) for i in ids)  # characters outside the vocabulary fall back to bytes
+    assert b"".join(tok.token_bytes(i) for i in ids).decode() == tok.decode(ids) == text
+    assert tok.token_bytes(tok.eod_id) == b""
+
+
 def test_round_trip_is_lossless_on_code(tiny_tokenizer):
     source = (Path(sysconfig.get_paths()["stdlib"]) / "fnmatch.py").read_text()  # not in the training sample
     for text in (source, "def f(x):\n\tif x:  # tab, two spaces\n\n        return 'caf\u00e9 \u2603 \U0001f600'\n"):

@@ -1,0 +1,113 @@
+"""How the server reads text into token ids, and vLLM's tokenization routes.
+
+`Tokenization` is a mixin of the deployment class (app.py): it holds the tokenizer, the chat template
+and the prompt checks the generation routes use, and serves
+    POST /tokenize         vLLM's body: {"prompt"} or {"messages"}; add_special_tokens, return_token_strs
+    POST /detokenize       {"tokens"} -> {"prompt"}
+    GET  /tokenizer_info   vLLM's: the tokenizer_config.json of this vocabulary (class, special tokens
+                           and their ids, chat template, model max length)
+Special tokens written in prompt text (every one the tokenizer has: `<|endoftext|>`, `<pad>`, `<unk>`,
+the role markers) are read as those tokens, in prompts and in rendered chat templates alike;
+`split_special_tokens: true` reads them as plain text. Our tokenizers add no BOS or EOS, so
+`add_special_tokens` is accepted and changes nothing.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from mtnlg_ray.data.chat import check_messages, render_chat
+from mtnlg_ray.serve.ingress import APIError, api, body_doc
+from mtnlg_ray.serve.schemas import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
+                                     TokenizerInfoResponse)
+
+
+# tokenizer_class: the algorithm's name (transformers' GPT2Tokenizer is the GPT-2 BPE we implement)
+TOKENIZER_CLASSES = {"Tokenizer": "SentencePieceTokenizer", "GPT2BPETokenizer": "GPT2Tokenizer"}
+
+
+class Tokenization:
+    """Mixin: needs `tok`, `chat_template`, `context`, `cfg`, `_body` and `_check_model` from the class."""
+
+    def encode_text(self, text: str, split_special_tokens: bool) -> list[int]:
+        return self.tok.encode(text, parse_special=not split_special_tokens)
+
+    def encode_messages(self, messages: list[dict], add_generation_prompt: bool, split_special_tokens: bool) -> list[int]:
+        """The conversation through the chat template, then tokenized (400 naming `messages` on failure)."""
+        try:
+            check_messages(messages)
+            text = render_chat(messages, add_generation_prompt, self.chat_template, **self.template_variables)
+        except ValueError as err:  # TemplateError too: a template's own raise_exception
+            raise APIError(400, str(err), param="messages", code="invalid_value")
+        return self.encode_text(text, split_special_tokens)
+
+    @property
+    def template_variables(self) -> dict:
+        """What transformers hands a chat template besides the messages: the special tokens by role."""
+        eod = self.tok.id_to_piece(self.tok.eod_id)
+        return {"eos_token": eod, "bos_token": "", "pad_token": self.tok.id_to_piece(self.tok.pad_id)}
+
+    def check_prompt(self, ids: list[int], truncate: int | None, param: str) -> list[int]:
+        """Validate a prompt's token ids against the vocabulary and the context (the 400 states the numbers)."""
+        C = self.context
+        if truncate is not None:
+            if truncate >= C:
+                raise APIError(400, f"truncate_prompt_tokens={truncate} must be less than the context of {C} "
+                               f"tokens", param="truncate_prompt_tokens", code="invalid_value")
+            ids = ids[-truncate:]
+        if not ids:
+            raise APIError(400, f"{param}: the prompt has no tokens", param=param, code="invalid_value")
+        self.check_ids(ids, param)
+        if len(ids) >= C:
+            raise APIError(400, f"This model's maximum context length is {C} tokens, but the prompt has {len(ids)} "
+                           f"tokens (at most {C - 1} leave room to generate). Shorten the prompt or set "
+                           f"truncate_prompt_tokens.", param=param, code="context_length_exceeded")
+        return ids
+
+    def check_ids(self, ids, param: str) -> None:
+        """400 naming `param` if a token id is outside the vocabulary."""
+        bad = next((t for t in ids if not 0 <= t < self.tok.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {self.tok.vocab_size})",
+                           param=param, code="invalid_value")
+
+    # ------------------------------------------------------------------------------------ routes
+    @api.post("/tokenize", response_model=TokenizeResponse, tags=["tokenization"], openapi_extra=body_doc(TokenizeRequest))
+    async def tokenize(self, request: Request):
+        req: TokenizeRequest = await self._body(request, TokenizeRequest)
+        self._check_model(req.model)
+        if req.prompt is not None:
+            ids = self.encode_text(req.prompt, req.split_special_tokens)
+        else:
+            msgs = [{"role": m.role, "content": m.text} for m in req.messages]
+            ids = self.encode_messages(msgs, req.add_generation_prompt, req.split_special_tokens)
+        strs = [self.tok.id_to_piece(i) for i in ids] if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.context, tokens=ids,
+                                token_strs=strs).model_dump(exclude_none=True)
+
+    @api.post("/detokenize", response_model=DetokenizeResponse, tags=["tokenization"],
+              openapi_extra=body_doc(DetokenizeRequest))
+    async def detokenize(self, request: Request):
+        req: DetokenizeRequest = await self._body(request, DetokenizeRequest)
+        self._check_model(req.model)
+        self.check_ids(req.tokens, "tokens")
+        return {"prompt": self.tok.decode(req.tokens)}
+
+    @api.get("/tokenizer_info", response_model=TokenizerInfoResponse, tags=["tokenization"])
+    async def tokenizer_info(self, request: Request):
+        self._auth(request)
+        tok = self.tok
+        specials = dict(sorted(tok.special_tokens.items(), key=lambda kv: kv[1]))
+        named = {"eos_token": tok.eod_id, "pad_token": tok.pad_id, "unk_token": getattr(tok, "unk_id", None)}
+        named = {k: tok.id_to_piece(i) for k, i in named.items() if i is not None and i >= 0}
+        return {
+            "tokenizer_class": TOKENIZER_CLASSES.get(type(tok).__name__, type(tok).__name__),
+            "model_max_length": self.context,
+            "vocab_size": tok.vocab_size,
+            "bos_token": None, "add_bos_token": False, "add_eos_token": False,
+            **named,
+            "additional_special_tokens": [p for p in specials if p not in named.values()],
+            "added_tokens_decoder": {str(i): {"content": p, "special": True} for p, i in specials.items()},
+            "special_token_ids": specials,
+            "chat_template": self.chat_template,
+        }
