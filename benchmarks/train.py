@@ -10,10 +10,13 @@ character-level corpus of stdlib sources: the bare loop (benchmarks/bare_loop.py
 its own process) and the `mtnlg pretrain` command (one Ray Train worker, its own process: Ray
 start, data pipeline, evaluations and checkpoints included) are each timed from process start to
 exit; their final weights are then evaluated here on the whole validation split with the same code.
+The bare loop runs once before and once after ours and the reference is the mean of the two: the
+speed of a shared virtual machine drifts by 10-20% over minutes.
 Part 2, the quickstart's model and data: tokens/s of the bare loop, one Ray Train worker (eager,
-and with `train.compile: true`: Inductor per block), and two workers sharding with FSDP2. Tokens/s of the Ray runs are the mean of their logged intervals
-after the first (the first includes start-up); the bare loop's exclude its first step and its
-evaluations. MFU is against the measured matmul peak of all the cores (or GPUs) training uses.
+and with `train.compile: true`: Inductor per block), and two workers sharding with FSDP2.
+Tokens/s of the Ray runs are the mean of their logged intervals after the first (the first
+includes start-up); the bare loop's exclude its first step and its evaluations. MFU is against
+the measured matmul peak of all the cores (or GPUs) training uses.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_loop import train as bare_train  # noqa: E402
 
+from mtnlg_ray import console  # noqa: E402
 from mtnlg_ray.config import ModelConfig, PretrainJob, load_job, validate  # noqa: E402
 from mtnlg_ray.model.gpt import lm_loss  # noqa: E402
 from mtnlg_ray.train.metrics import flops_per_token, measure_matmul_flops, read_metrics  # noqa: E402
@@ -87,10 +91,20 @@ def pretrain_job(model: dict, data: Path, storage: Path, name: str, workers: int
     }
 
 
-def logged_rate(run: Path) -> tuple[float, float]:
-    """(tokens/s, MFU) of a run: the mean of its logged intervals after the first."""
+def start_ray() -> None:
+    """RAY_ADDRESS's cluster, else a local Ray as `mtnlg pretrain` starts it; the workers' step lines stay in their logs."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=False, **console.ray_init_args(address))
+    console.quiet_ray_data()
+
+
+def logged_rate(run: Path) -> tuple[float, float, float]:
+    """(tokens/s, MFU, data wait as a share of step time) of a run: the mean of its logged
+    intervals after the first."""
     logged = [r for r in read_metrics(run)[0] if "tokens_per_s" in r][1:]
-    return float(np.mean([r["tokens_per_s"] for r in logged])), float(np.mean([r["mfu"] for r in logged]))
+    return tuple(float(np.mean([r[k] for r in logged])) for k in ("tokens_per_s", "mfu", "data_wait"))
 
 
 def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
@@ -101,9 +115,14 @@ def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
     cfg = ModelConfig(**NANOGPT, vocab_size=vocab)
     fpt = flops_per_token(cfg, 64)
     bare_out = work / "bare.safetensors"
-    bare_wall = timed([sys.executable, str(ROOT / "benchmarks/bare_loop.py"), "--data", str(data), "--steps", str(steps),
-                       "--out", str(bare_out)], work / "bare.log")
-    bare = json.loads(bare_out.with_suffix(".json").read_text())
+
+    def run_bare(i: int) -> tuple[float, float]:
+        """(wall s, tokens/s) of one bare run, its weights in bare_out."""
+        wall = timed([sys.executable, str(ROOT / "benchmarks/bare_loop.py"), "--data", str(data), "--steps", str(steps),
+                      "--out", str(bare_out)], work / f"bare{i}.log")
+        return wall, json.loads(bare_out.with_suffix(".json").read_text())["tokens_per_s"]
+
+    before = run_bare(0)
     optim = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "decay_steps": steps, "beta2": 0.99, "weight_decay": 0.1}
     job = pretrain_job({**NANOGPT}, data, work / "runs", "nanogpt", 1, 12, 12, steps, optim,
                        {"log_interval": 10, "eval_interval": 250, "eval_batches": 20})
@@ -111,7 +130,9 @@ def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
     config = work / "nanogpt.yaml"
     config.write_text(yaml.safe_dump(job))
     ours_wall = timed(MTNLG + ["pretrain", str(config)], work / "ours.log")
-    ours_tps, _ = logged_rate(work / "runs" / "nanogpt")
+    ours_tps, _, ours_wait = logged_rate(work / "runs" / "nanogpt")
+    after = run_bare(1)  # the machine's speed drifts over minutes: the reference brackets ours
+    bare_wall, bare_tps = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
 
     from safetensors.torch import load_model as load_weights
 
@@ -125,13 +146,16 @@ def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
           f"({12 * 64 * steps:,} tokens), {fpt / 1e6:.2f} MFLOP/token; val loss over the whole val split")
     rows = ["| run | wall s (process start to exit) | tokens/s | MFU | final val loss (nats/char) |",
             "|---|---:|---:|---:|---:|",
-            f"| bare PyTorch loop (all cores) | {bare_wall:.1f} | {bare['tokens_per_s']:,.0f} | "
-            f"{fpt * bare['tokens_per_s'] / peak:.1%} | {bare_val:.4f} |",
+            f"| bare PyTorch loop (all cores), mean of the runs before and after ours | {bare_wall:.1f} | "
+            f"{bare_tps:,.0f} | {fpt * bare_tps / peak:.1%} | {bare_val:.4f} |",
             f"| `mtnlg pretrain`, 1 Ray Train worker | {ours_wall:.1f} | {ours_tps:,.0f} | {fpt * ours_tps / peak:.1%} | "
             f"{ours_val:.4f} |",
-            f"| ours / bare | {ours_wall / bare_wall:.2f}x | {ours_tps / bare['tokens_per_s']:.2f}x | | "
+            f"| ours / bare | {ours_wall / bare_wall:.2f}x | {ours_tps / bare_tps:.2f}x | | "
             f"{ours_val - bare_val:+.4f} |"]
     print("\n".join(rows))
+    print(f"data wait of ours: {ours_wait:.2%} of step time")
+    print(f"bare runs before / after ours: {before[0]:.1f} s / {after[0]:.1f} s wall, "
+          f"{before[1]:,.0f} / {after[1]:,.0f} tokens/s")
     return rows
 
 
@@ -149,10 +173,13 @@ def quickstart_part(work: Path, steps: int, peak: float, device: str) -> list[st
     seq, batch, micro = cfg.max_seq_len, shipped.train.global_batch_size, shipped.train.micro_batch_size
     fpt = flops_per_token(cfg, seq)
     cuda = device == "cuda"
-    _, stats = bare_train(data, cfg, batch, steps, eval_interval=10**9, device=device,
-                          dtype=torch.bfloat16 if cuda else torch.float32)
-    bare = stats["tokens_per_s"]
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+
+    def run_bare() -> float:
+        return bare_train(data, cfg, batch, steps, eval_interval=10**9, device=device,
+                          dtype=torch.bfloat16 if cuda else torch.float32)[1]["tokens_per_s"]
+
+    before = run_bare()
+    start_ray()
     results = []
     for i, (name, workers, compile_) in enumerate((("1 Ray Train worker", 1, False),
                                                    ("1 Ray Train worker, train.compile", 1, True),
@@ -165,12 +192,16 @@ def quickstart_part(work: Path, steps: int, peak: float, device: str) -> list[st
         run_pretrain(validate(PretrainJob, job, "benchmark"))
         results.append((name, logged_rate(work / "runs" / f"qs{i}")[0]))
     ray.shutdown()
+    after = run_bare()  # before and after the Ray runs, as in part 1
+    bare = (before + after) / 2
     print(f"\nquickstart shape: GPT {cfg.n_layers}x{cfg.d_model}, {seq}-token rows, vocab {vocab}, global batch {batch} "
           f"(micro {micro}), {steps} steps, {fpt / 1e6:.1f} MFLOP/token")
     rows = ["| run | tokens/s | vs bare | MFU |", "|---|---:|---:|---:|",
-            f"| bare PyTorch loop (all cores) | {bare:,.0f} | 1.00x | {fpt * bare / peak:.1%} |"]
+            f"| bare PyTorch loop (all cores), mean of the runs before and after | {bare:,.0f} | 1.00x | "
+            f"{fpt * bare / peak:.1%} |"]
     rows += [f"| {name} | {tps:,.0f} | {tps / bare:.2f}x | {fpt * tps / peak:.1%} |" for name, tps in results]
     print("\n".join(rows))
+    print(f"bare runs before / after: {before:,.0f} / {after:,.0f} tokens/s")
     return rows
 
 
@@ -187,11 +218,11 @@ def gpu_big(work: Path) -> None:
     fpt = flops_per_token(cfg, 256)
     _, stats = bare_train(data, cfg, 8, 8, eval_interval=10**9, device="cuda", dtype=torch.bfloat16)
     print(f"gpt-1.3b bf16 bare loop: {stats['tokens_per_s']:,.0f} tokens/s, MFU {fpt * stats['tokens_per_s'] / 989e12:.1%}")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    start_ray()
     job = pretrain_job(big, data, work / "runs", "big", 1, 8, 8, 8, {"lr": 1e-4},
                        {"log_interval": 2, "eval_interval": 10**6, "peak_flops": 989e12}, use_gpu=True, precision="bf16")
     run_pretrain(validate(PretrainJob, job, "benchmark"))
-    tps, mfu = logged_rate(work / "runs" / "big")
+    tps, mfu, _ = logged_rate(work / "runs" / "big")
     print(f"gpt-1.3b bf16 Ray Train 1 worker: {tps:,.0f} tokens/s, MFU {mfu:.1%} of 989 TFLOP/s")
     ray.shutdown()
 
@@ -202,6 +233,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2000, help="steps of the nanoGPT-shape runs")
     ap.add_argument("--quickstart-steps", type=int, default=40, help="steps of the quickstart-shape runs")
     ap.add_argument("--skip-nanogpt", action="store_true")
+    ap.add_argument("--skip-quickstart", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mtnlg-bench-train-"))
     cuda = args.device == "cuda"
@@ -211,7 +243,8 @@ def main() -> int:
     print(f"matmul peak, {where}: {peak / 1e9:,.1f} GFLOP/s ({dtype})")
     if not args.skip_nanogpt and not cuda:
         nanogpt_part(work, args.steps, peak)
-    quickstart_part(work, args.quickstart_steps, peak, args.device)
+    if not args.skip_quickstart:
+        quickstart_part(work, args.quickstart_steps, peak, args.device)
     if cuda:
         gpu_big(work)
     return 0

@@ -278,6 +278,7 @@ def job_main(doc: str, job_name: str, run, argv: list[str] | None = None) -> int
     _verbosity_args(parser)
     args = parser.parse_args(argv)
     console.configure(1 if args.verbose else -1 if args.quiet else 0)
+    console.dashboard = args.dashboard
     try:
         out = run(_job(args, job_name))
     except UserError as err:
@@ -308,6 +309,9 @@ def _verbosity_args(p, after_command: bool = False):
                        help="warnings, errors and results (such as generated text) only")
     group.add_argument("-v", "--verbose", action="store_true", **unset,
                        help="debug lines, Ray's own INFO lines and Ray Data's progress; tracebacks for bugs")
+    p.add_argument("--dashboard", action="store_true", **unset,
+                   help="start the local Ray with its dashboard (http://127.0.0.1:8265); a running cluster "
+                        "(RAY_ADDRESS) keeps its own")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet and args.verbose:  # one before the subcommand, one after
         parser.error("-q/--quiet and -v/--verbose exclude each other")
     console.configure(1 if args.verbose else -1 if args.quiet else 0)
+    console.dashboard = args.dashboard
     try:
         args.handler(args)
     except UserError as err:

@@ -54,6 +54,9 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    implementation: Literal["fused", "foreach", "for-loop"] = Field(
+        "fused", description="torch's AdamW kernel: fused (all parameters in one kernel, torchtitan's default; "
+        "on CPU ~3x faster than the for-loop), foreach, or the per-parameter for-loop")
     warmup_tokens: int = Field(0, ge=0, description="linear warmup from 0 to lr over this many tokens")
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup over this many optimizer steps "
                                      "(instead of warmup_tokens)")

@@ -2,7 +2,8 @@
 
 `open_datasets(DataConfig, train_samples)` opens one or more dataset directories written by
 `mtnlg preprocess` (or by fine-tuning, which adds a `labels` column) and returns `ray.data.Dataset`s
-for train and validation. Workers read their shard with `iter_batches(get_dataset_shard("train"), B, skip)`.
+for train and validation. Workers read their shard with `train/stream.py` (torch tensors); this
+module imports no torch, so the Ray Data tasks that read blocks start without it.
 
 Blending (Megatron-LM's `BlendedDataset` semantics)
     Weights are normalised: w_d = weight_d / sum(weight). The train stream is the first
@@ -28,8 +29,7 @@ Determinism and resume
     `DataContext.execution_options.preserve_order = True` in the driver (Ray Train captures the
     driver's DataContext when the trainer is built, and `streaming_split(n, equal=True)` then
     hands the same rows to the same rank in every run with the same worker count). A worker
-    resumes by `iter_batches(shard, B, skip_batches=k)`: the first k batches of its shard are
-    read and dropped, never yielded.
+    resumes by skipping the rows it has consumed (train/stream.py).
 
 Datasets must share one tokenizer (manifest `tokenizer_sha256`), one `seq_len` and one set of
 columns; a directory without `manifest.json` is an unfinished preprocess and is refused.
@@ -45,7 +45,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 from ray.data.datasource import Datasource, ReadTask
@@ -277,29 +276,3 @@ def open_datasets(cfg: DataConfig, train_samples: int | None = None) -> DatasetB
         manifests=manifests,
         config=cfg,
     )
-
-
-def iter_batches(shard, batch_size: int, skip_batches: int = 0,
-                 drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {"input_ids": LongTensor (B, seq_len + 1)} (+ "labels", -100 = masked, when present).
-
-    `shard`: a worker's `ray.train.get_dataset_shard(name)` (a DataIterator) or a ray.data.Dataset.
-    The last incomplete batch is dropped unless `drop_last` is False. The first `skip_batches` batches are read and discarded
-    (resume inside a pass). Batches arrive as Arrow tables; list<int32> columns are reshaped, not
-    copied row by row.
-    """
-    if skip_batches < 0:
-        raise ValueError(f"skip_batches must be >= 0 (got {skip_batches})")
-    batches = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
-                                 prefetch_batches=2)
-    for i, table in enumerate(batches):
-        if i < skip_batches:
-            continue
-        yield {name: _to_long(table[name]) for name in ("input_ids", "labels") if name in table.column_names}
-
-
-def _to_long(column: pa.ChunkedArray) -> torch.Tensor:
-    """A list<int32> column of equal-length rows -> LongTensor (rows, length)."""
-    arr = column.combine_chunks()
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    return torch.from_numpy(flat.astype(np.int64).reshape(len(arr), -1))

@@ -12,8 +12,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from mtnlg_ray.data.dataset import iter_batches
 from mtnlg_ray.train.batching import inputs_targets, pad_rows
+from mtnlg_ray.train.stream import iter_batches
 
 
 def load_eval_set(shard, micro_batch: int, batches: int | str) -> list[dict[str, torch.Tensor]]:

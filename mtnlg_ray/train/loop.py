@@ -60,7 +60,6 @@ from mtnlg_ray.checkpoint import manifest, sharded
 from mtnlg_ray.checkpoint.remote import checkpoint_dir_name
 from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, validate
-from mtnlg_ray.data.dataset import ROWS_PER_BLOCK, iter_batches
 from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.malloc import keep_freed_memory
@@ -72,6 +71,7 @@ from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, 
                                      token_byte_lengths)
 from mtnlg_ray.train.optim import Optimizers
 from mtnlg_ray.train.schedule import global_batch_at, in_tokens, lr_at, planned_tokens
+from mtnlg_ray.train.stream import TokenStream
 
 log = logging.getLogger(__name__)
 JOBS = {"pretrain": PretrainJob, "finetune": FinetuneJob}
@@ -84,45 +84,6 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0  # rows of the train stream trained on (all ranks together)
     elapsed_s: float = 0.0  # wall seconds since the run started, at the last step
-
-
-class TokenStream:
-    """The train stream (every row of the run, epochs included: data/dataset.py); `take(n)` returns
-    the next n rows. It is read in chunks of `read_rows` rows, whatever the batch sizes: each read
-    from Ray Data costs the worker a few milliseconds of Python (iterator, format conversion) that
-    small steps would feel, so a chunk of one Ray Data block (ROWS_PER_BLOCK) serves many steps.
-    A run resumed after `consumed` rows skips consumed // read_rows chunks and the first
-    consumed % read_rows rows of the next."""
-
-    def __init__(self, shard, consumed: int, read_rows: int = ROWS_PER_BLOCK):
-        skip, self._drop = divmod(consumed, read_rows)
-        self._it = iter_batches(shard, read_rows, skip_batches=skip, drop_last=False)
-        self._buf: dict[str, torch.Tensor] | None = None  # the chunk being taken from
-        self._off = 0  # rows of _buf already taken
-        self.pos = consumed
-        self.wait_s = 0.0  # seconds spent waiting for data since the last reset
-
-    def take(self, n: int, hasher) -> dict[str, torch.Tensor]:
-        """The next n rows ({"input_ids": (n, T+1)} [+ "labels"]); their ids are fed to `hasher`."""
-        t0 = time.perf_counter()
-        pieces = []
-        while n:
-            if self._buf is None or self._off == len(self._buf["input_ids"]):
-                try:
-                    self._buf = next(self._it)
-                except StopIteration:
-                    raise RuntimeError(f"the train stream ended after {self.pos} rows (it holds the run's planned "
-                                       "samples; the trainer sizes it from train.max_steps)") from None
-                self._off, self._drop = self._drop, 0
-            got = min(n, len(self._buf["input_ids"]) - self._off)
-            pieces.append({k: v[self._off:self._off + got] for k, v in self._buf.items()})
-            self._off += got
-            self.pos += got
-            n -= got
-        rows = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
-        hasher.update(rows["input_ids"].numpy().tobytes())
-        self.wait_s += time.perf_counter() - t0
-        return rows
 
 
 # --------------------------------------------------------------------------------------- setup

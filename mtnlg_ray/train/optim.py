@@ -4,7 +4,9 @@ Biases and LayerNorm weights (every parameter with fewer than 2 dimensions) get 
 embeddings, being matrices, do (Megatron's `get_param_groups`). Frozen parameters (LoRA's base
 weights) are not given to the optimizer at all. There is one optimizer per model part (a
 pipeline rank can hold several stages), as in torchtitan, so each part's state dict maps
-one-to-one onto its own parameters; they always step together.
+one-to-one onto its own parameters; they always step together. The update runs in torch's fused
+AdamW kernel by default (`optim.implementation`): on a small model the per-parameter loop's Python
+dispatch is a measurable share of a step (nanoGPT's CPU shape: ~6 ms of a 55 ms step, ~2 ms fused).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import torch
 from torch import nn
 
 from mtnlg_ray.config import OptimConfig
+
+
+# optim.implementation -> torch.optim.AdamW keywords
+IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -33,7 +39,8 @@ class Optimizers:
         for part in parts:
             groups = param_groups(part, cfg.weight_decay)
             if groups:
-                opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                        **IMPLEMENTATIONS[cfg.implementation])
                 self.pairs.append((part, opt))
         if not self.pairs:
             raise ValueError("no trainable parameters (every parameter has requires_grad=False)")

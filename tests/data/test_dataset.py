@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mtnlg_ray.config import DataConfig, DatasetSpec
-from mtnlg_ray.data.dataset import blend_index, iter_batches, open_datasets
+from mtnlg_ray.data.dataset import blend_index, open_datasets
+from mtnlg_ray.train.stream import iter_batches
 from mtnlg_ray.data.tokenizer import train_tokenizer
 from mtnlg_ray.errors import UserError
 

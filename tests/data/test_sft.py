@@ -12,7 +12,8 @@ from mtnlg_ray.config import ModelConfig, SftDataConfig
 from mtnlg_ray.data import chat, sft
 from mtnlg_ray.data.code_task import function_examples, python_files, stdlib_dir
 from mtnlg_ray.data.stdlib_tasks import SUMMARIZE_PROMPT, mine, summary_line
-from mtnlg_ray.data.dataset import iter_batches, open_datasets
+from mtnlg_ray.data.dataset import open_datasets
+from mtnlg_ray.train.stream import iter_batches
 from mtnlg_ray.config import DataConfig, DatasetSpec
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.model.gpt import GPT, lm_loss

@@ -16,7 +16,8 @@ import pytest
 import ray
 
 from mtnlg_ray.config import DataConfig, DatasetSpec, PreprocessJob, load_job
-from mtnlg_ray.data.dataset import iter_batches, open_datasets
+from mtnlg_ray.data.dataset import open_datasets
+from mtnlg_ray.train.stream import iter_batches
 from mtnlg_ray.data.readers import stdlib_files
 from mtnlg_ray.data.shards import TokenizePack, pack, run_preprocess
 from mtnlg_ray.data.tokenizer import Tokenizer

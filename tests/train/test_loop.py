@@ -21,9 +21,10 @@ from mtnlg_ray.api import from_pretrained
 from mtnlg_ray.checkpoint.remote import step_of
 from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.cli import main
-from mtnlg_ray.data.dataset import iter_batches, open_datasets
+from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.model.gpt import lm_loss
 from mtnlg_ray.train.metrics import read_metrics
+from mtnlg_ray.train.stream import iter_batches
 from mtnlg_ray.train.trainer import run_pretrain
 
 N = 10
@@ -31,25 +32,6 @@ GLOBAL = 6
 RUN = dict(train={"global_batch_size": GLOBAL, "max_steps": 2 * N, "log_interval": 5, "eval_interval": 10},
            optim={"decay_tokens": 2 * N * GLOBAL * SEQ_LEN},  # the same LR curve for runs of any length
            checkpoint={"interval": 5, "num_to_keep": 2})
-
-
-def test_token_stream_counts_rows_across_micro_batches_and_resumes(ray_session):
-    """The data position is in rows: a step's rows may end inside a chunk read; the stream
-    (every row of the run) is read to its last row, and running past it is an error."""
-    import hashlib
-
-    import ray.data
-
-    from mtnlg_ray.train.loop import TokenStream
-
-    ds = ray.data.from_items([{"input_ids": [i] * 3} for i in range(10)], override_num_blocks=1)
-    stream = TokenStream(ds, 0, read_rows=4)  # read in chunks of 4: 4 + 4 + 2 rows
-    taken = [stream.take(3, hashlib.sha256())["input_ids"][:, 0].tolist() for _ in range(3)]
-    assert taken == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and stream.pos == 9
-    resumed = TokenStream(ds, 5, read_rows=4)  # 5 = one chunk + 1 row
-    assert resumed.take(5, hashlib.sha256())["input_ids"][:, 0].tolist() == [5, 6, 7, 8, 9]
-    with pytest.raises(RuntimeError, match="the train stream ended after 10 rows"):
-        resumed.take(1, hashlib.sha256())
 
 
 def pretrain(data, storage, name, max_steps=2 * N, **sections):

@@ -50,3 +50,23 @@ def test_betas_lr_and_step():
     model(torch.randint(0, 300, (2, 8))).float().pow(2).mean().backward()
     opts.step()
     assert not torch.equal(before, model.ln_f.bias) and model.ln_f.bias.grad is None
+
+
+def test_implementations_give_the_same_updates():
+    """fused (the default), foreach and for-loop AdamW: the kernel each names, the same weights
+    after three steps (to float rounding)."""
+    x = torch.randint(0, 300, (2, 8))
+    weights = {}
+    for impl in ("fused", "foreach", "for-loop"):
+        model = tiny_gpt()
+        opts = Optimizers([model], OptimConfig(lr=1e-2, implementation=impl))
+        opt = opts.pairs[0][1]
+        assert (opt.defaults["fused"], opt.defaults["foreach"]) == {"fused": (True, None), "foreach": (None, True),
+                                                                   "for-loop": (None, False)}[impl]
+        for _ in range(3):
+            model(x).float().pow(2).mean().backward()
+            opts.step()
+        weights[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert OptimConfig().implementation == "fused"
+    torch.testing.assert_close(weights["fused"], weights["for-loop"], rtol=1e-5, atol=2e-5)  # updates are ~1e-2
+    torch.testing.assert_close(weights["foreach"], weights["for-loop"], rtol=1e-5, atol=2e-5)  # updates are ~1e-2
