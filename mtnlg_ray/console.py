@@ -81,26 +81,39 @@ def ray_log_level() -> int:
 
 def ray_init_args(address: str | None = None) -> dict:
     """`ray.init` keyword arguments: Ray's own INFO start-up lines only when verbose. A Ray this
-    process starts (`address` "local") runs `quiet_worker` in each of its workers, has the
-    dashboard only with `--dashboard` (`dashboard`), and polls training workers every 0.5 s
-    (LOCAL_RAY_ENV). (A cluster's job may carry a runtime_env of its own, which a second one in
-    ray.init would conflict with, and a cluster keeps its own settings.)"""
+    process starts (`address` "local") runs `quiet_worker` (verbose: `pin_address`) in each of its
+    workers, has the dashboard only with `--dashboard` (`dashboard`), and polls training workers
+    every 0.5 s (LOCAL_RAY_ENV). (A cluster's job may carry a runtime_env of its own, which a
+    second one in ray.init would conflict with, and a cluster keeps its own settings.)"""
     args = {"logging_level": ray_log_level()}
     if address == "local":
         args["include_dashboard"] = dashboard
         for key, value in {**LOCAL_RAY_ENV, **({} if dashboard else NO_DASHBOARD_ENV)}.items():
             os.environ.setdefault(key, value)  # the processes of the Ray started here inherit it
-    if address == "local" and not verbose():
-        args["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.quiet_worker"}
+        hook = "pin_address" if verbose() else "quiet_worker"
+        args["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.{hook}"}
     return args
+
+
+def pin_address() -> None:
+    """In a worker of a Ray this process started: RAY_ADDRESS names that Ray. Ray's state API (Ray
+    Train's placement-group cleaner asks it whether the controller is alive) otherwise looks for
+    the Ray of this machine, and with a second one running (another run, `mtnlg serve`) its thread
+    dies with a ConnectionError traceback "Found multiple active Ray instances"."""
+    import ray
+
+    if "RAY_ADDRESS" not in os.environ and ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def quiet_worker() -> None:
     """In a Ray worker: Ray Train logs its line per report ("Reporting training result ...") under
     its file's path (ray/train/v2/_internal/execution/context.py: `getLogger(__file__)`), outside
-    the `ray.train` logger that RunConfig's LoggingConfig filters; this lowers that one logger."""
+    the `ray.train` logger that RunConfig's LoggingConfig filters; this lowers that one logger.
+    Also `pin_address`."""
     import ray
 
+    pin_address()
     path = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
     logging.getLogger(path).setLevel(logging.WARNING)
     # Ray Train's placement-group cleaner asks the state API, which the dashboard serves, whether

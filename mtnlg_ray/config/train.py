@@ -96,6 +96,25 @@ class RampupConfig(Section):
     samples: int = Field(gt=0)
 
 
+LoggerName = Literal["tensorboard", "mlflow", "wandb"]
+
+
+class TrackingConfig(Section):
+    """Where the experiment trackers of `train.loggers` write (train/trackers.py). A tracker library's
+    own environment variables (MLFLOW_TRACKING_URI, WANDB_MODE, WANDB_API_KEY, ...) apply where a key
+    here is None."""
+
+    project: str = Field("mtnlg", description="W&B project; MLflow experiment of runs without a group")
+    group: str | None = Field(None, description="runs that belong together: W&B group, MLflow experiment "
+                              "(mtnlg tune sets it to the search's name: one tracked run per trial)")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (http://HOST:5000, sqlite:///mlflow.db, "
+                                   "a directory); None: $MLFLOW_TRACKING_URI, else the file store "
+                                   "STORAGE_PATH/mlruns beside the run directories")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="None: $WANDB_MODE, else online when W&B has an API key (WANDB_API_KEY or wandb login), "
+        "else offline (RUN_DIR/wandb; `wandb sync` uploads it later)")
+
+
 class TrainConfig(Section):
     global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step, whatever the worker count")
     micro_batch_size: int = Field(4, gt=0, description="at most this many sequences per worker per forward")
@@ -113,11 +132,17 @@ class TrainConfig(Section):
     peak_flops: float | None = Field(None, gt=0, description="FLOP/s per device for MFU; None: measured")
     kill_at_step: int | None = Field(None, gt=0, description="fault injection for testing recovery: the rank-0 "
                                      "worker kills its own process after this step, once per run directory")
+    loggers: list[LoggerName] = Field(default_factory=lambda: ["tensorboard"], description="experiment trackers "
+                                      "that rank 0 writes at each log interval and evaluation: tensorboard (event "
+                                      "files in the run directory), mlflow, wandb (pip install 'mtnlg-ray[tracking]')")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _rampup_fits(self) -> "TrainConfig":
         if isinstance(self.eval_batches, int) and self.eval_batches < 1:
             raise ValueError(f"eval_batches must be >= 1 or 'all' (got {self.eval_batches})")
+        if len(set(self.loggers)) < len(self.loggers):
+            raise ValueError(f"loggers: each tracker at most once (got {self.loggers})")
         r = self.rampup
         if r is not None:
             if r.start > self.global_batch_size:

@@ -36,6 +36,7 @@ from mtnlg_ray.fileio import file_sha256
 from mtnlg_ray.model.gpt import lm_loss
 from mtnlg_ray.train.batching import inputs_targets
 from mtnlg_ray.train.evaluate import load_eval_set
+from mtnlg_ray.train.failures import fit_and_report
 from mtnlg_ray.train.plot import plot_run
 from mtnlg_ray.train.preflight import check_finetune_inputs, model_config
 from mtnlg_ray.train.resume import check_resume, identity
@@ -131,7 +132,7 @@ def baseline_val_loss(job: FinetuneJob, bundle) -> float | None:
 
 def fit(job: FinetuneJob, bundle, callbacks=None, resume_from: str | None = None) -> ray.train.Result:
     """Run (or resume) the fine-tuning job on Ray Train with the pretraining trainer."""
-    return build_trainer(job, bundle, callbacks=callbacks, resume_from=resume_from).fit()
+    return fit_and_report(build_trainer(job, bundle, callbacks=callbacks, resume_from=resume_from))
 
 
 def run_finetune(job: FinetuneJob, resume: str = "auto") -> ray.train.Result:

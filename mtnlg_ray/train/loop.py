@@ -72,6 +72,7 @@ from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, 
 from mtnlg_ray.train.optim import Optimizers
 from mtnlg_ray.train.schedule import global_batch_at, in_tokens, lr_at, planned_tokens
 from mtnlg_ray.train.stream import TokenStream
+from mtnlg_ray.train.trackers import open_trackers
 
 log = logging.getLogger(__name__)
 JOBS = {"pretrain": PretrainJob, "finetune": FinetuneJob}
@@ -155,6 +156,8 @@ def train_loop(config: dict) -> None:
     metrics_log = MetricsLog(run["metrics_dir"]) if rank == 0 else None
 
     state, clock = resume(model, optimizers, metrics_log, run)
+    if metrics_log is not None:  # TensorBoard / MLflow / W&B, fed what metrics.jsonl gets (trackers.py)
+        metrics_log.trackers = open_trackers(job, config, state.step)
     torch.manual_seed(tc.seed + 1000 * dims.dp_rank + dims.pp_rank + 7919 * state.step)  # dropout; same over tp
     stream = TokenStream(ray.train.get_dataset_shard("train"), state.consumed_samples)
     val_shard = ray.train.get_dataset_shard("val") if run["has_val"] else None
@@ -225,6 +228,8 @@ def train_loop(config: dict) -> None:
             report(record, state, do_ckpt, model, optimizers, config_json, run, metrics_log)
         if tc.kill_at_step == state.step and rank == 0:
             _kill_once(Path(run["metrics_dir"]), state.step)
+    if metrics_log is not None:
+        metrics_log.close()
 
 
 def _show(line: str) -> None:

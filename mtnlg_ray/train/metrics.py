@@ -91,15 +91,23 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 
 class MetricsLog:
-    """Appends records to `run_dir/metrics.jsonl` (open per write: safe across restarts)."""
+    """Appends records to `run_dir/metrics.jsonl` (open per write: safe across restarts) and hands
+    each to `trackers` (train/trackers.py: TensorBoard, MLflow, W&B), once the loop has opened them."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trackers = None
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.write(record)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:

@@ -35,11 +35,13 @@ from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.parallel import check_layout
 from mtnlg_ray.parallel.mesh import resolve_dims
+from mtnlg_ray.train.failures import RunMonitor, fit_and_report, starting_step, with_traceback
 from mtnlg_ray.train.plot import plot_run
 from mtnlg_ray.train.preflight import Start, model_config, plan_pretrain
 from mtnlg_ray.train.resume import identity
 from mtnlg_ray.train.schedule import planned_samples
 from mtnlg_ray.train.storage import check_storage_path
+from mtnlg_ray.train.trackers import check_installed
 
 log = logging.getLogger(__name__)
 DATA_CPUS = 1.0  # CPUs Ray Data needs beside the workers (one read / map task at a time)
@@ -136,6 +138,7 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
     `callbacks`: Ray Train callbacks (fine-tuning's Tune trials pass one that forwards reports to Tune).
     `resume_from`: a checkpoint the workers start from while the run has none of its own (--resume PATH)."""
     start_time = time.time()
+    check_installed(job.train.loggers)
     ensure_ray()
     kind = "finetune" if isinstance(job, FinetuneJob) else "pretrain"
     if bundle is None and kind == "finetune":
@@ -169,13 +172,15 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
         name=job.scaling.name, storage_path=storage,
         checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
         failure_config=FailureConfig(max_failures=job.scaling.max_failures),
-        callbacks=callbacks,
+        # restart lines and events, quiet Ray Train consoles (train/failures.py)
+        callbacks=[*(callbacks or []), RunMonitor(metrics_dir, start_time, job.scaling.max_failures,
+                                                  starting_step(job, resume_from))],
         # Ray Train's own INFO lines (worker group start, one per report) only with -v
         logging_config=LoggingConfig(log_level=logging.getLevelName(console.ray_log_level())),
     )
     # Unsplit, in order: every worker reads the whole stream and keeps its dp slice (see loop.py).
     data_config = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
-    return TorchTrainer(train_loop, train_loop_config=config, scaling_config=scaling_config(job),
+    return TorchTrainer(with_traceback(train_loop), train_loop_config=config, scaling_config=scaling_config(job),
                         run_config=run_config, datasets=datasets, dataset_config=data_config)
 
 
@@ -187,7 +192,7 @@ def run_pretrain(job: PretrainJob, resume: str | Start = "auto") -> ray.train.Re
     trainer = build_trainer(job, resume_from=start.resume_from)
     metrics_dir = Path(trainer.train_loop_config["run"]["metrics_dir"])
     log.info("run directory: %s (checkpoints, metrics.jsonl, loss.png)", metrics_dir)
-    result = trainer.fit()
+    result = fit_and_report(trainer)  # a failed run: one line naming the root cause
     for path in plot_run(metrics_dir):
         log.info("wrote %s", path)
     if result.checkpoint is not None:

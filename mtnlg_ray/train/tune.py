@@ -7,6 +7,8 @@
                TuneReportCallback forwards the workers' reports to Tune. Only reports that carry
                `val_loss` are forwarded, so one Tune iteration is one evaluation: ASHA's grace_period
                and rungs count evaluations (every train.eval_interval steps and the last step).
+    tracked =  each trial is one run of the trackers in train.loggers (train/trackers.py), named
+               after the trial, in the group NAME-tune (W&B group, MLflow experiment)
     output  =  the trials ranked by their best validation loss, and the best trial's FinetuneJob
                written as YAML (tune.best_config_out) that `mtnlg finetune` runs as is.
 
@@ -58,11 +60,14 @@ def evaluations(job: FinetuneJob) -> int:
     return tc.max_steps // tc.eval_interval + (1 if tc.max_steps % tc.eval_interval else 0)
 
 
-def _trial(config: dict, job: dict, storage: str) -> None:
-    """One Tune trial: the Ray Train driver of a short fine-tuning run with this trial's hyperparameters."""
+def _trial(config: dict, job: dict, storage: str, group: str) -> None:
+    """One Tune trial: the Ray Train driver of a short fine-tuning run with this trial's hyperparameters.
+    Its run is one tracked run (train.loggers) named after the trial, in the search's group."""
     run = trial_job(FinetuneJob.model_validate(job), config["hp"])
     name = f"trial_{tune.get_context().get_trial_id()}"
     run = run.model_copy(update={"scaling": run.scaling.model_copy(update={"storage_path": storage, "name": name})})
+    tracking = run.train.tracking.model_copy(update={"group": run.train.tracking.group or group})
+    run = run.model_copy(update={"train": run.train.model_copy(update={"tracking": tracking})})
     fit(run, open_task_data(run), callbacks=[EvalReportCallback()])
 
 
@@ -103,7 +108,8 @@ def run_tune(job: TuneJob) -> list[dict]:
     if max_evals < 1:
         raise UserError("finetune.train: a trial must evaluate at least once (eval_interval <= max_steps)")
     trainable = tune.with_resources(tune.with_parameters(_trial, job=resolved.model_dump(mode="json"),
-                                                         storage=f"{storage}/{base.name}-tune-runs"),
+                                                         storage=f"{storage}/{base.name}-tune-runs",
+                                                         group=f"{base.name}-tune"),
                                     {"cpu": TRIAL_CPUS})
     # max_t one past a full trial: ASHA stops a trial that reaches max_t at once, which would kill its
     # Train driver while it finishes (final checkpoint, worker shutdown); this way complete trials end

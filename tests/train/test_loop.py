@@ -116,6 +116,8 @@ def test_elastic_run_survives_a_killed_worker(reference, pretrain_data, storage)
     run = storage / "elastic"
     assert (run / f".killed_at_step_{kill_at}").is_file()
     assert [e["from_step"] for e in events if e["event"] == "resume"] == [5]  # the checkpoint before the kill
+    (restart,) = [e for e in events if e["event"] == "restart"]  # the controller's restart line, as an event
+    assert restart["from_step"] == 5 and restart["failed"]["0"].startswith("died (")
     assert [r["step"] for r in steps] == list(range(1, 2 * N + 1))
     assert max(r["world_size"] for r in steps) == 2
     for ref, got in zip(reference, steps):

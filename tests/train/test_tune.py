@@ -35,10 +35,11 @@ def test_trial_job_sets_the_named_keys(tmp_path):
 
 
 def test_tune_ranks_the_better_learning_rate_first_and_its_config_runs(ray_session, tiny_tokenizer, tmp_path, capsys,
-                                                                        caplog):
+                                                                        caplog, monkeypatch):
     init = tiny_checkpoint(tmp_path / "init", tiny_tokenizer)
     task = write_task(tmp_path / "task")
     finetune = finetune_job(init, task, tmp_path / "runs", "toy").model_dump(mode="json")
+    finetune["train"]["loggers"] = ["tensorboard", "mlflow"]
     best_out = tmp_path / "best.yaml"
     job = validate(TuneJob, {"finetune": finetune, "tune": {"search_space": {"lr": [1e-5, 3e-3]},
                                                              "best_config_out": str(best_out)}}, "tune.yaml")
@@ -48,6 +49,17 @@ def test_tune_ranks_the_better_learning_rate_first_and_its_config_runs(ray_sessi
     assert rows[0]["best"] < rows[1]["best"] and all(r["error"] is None for r in rows)
     assert rows[0]["evals"] == 2  # the better trial ran to the end: evaluations at steps 3 and 6
     assert "best: {'lr': 0.003}" in caplog.text and f"mtnlg finetune {best_out}" in caplog.text
+
+    # each trial is one tracked run, named after it, grouped under the search (MLflow: its experiment)
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "toy-tune-runs" / "mlruns").as_uri())
+    trials = client.search_runs([client.get_experiment_by_name("toy-tune").experiment_id])
+    assert sorted(float(r.data.params["optim.lr"]) for r in trials) == [1e-5, 3e-3]
+    assert all(r.info.run_name.startswith("trial_") and "val/loss" in r.data.metrics for r in trials)
+    assert all(list((tmp_path / "runs" / "toy-tune-runs" / r.info.run_name).glob("events.out.tfevents.*"))
+               for r in trials)
 
     best = load_job(best_out, FinetuneJob)
     assert best.optim.lr == 3e-3 and best.scaling.name == "toy-best"
