@@ -258,6 +258,13 @@ class RunMonitor(ControllerCallback, ReportCallback, WorkerCallback):
         if err is None or type(current_state).__name__ not in ("RestartingState", "ReschedulingState"):
             return
         self.restarts += 1
+        try:  # an exception here would fail the controller, and the run with it
+            self._report_restart(err)
+        except Exception as report_err:  # noqa: BLE001
+            sys.stderr.write(f"restart {self.restarts}: could not report it ({type(report_err).__name__}: "
+                             f"{report_err})\n")
+
+    def _report_restart(self, err) -> None:
         found = failures(err)
         append_error_log(self.run_dir, f"restart {self.restarts}", found)
         of = f" of {self.max_failures}" if self.max_failures > 0 else ""
