@@ -36,6 +36,7 @@ from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.parallel import check_layout
 from mtnlg_ray.parallel.mesh import resolve_dims
 from mtnlg_ray.train.failures import RunMonitor, fit_and_report, starting_step, with_traceback
+from mtnlg_ray.train.loop import train_loop
 from mtnlg_ray.train.plot import plot_run
 from mtnlg_ray.train.preflight import Start, model_config, plan_pretrain
 from mtnlg_ray.train.resume import identity
@@ -53,14 +54,6 @@ def ensure_ray() -> None:
         address = os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, **console.ray_init_args(address))
     console.quiet_ray_data()
-
-
-def train_loop(config: dict) -> None:
-    """What each Ray Train worker runs: train/loop.py's `train_loop`. Imported in the worker only:
-    the loop's modules (DCP, FSDP, pipelining) take seconds to import that the driver never needs."""
-    from mtnlg_ray.train.loop import train_loop as run
-
-    run(config)
 
 
 def worker_range(job) -> tuple[int, int]:
