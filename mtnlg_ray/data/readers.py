@@ -89,13 +89,24 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
-def _keep(name: str, kind: str) -> bool:
-    base = Path(name).name
-    if base.startswith((".", "_")):  # hidden files, _SUCCESS markers
-        return False
+def _uncompressed_name(path: str) -> str:
+    """The file name without its compression suffix (data.jsonl.gz -> data.jsonl)."""
+    base = Path(path).name
     for c in COMPRESSED:
         base = base.removesuffix(c)
-    return kind not in SUFFIXES or base.endswith(SUFFIXES[kind])
+    return base
+
+
+def kind_of(path: str) -> str:
+    """text / jsonl / parquet from a file's suffix (compression suffixes ignored)."""
+    base = _uncompressed_name(path)
+    return next((kind for kind, sufs in SUFFIXES.items() if base.endswith(sufs)), "text")
+
+
+def _keep(name: str, kind: str) -> bool:
+    if Path(name).name.startswith((".", "_")):  # hidden files, _SUCCESS markers
+        return False
+    return kind not in SUFFIXES or _uncompressed_name(name).endswith(SUFFIXES[kind])
 
 
 def resolve_paths(paths: list[str], kind: str) -> list[str]:

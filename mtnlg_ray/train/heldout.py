@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtnlg_ray.data.readers import SUFFIXES, iter_records, resolve_paths
+from mtnlg_ray.data.readers import iter_records, kind_of, resolve_paths
 from mtnlg_ray.data.tokenizer import cuts_are_exact, encode_documents
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.model.gpt import lm_loss
@@ -29,21 +28,13 @@ from mtnlg_ray.train.metrics import token_byte_lengths
 log = logging.getLogger(__name__)
 
 
-def data_kind(path: str) -> str:
-    """text / jsonl / parquet from a file's suffix (compression suffixes ignored)."""
-    name = Path(path).name
-    for c in (".gz", ".bz2", ".zst"):
-        name = name.removesuffix(c)
-    return next((kind for kind, sufs in SUFFIXES.items() if name.endswith(sufs)), "text")
-
-
 def read_documents(paths: list[str], kind: str | None = None, text_mode: str = "file", text_field: str = "text",
                    max_docs: int | None = None) -> list[str]:
     """The documents of `paths` (files, directories, globs), in file order; records that are not
     documents (malformed JSON, a missing field, binary content) are skipped with a count."""
     docs, skipped = [], 0
     for path in resolve_paths(paths, kind or "text"):
-        for rec in iter_records(path, kind or data_kind(path), text_mode, text_field):
+        for rec in iter_records(path, kind or kind_of(path), text_mode, text_field):
             if rec.status:
                 skipped += 1
                 continue
