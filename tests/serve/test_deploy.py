@@ -87,8 +87,8 @@ def test_mtnlg_serve_command_serves_until_ctrl_c(tiny_checkpoint, port):
                 break
         assert f"http://127.0.0.1:{port}/v1" in lines[-1], "".join(lines[-20:])
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                       json={"model": "mtnlg", "prompt": "x", "max_tokens": 3})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+                       json={"model": "mtnlg", "prompt": "x", "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # untrained: EOS may come early
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
     finally:
