@@ -269,6 +269,12 @@ COMMANDS = {
 }
 
 
+def _report(err: UserError) -> None:
+    """A user's mistake: `error: ...`, one line per problem (a config reports all of its problems)."""
+    for line in str(err).splitlines() or [type(err).__name__]:
+        print(f"error: {line}", file=sys.stderr)
+
+
 def job_main(doc: str, job_name: str, run, argv: list[str] | None = None) -> int:
     """The body of every `jobs/*.py` entrypoint (`ray job submit -- python jobs/X.py --config ...`):
     parse --config / --set, validate the job, call `run(job)`, print what it returns; one-line errors."""
@@ -282,7 +288,7 @@ def job_main(doc: str, job_name: str, run, argv: list[str] | None = None) -> int
     try:
         out = run(_job(args, job_name))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(err)
         return err.exit_code
     if isinstance(out, (str, os.PathLike)):  # where the job wrote (Train and Tune results print themselves)
         print(out)
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(err)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -35,8 +35,10 @@ def test_config_error_is_one_line_exit_2(tmp_path):
     res = mtnlg("pretrain", str(cfg))
     assert res.returncode == 2
     assert res.stderr.strip() == "error: pretrain.yaml: model.n_heads: must divide d_model=512 (got 7)"
-    res = mtnlg("pretrain", str(cfg), "--set", "model.n_heads=8", "--set", "train.nope=1")
-    assert res.returncode == 2 and res.stderr.strip() == "error: pretrain.yaml: train.nope: unknown key"
+    res = mtnlg("pretrain", str(cfg), "--set", "model.n_heads=8", "--set", "train.nope=1", "--set", "optim.lr=0")
+    assert res.returncode == 2 and res.stderr.splitlines() == [  # every problem, each naming its --set
+        "error: --set optim.lr=0: optim.lr: Input should be greater than 0 (got 0)",
+        "error: --set train.nope=1: train.nope: unknown key"]
 
 
 def test_usage_error_exit_2():

@@ -1,40 +1,52 @@
 """Typed configs for every job: pydantic v2 models loaded from YAML, with `--set` overrides.
 
-Each job has one top-level model (PreprocessJob, PretrainJob, FinetuneJob, TuneJob, ServeJob)
-made of sections. Every model forbids unknown keys, so a typo is an error, not a silent default.
-`load_job(path, Job, overrides)` raises `ConfigError` with one line naming the file and the
-dotted key path, e.g. `pretrain.yaml: model.n_heads: must divide d_model=512 (got 7)`.
-Ray hands `train_loop_config` to workers as a dict; they re-validate it with `Job.model_validate`.
+Each command has one top-level job model (PreprocessJob, PretrainJob, FinetuneJob, TuneJob,
+ServeJob), made of sections; every model forbids unknown keys, so a typo is an error, not a
+silent default. Names: a section model ends in `Config`, a command's model in `Job`; where Ray
+has a class of the same idea (ray.train.DataConfig, CheckpointConfig, ScalingConfig, ray.tune's
+TuneConfig, Serve's AutoscalingConfig) ours says what it holds: TrainDataConfig,
+CheckpointingConfig, WorkerScalingConfig, SearchConfig, ReplicaAutoscalingConfig.
 
-One module per job family (model, data, train, serve; base holds the loading helpers), all
-re-exported here: `from mtnlg_ray.config import PretrainJob, load_job`.
+    base.py        Section (the base of every model), dump_yaml
+    model.py       ModelConfig (the GPT), presets.py its named shapes
+    preprocess.py  PreprocessJob: corpus, cleaning, tokenizer, packing
+    train.py       PretrainJob: data, parallel, optim, train, checkpoint, scaling
+    finetune.py    FinetuneJob: init_from, sft, lora + pretraining's sections
+    tune.py        TuneJob: a FinetuneJob and the search over it
+    serve.py       ServeJob: one OpenAI-compatible deployment
+    worker.py      WorkerRunConfig: what the driver hands every training worker beside the job
+    load.py        load_job (file or shipped name, --set, every problem at once), validate
+    problems.py    a ValidationError as one line per problem, "did you mean" for unknown keys
+    shipped.py     the configs shipped in mtnlg_ray/configs/, by name
+
+`from mtnlg_ray.config import PretrainJob, load_job`. Ray hands `train_loop_config` to the
+workers as a dict; they re-validate the job and the WorkerRunConfig with `validate`.
 """
 
-from mtnlg_ray.config.base import Section, apply_overrides, dump_yaml, load_job, load_yaml, validate
+from mtnlg_ray.config.base import Section, dump_yaml
 from mtnlg_ray.config.model import ModelConfig
-from mtnlg_ray.config.data import CorpusConfig, CleanConfig, TokenizerConfig, PackConfig, PreprocessJob
+from mtnlg_ray.config.preprocess import CorpusConfig, CleanConfig, TokenizerConfig, PackConfig, PreprocessJob
 from mtnlg_ray.config.train import (
-    HYPERPARAMETERS,
-    DatasetSpec,
-    DataConfig,
+    DatasetConfig,
+    TrainDataConfig,
     ParallelConfig,
     OptimConfig,
     RampupConfig,
+    TrackingConfig,
     TrainConfig,
-    CheckpointConfig,
-    ScalingSection,
+    CheckpointingConfig,
+    WorkerScalingConfig,
     PretrainJob,
-    LoraConfig,
-    SftDataConfig,
-    FinetuneJob,
-    SearchSpace,
-    TuneSection,
-    TuneJob,
 )
-from mtnlg_ray.config.serve import AutoscalingSection, ServeSection, ServeJob
+from mtnlg_ray.config.finetune import LoraConfig, SftDataConfig, FinetuneJob
+from mtnlg_ray.config.tune import HYPERPARAMETERS, SearchSpaceConfig, SearchConfig, TuneJob
+from mtnlg_ray.config.serve import ReplicaAutoscalingConfig, ServeConfig, ServeJob
+from mtnlg_ray.config.worker import WorkerRunConfig
+from mtnlg_ray.config.load import JOBS, apply_overrides, load_job, load_yaml, validate
 
 __all__ = [
     "HYPERPARAMETERS",
+    "JOBS",
     "Section",
     "apply_overrides",
     "dump_yaml",
@@ -47,22 +59,24 @@ __all__ = [
     "TokenizerConfig",
     "PackConfig",
     "PreprocessJob",
-    "DatasetSpec",
-    "DataConfig",
+    "DatasetConfig",
+    "TrainDataConfig",
     "ParallelConfig",
     "OptimConfig",
     "RampupConfig",
+    "TrackingConfig",
     "TrainConfig",
-    "CheckpointConfig",
-    "ScalingSection",
+    "CheckpointingConfig",
+    "WorkerScalingConfig",
     "PretrainJob",
     "LoraConfig",
     "SftDataConfig",
     "FinetuneJob",
-    "SearchSpace",
-    "TuneSection",
+    "SearchSpaceConfig",
+    "SearchConfig",
     "TuneJob",
-    "AutoscalingSection",
-    "ServeSection",
+    "ReplicaAutoscalingConfig",
+    "ServeConfig",
     "ServeJob",
+    "WorkerRunConfig",
 ]

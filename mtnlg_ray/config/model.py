@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Literal
 
@@ -39,7 +40,9 @@ class ModelConfig(Section):
         if isinstance(data, dict) and data.get("preset") is not None:
             name = data["preset"]
             if name not in PRESETS:
-                raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+                close = difflib.get_close_matches(str(name), PRESETS, n=1, cutoff=0.8)
+                mean = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"unknown preset {name!r} ({mean}known: {', '.join(PRESETS)})")
             data = {**PRESETS[name], **data}
         return data
 

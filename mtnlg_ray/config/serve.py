@@ -10,7 +10,7 @@ from mtnlg_ray.config.base import Section
 
 
 # -------------------------------------------------------------------------------------- serving
-class AutoscalingSection(Section):
+class ReplicaAutoscalingConfig(Section):
     """Ray Serve autoscaling_config (validated here: Serve ignores misspelled keys)."""
 
     min_replicas: int = Field(1, ge=0, description="0 lets the deployment scale to zero when idle")
@@ -20,13 +20,13 @@ class AutoscalingSection(Section):
     downscale_delay_s: float = Field(30.0, ge=0)
 
     @model_validator(mode="after")
-    def _range(self) -> "AutoscalingSection":
+    def _range(self) -> "ReplicaAutoscalingConfig":
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas={self.max_replicas} < min_replicas={self.min_replicas}")
         return self
 
 
-class ServeSection(Section):
+class ServeConfig(Section):
     """One OpenAI-compatible deployment: the model, the engine's KV-cache pool, Serve's limits."""
 
     checkpoint: str = Field(description="native checkpoint, Ray Train run directory, or GPT-2 directory")
@@ -50,10 +50,10 @@ class ServeSection(Section):
     num_gpus: float = Field(0.0, ge=0, description="per replica")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     health_check_period_s: float = Field(10.0, gt=0, description="Serve calls check_health this often")
-    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    autoscaling: ReplicaAutoscalingConfig = Field(default_factory=ReplicaAutoscalingConfig)
 
     @model_validator(mode="after")
-    def _engine_holds_ongoing(self) -> "ServeSection":
+    def _engine_holds_ongoing(self) -> "ServeConfig":
         held = self.max_batch_slots + self.max_waiting
         if self.max_ongoing_requests > held:
             raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests} exceeds what one replica's engine "
@@ -62,4 +62,6 @@ class ServeSection(Section):
 
 
 class ServeJob(Section):
-    serve: ServeSection
+    """`mtnlg serve`: one OpenAI-compatible deployment of a checkpoint on Ray Serve."""
+
+    serve: ServeConfig

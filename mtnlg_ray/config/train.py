@@ -1,9 +1,10 @@
-"""Training job configs: pretraining (data, parallel layout, optimizer, schedule, checkpoints,
-scaling), fine-tuning (SFT data, LoRA) and hyperparameter search."""
+"""Pretraining job config: the blended datasets, parallel layout, optimizer and schedule, the
+training loop, checkpointing and the Ray Train workers. Fine-tuning (finetune.py) reuses every
+section but the data."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -12,15 +13,17 @@ from mtnlg_ray.config.model import ModelConfig
 
 
 # ------------------------------------------------------------------------------------- training
-class DatasetSpec(Section):
+class DatasetConfig(Section):
+    """One dataset directory written by preprocess, and its share of the blend."""
+
     path: str
     weight: float = Field(1.0, gt=0)
 
 
-class DataConfig(Section):
+class TrainDataConfig(Section):
     """Dataset directories written by preprocess, blended by weight (Megatron semantics)."""
 
-    datasets: list[DatasetSpec] = Field(default_factory=list)
+    datasets: list[DatasetConfig] = Field(default_factory=list)
     seed: int = 1234
 
 
@@ -116,6 +119,8 @@ class TrackingConfig(Section):
 
 
 class TrainConfig(Section):
+    """The loop: batch sizes, steps, logging and evaluation intervals, seed, device, trackers."""
+
     global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step, whatever the worker count")
     micro_batch_size: int = Field(4, gt=0, description="at most this many sequences per worker per forward")
     rampup: RampupConfig | None = None
@@ -155,13 +160,15 @@ class TrainConfig(Section):
         return self
 
 
-class CheckpointConfig(Section):
+class CheckpointingConfig(Section):
+    """When the loop saves a sharded checkpoint, and how many Ray Train keeps."""
+
     interval: int = Field(50, ge=0, description="steps between checkpoints; 0: only at the end of the run "
                           "(a failure then restarts from scratch)")
     num_to_keep: int = Field(2, gt=0)
 
 
-class ScalingSection(Section):
+class WorkerScalingConfig(Section):
     """Ray Train layout. num_workers: N, or [min, max] for an elastic run: Ray Train starts (and after a
     failure restarts) it with any count in the range the cluster holds; each must fit the tp x pp layout."""
 
@@ -190,113 +197,12 @@ class ScalingSection(Section):
 
 
 class PretrainJob(Section):
+    """`mtnlg pretrain`: a GPT trained from scratch on preprocessed dataset directories."""
+
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="debug"))
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
-
-
-# ----------------------------------------------------------------------------------- fine-tuning
-LoraTarget = Literal["q_proj", "k_proj", "v_proj", "out_proj", "up_proj", "down_proj"]
-
-
-class LoraConfig(Section):
-    """LoRA adapters (model/lora.py): base weights frozen, W + alpha/rank * B @ A learned."""
-
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0, description="update scale is alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
-    target_modules: list[LoraTarget] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
-                                             min_length=1, description="the model's own linear module names")
-
-
-class SftDataConfig(Section):
-    """Task data (data/sft.py): JSONL ({prompt, response}, OpenAI messages, ShareGPT, Alpaca) or a built-in task."""
-
-    task: Literal["jsonl", "stdlib_code", "stdlib_summarize", "stdlib_dialogue"] = Field(
-        "jsonl", description="jsonl: the files in train_paths; built in, mined from the .py files in train_paths "
-        "(default: the Python standard library; data/stdlib_tasks.py): stdlib_code (signature + docstring -> "
-        "body), stdlib_summarize (docstring body -> summary line), stdlib_dialogue (questions about a module "
-        "answered from its docstrings)")
-    train_paths: list[str] = Field(default_factory=list, description="JSONL files, directories or globs")
-    val_paths: list[str] = Field(default_factory=list, description="validation JSONL; empty: val_fraction of train")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="examples sent to val by a seeded content hash")
-    seq_len: int = Field(256, gt=0, description="rows hold seq_len + 1 tokens; at most the model's max_seq_len")
-    packing: bool = Field(True, description="several whole examples per row; false: one padded example per row")
-    overlong: Literal["truncate", "drop"] = Field("truncate", description="an example longer than a row")
-    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="bad lines skipped up to this fraction, else refused")
-    max_examples: int | None = Field(None, gt=0, description="read at most this many examples (per input)")
-    tokenizer: str | None = Field(None, description="tokenizer.model to use; None: the init checkpoint's")
-    seed: int = 1234
-
-
-class FinetuneJob(Section):
-    init_from: str = Field(description="native checkpoint, run directory, or Hugging Face GPT-2 directory")
-    sft: SftDataConfig = Field(default_factory=SftDataConfig)
-    output_dir: str = Field("data_out/sft", description="where the tokenized task dataset is written")
-    lora: LoraConfig | None = Field(None, description="LoRA adapters; None: full fine-tuning")
-    baseline_eval: bool = Field(True, description="evaluate the initial weights on the val set first (in the "
-                                "driver process, on CPU: turn off for models too large for it)")
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4))
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    scaling: ScalingSection = Field(default_factory=lambda: ScalingSection(name="finetune"))
-
-
-HYPERPARAMETERS = {  # search-space name -> the FinetuneJob key it sets
-    "lr": "optim.lr", "global_batch_size": "train.global_batch_size",
-    "warmup_tokens": "optim.warmup_tokens", "lora_rank": "lora.rank",
-}
-
-
-class SearchSpace(Section):
-    """Values to try for each hyperparameter (a grid); names are checked (unknown names are refused)."""
-
-    lr: list[float] | None = Field(None, min_length=1)
-    global_batch_size: list[int] | None = Field(None, min_length=1)
-    warmup_tokens: list[int] | None = Field(None, min_length=1)
-    lora_rank: list[int] | None = Field(None, min_length=1, description="needs a finetune.lora section")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_names(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = [k for k in data if k not in HYPERPARAMETERS]
-            if unknown:
-                raise ValueError(f"got unknown hyperparameter {unknown[0]!r} (searchable: {', '.join(HYPERPARAMETERS)})")
-        return data
-
-    def grid(self) -> dict[str, list]:
-        """{name: values} of the hyperparameters given."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
-
-
-class TuneSection(Section):
-    search_space: SearchSpace = Field(default_factory=SearchSpace)
-    num_samples: int = Field(1, gt=0, description="repeats of the grid")
-    max_concurrent_trials: int = Field(1, gt=0)
-    grace_period: int = Field(1, gt=0, description="ASHA: evaluations before a trial may stop")
-    reduction_factor: int = Field(2, gt=1)
-    best_config_out: str = Field("best_finetune.yaml", description="the best trial's FinetuneJob, as YAML")
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> "TuneSection":
-        if not self.search_space.grid():
-            raise ValueError(f"search_space: empty (got no values; searchable: {', '.join(HYPERPARAMETERS)})")
-        return self
-
-
-class TuneJob(Section):
-    finetune: FinetuneJob
-    tune: TuneSection
-
-    @model_validator(mode="after")
-    def _space(self) -> "TuneJob":
-        if "lora_rank" in self.tune.search_space.grid() and self.finetune.lora is None:
-            raise ValueError("tune.search_space.lora_rank: needs a finetune.lora section (got lora: null, "
-                             "i.e. full fine-tuning)")
-        return self
+    checkpoint: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+    scaling: WorkerScalingConfig = Field(default_factory=WorkerScalingConfig)

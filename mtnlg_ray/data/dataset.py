@@ -1,6 +1,6 @@
 """Blended, seeded, resumable streams of packed token rows: what the trainer hands to Ray Train.
 
-`open_datasets(DataConfig, train_samples)` opens one or more dataset directories written by
+`open_datasets(TrainDataConfig, train_samples)` opens one or more dataset directories written by
 `mtnlg preprocess` (or by fine-tuning, which adds a `labels` column) and returns `ray.data.Dataset`s
 for train and validation. Workers read their shard with `train/stream.py` (torch tensors); this
 module imports no torch, so the Ray Data tasks that read blocks start without it.
@@ -17,7 +17,7 @@ Blending (Megatron-LM's `BlendedDataset` semantics)
     error-minimising index. The stream of a longer run begins with the stream of a shorter one,
     so a run resumed with more steps reads the same rows up to where it stopped.
 
-Order within a dataset (deterministic for `DataConfig.seed`)
+Order within a dataset (deterministic for `TrainDataConfig.seed`)
     Epoch e of dataset d visits all of its rows in a permutation drawn from
     `numpy.random.default_rng([seed, d, e])` (Megatron's shuffle index over sample indices): the
     rows of a batch come from all over the corpus, and every epoch has a new order. Rows are read
@@ -49,7 +49,7 @@ from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 from ray.data.datasource import Datasource, ReadTask
 
-from mtnlg_ray.config import DataConfig
+from mtnlg_ray.config import TrainDataConfig
 from mtnlg_ray.data.row_cache import ensure_matrix, row_matrix
 from mtnlg_ray.errors import UserError
 
@@ -67,7 +67,7 @@ class DatasetBundle(NamedTuple):
     train_rows: int                  # N: rows of all train splits together (one pass)
     train_samples: int               # rows in the train stream (>= N: whole run, epochs repeat)
     manifests: list[dict]
-    config: DataConfig               # what was opened (the trainer reopens it for a longer stream)
+    config: TrainDataConfig          # what was opened (the trainer reopens it for a longer stream)
 
 
 # ------------------------------------------------------------------------------------- manifests
@@ -223,7 +223,7 @@ def _read_blocks(sources, columns, width, blocks, base, owner, row) -> Iterator[
 
 
 # ------------------------------------------------------------------------------------------ public
-def open_datasets(cfg: DataConfig, train_samples: int | None = None) -> DatasetBundle:
+def open_datasets(cfg: TrainDataConfig, train_samples: int | None = None) -> DatasetBundle:
     """Open and blend the dataset directories of `cfg` (see the module docstring for the semantics).
     `train_samples`: rows the train stream must hold (a run's planned samples); default one pass."""
     if not cfg.datasets:

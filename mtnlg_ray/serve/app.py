@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from ray import serve
 
 from mtnlg_ray import __version__
-from mtnlg_ray.config import ServeSection
+from mtnlg_ray.config import ServeConfig
 from mtnlg_ray.data.chat import chat_stop_id, load_chat_template
 from mtnlg_ray.data.tokenizer import load_tokenizer
 from mtnlg_ray.serve.async_engine import Group
@@ -62,7 +62,7 @@ class OpenAIServer(Tokenization):
     """One replica: the model, its continuous-batching engine, and the OpenAI routes."""
 
     def __init__(self, serve_config: dict):
-        cfg = self.cfg = ServeSection.model_validate(serve_config)
+        cfg = self.cfg = ServeConfig.model_validate(serve_config)
         device = cfg.device if cfg.device != "auto" else ("auto" if cfg.num_gpus else "cpu")
         # The model and its engine live in a child process (engine_process.py); this one does HTTP.
         self.engine = ProcessEngine(cfg.checkpoint, device, cfg.max_batch_slots, cfg.max_context, cfg.max_waiting)

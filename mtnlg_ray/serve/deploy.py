@@ -28,7 +28,7 @@ from ray.serve import Application
 
 from mtnlg_ray import console
 from mtnlg_ray.checkpoint.source import open_source
-from mtnlg_ray.config import ServeJob, ServeSection, apply_overrides, load_yaml, validate
+from mtnlg_ray.config import ServeJob, ServeConfig, apply_overrides, load_yaml, validate
 from mtnlg_ray.data.chat import load_chat_template
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.serve.app import OpenAIServer
@@ -42,8 +42,8 @@ APP_NAME = "mtnlg"
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
-def deployment_options(cfg: ServeSection) -> dict:
-    """Serve options of the deployment, all from the validated ServeSection."""
+def deployment_options(cfg: ServeConfig) -> dict:
+    """Serve options of the deployment, all from the validated ServeConfig."""
     a = cfg.autoscaling
     env = dict(REPLICA_ENV)
     if os.environ.get("MTNLG_API_KEY"):  # the builder's key reaches the replicas

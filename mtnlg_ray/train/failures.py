@@ -42,6 +42,7 @@ from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, Worker
 from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback, WorkerCallback
 
 from mtnlg_ray import console
+from mtnlg_ray.config import WorkerRunConfig
 from mtnlg_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,8 @@ def fit_and_report(trainer):
     """trainer.fit(), with a failed run raised as one line (TrainingFailed) and the restarts summed up."""
     from ray.train import TrainingFailedError
 
-    run = trainer.train_loop_config["run"]
-    run_dir, start, max_steps = Path(run["metrics_dir"]), run["start_time"], \
+    run = WorkerRunConfig.model_validate(trainer.train_loop_config["run"])
+    run_dir, start, max_steps = Path(run.metrics_dir), run.start_time, \
         trainer.train_loop_config["job"]["train"]["max_steps"]
     try:
         result = trainer.fit()

@@ -27,7 +27,7 @@ import torch
 
 from mtnlg_ray.checkpoint.manifest import TOKENIZER
 from mtnlg_ray.checkpoint.source import open_source
-from mtnlg_ray.config import DataConfig, DatasetSpec, FinetuneJob
+from mtnlg_ray.config import TrainDataConfig, DatasetConfig, FinetuneJob
 from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.data.sft import prepare_sft
 from mtnlg_ray.data.tokenizer import Tokenizer
@@ -111,7 +111,7 @@ def prepare_data(job: FinetuneJob, require_val: bool = False, start: Start | Non
 
 def open_task_data(job: FinetuneJob):
     """The prepared task dataset as the trainer's DatasetBundle."""
-    return open_datasets(DataConfig(datasets=[DatasetSpec(path=job.output_dir)], seed=job.sft.seed))
+    return open_datasets(TrainDataConfig(datasets=[DatasetConfig(path=job.output_dir)], seed=job.sft.seed))
 
 
 @torch.no_grad()

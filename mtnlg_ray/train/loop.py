@@ -1,6 +1,7 @@
 """The function Ray Train runs on every worker: `train_loop(config)`.
 
-    job   <- config (re-validated: PretrainJob or FinetuneJob, by config["kind"])
+    job   <- config["job"] (re-validated: PretrainJob or FinetuneJob, by config["kind"])
+    run   <- config["run"] (re-validated: config.WorkerRunConfig, what the driver settled)
     model <- parallelize(GPT on meta, mesh from job.parallel); AdamW per part
     state <- the newest valid checkpoint (model, optimizer, step, data position, RNG), if any
     each step: G = the global batch (ramp-up: Megatron's schedule), whatever the worker count
@@ -59,7 +60,7 @@ import torch.distributed as dist
 from mtnlg_ray.checkpoint import manifest, sharded
 from mtnlg_ray.checkpoint.remote import checkpoint_dir_name
 from mtnlg_ray.checkpoint.source import open_source
-from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, validate
+from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, WorkerRunConfig, validate
 from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.malloc import keep_freed_memory
@@ -140,29 +141,29 @@ def peak_flops_total(job, device: torch.device) -> float:
 # ----------------------------------------------------------------------------------- the loop
 def train_loop(config: dict) -> None:
     job = validate(JOBS[config["kind"]], config["job"], f"{config['kind']} job (worker)")
-    run = config["run"]
-    model_cfg = validate(ModelConfig, run["model"], "run.model (worker)")
+    run = validate(WorkerRunConfig, config["run"], "run (worker)")
+    model_cfg = run.model
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    threads = claim_cores(job, run["niceness"])
+    threads = claim_cores(job, run.niceness)
     # The workers' own read pipelines would each draw progress bars over the driver's output;
     # training progress is the per-step metrics line instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
     device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
     dims, model, optimizers = setup_model(job, model_cfg, device)
-    tc, seq_len = job.train, run["seq_len"]
+    tc, seq_len = job.train, run.seq_len
     optim = in_tokens(job.optim, tc, seq_len)  # warmup / decay given in steps -> tokens
     mb, dp = tc.micro_batch_size, dims.dp
-    metrics_log = MetricsLog(run["metrics_dir"]) if rank == 0 else None
+    metrics_log = MetricsLog(run.metrics_dir) if rank == 0 else None
 
     state, clock = resume(model, optimizers, metrics_log, run)
     if metrics_log is not None:  # TensorBoard / MLflow / W&B, fed what metrics.jsonl gets (trackers.py)
-        metrics_log.trackers = open_trackers(job, config, state.step)
+        metrics_log.trackers = open_trackers(job, config["kind"], run.metrics_dir, state.step)
     torch.manual_seed(tc.seed + 1000 * dims.dp_rank + dims.pp_rank + 7919 * state.step)  # dropout; same over tp
     stream = TokenStream(ray.train.get_dataset_shard("train"), state.consumed_samples)
-    val_shard = ray.train.get_dataset_shard("val") if run["has_val"] else None
+    val_shard = ray.train.get_dataset_shard("val") if run.has_val else None
     eval_set = load_eval_set(val_shard, mb, tc.eval_batches)
-    token_bytes = torch.from_numpy(token_byte_lengths(Tokenizer(run["tokenizer_path"])))
+    token_bytes = torch.from_numpy(token_byte_lengths(Tokenizer(run.tokenizer_path)))
 
     total_tokens = planned_tokens(tc, seq_len)
     fpt = flops_per_token(model_cfg, seq_len)
@@ -208,7 +209,7 @@ def train_loop(config: dict) -> None:
         window["wait"] += stream.wait_s
         record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "batch_size": batch_size,
                   "accumulation": len(batches.micro), "padding_rows": batches.padding_rows,
-                  "tokens": state.consumed_samples * seq_len, "epoch": state.consumed_samples / run["train_rows"],
+                  "tokens": state.consumed_samples * seq_len, "epoch": state.consumed_samples / run.train_rows,
                   "world_size": dims.world_size, "tokens_sha": hasher.hexdigest()[:16], "time": state.elapsed_s}
         last = state.step == tc.max_steps
         do_log = state.step % tc.log_interval == 0 or last
@@ -227,7 +228,7 @@ def train_loop(config: dict) -> None:
         if do_eval or do_ckpt:  # not every log line: a report waits for the controller's poll (~1 s)
             report(record, state, do_ckpt, model, optimizers, config_json, run, metrics_log)
         if tc.kill_at_step == state.step and rank == 0:
-            _kill_once(Path(run["metrics_dir"]), state.step)
+            _kill_once(Path(run.metrics_dir), state.step)
     if metrics_log is not None:
         metrics_log.close()
 
@@ -254,15 +255,15 @@ def _progress_line(r: dict, max_steps: int) -> str:
 
 
 def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimizers, config_json: dict,
-           run: dict, metrics_log: MetricsLog | None) -> None:
+           run: WorkerRunConfig, metrics_log: MetricsLog | None) -> None:
     """ray.train.report on every rank; with a checkpoint, each rank's shard goes with it."""
     if not with_checkpoint:
         ray.train.report(record)
         return
-    trainer_state = {**asdict(state), "tokens": state.consumed_samples * run["seq_len"],
+    trainer_state = {**asdict(state), "tokens": state.consumed_samples * run.seq_len,
                      "micro_batch_size": config_json["job"]["train"]["micro_batch_size"], "time": time.time(),
-                     "run_start": run["start_time"], "identity": run.get("identity")}
-    local = sharded.save(model.parts, optimizers.pairs, trainer_state, config_json, run["tokenizer_path"])
+                     "run_start": run.start_time, "identity": run.identity}
+    local = sharded.save(model.parts, optimizers.pairs, trainer_state, config_json, run.tokenizer_path)
     if metrics_log is not None and metrics_log.path.is_file():
         shutil.copyfile(metrics_log.path, local / METRICS_FILE)  # the run's history travels with it
         manifest.add_file(local, METRICS_FILE)
@@ -273,15 +274,15 @@ def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimi
         shutil.rmtree(local, ignore_errors=True)
 
 
-def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None, run: dict):
+def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None, run: WorkerRunConfig):
     """(TrainState, clock) from the newest valid checkpoint Ray knows of (an older one when it is
-    corrupted), else from `run["resume_from"]` (--resume PATH), or a fresh start. clock() gives
-    the run's wall seconds: since the command started (`run["start_time"]`), plus, when resuming
+    corrupted), else from `run.resume_from` (--resume PATH), or a fresh start. clock() gives
+    the run's wall seconds: since the command started (`run.start_time`), plus, when resuming
     a run an earlier command started, the seconds that one had reached at its checkpoint."""
-    start = run["start_time"]
+    start = run.start_time
     latest = ray.train.get_checkpoint()
-    if latest is None and run.get("resume_from"):  # --resume PATH, until the run has checkpoints of its own
-        latest = ray.train.Checkpoint(run["resume_from"])
+    if latest is None and run.resume_from:  # --resume PATH, until the run has checkpoints of its own
+        latest = ray.train.Checkpoint(run.resume_from)
     if latest is None:
         return TrainState(), lambda: time.time() - start
     path, skipped = sharded.resolve_resume(latest.filesystem, latest.path)  # remote storage: fetched here first

@@ -32,7 +32,7 @@ class Start(NamedTuple):
 
 
 def check_datasets(data) -> list[dict]:
-    """The manifest.json of every dataset directory of `data` (a DataConfig), or a PathError naming
+    """The manifest.json of every dataset directory of `data` (a TrainDataConfig), or a PathError naming
     the first one that is missing or unfinished. open_datasets checks the rest (shards, versions)."""
     if not data.datasets:
         raise ConfigError("data.datasets: no dataset directories given (mtnlg preprocess writes one)")

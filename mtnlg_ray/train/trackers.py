@@ -226,10 +226,10 @@ class Trackers:
         self.backends = {}
 
 
-def open_trackers(job, config: dict, start_step: int) -> Trackers | None:
-    """Rank 0's trackers for the run the trainer's `config` describes, resumed at `start_step`."""
+def open_trackers(job, kind: str, run_dir: str | Path, start_step: int) -> Trackers | None:
+    """Rank 0's trackers for a `kind` (pretrain, finetune) run of `job` in `run_dir`, resumed at `start_step`."""
     tc = job.train
     if not tc.loggers:
         return None
-    return Trackers(tc.loggers, tc.tracking, config["run"]["metrics_dir"], job.scaling.name,
-                    {"kind": config["kind"], **config["job"]}, start_step)
+    return Trackers(tc.loggers, tc.tracking, run_dir, job.scaling.name, {"kind": kind, **job.model_dump(mode="json")},
+                    start_step)

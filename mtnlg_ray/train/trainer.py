@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from mtnlg_ray import console
 from mtnlg_ray.checkpoint.remote import is_uri
-from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob
+from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, WorkerRunConfig
 from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.parallel import check_layout
@@ -146,18 +146,15 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
         log.warning("checkpoint.interval: 0 saves a checkpoint only at the end of the run; a failure before "
                     "then restarts it from scratch")
     storage, metrics_dir = run_dir_of(job)
-    config = {
-        "kind": kind,
-        "job": job.model_dump(mode="json"),
-        "run": {"model": model_cfg.model_dump(mode="json"), "seq_len": bundle.seq_len,
-                "tokenizer_path": str(Path(bundle.tokenizer_path).resolve()), "has_val": bundle.val is not None,
-                "metrics_dir": str(metrics_dir), "train_rows": bundle.train_rows, "start_time": start_time,
-                "niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0,
-                # saved in every checkpoint: what a later resume is compared with (train/resume.py)
-                "identity": identity(job, model_cfg.model_dump(mode="json"), bundle.manifests[0]["tokenizer_sha256"],
-                                     bundle.seq_len, bundle.manifests),
-                "resume_from": resume_from},
-    }
+    run = WorkerRunConfig(
+        model=model_cfg, seq_len=bundle.seq_len, tokenizer_path=str(Path(bundle.tokenizer_path).resolve()),
+        has_val=bundle.val is not None, train_rows=bundle.train_rows, metrics_dir=str(metrics_dir),
+        start_time=start_time, niceness=os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0,
+        identity=identity(job, model_cfg.model_dump(mode="json"), bundle.manifests[0]["tokenizer_sha256"],
+                          bundle.seq_len, bundle.manifests),
+        resume_from=resume_from)
+    # Ray hands it over as a dict; the worker validates both halves again (loop.py)
+    config = {"kind": kind, "job": job.model_dump(mode="json"), "run": run.model_dump(mode="json")}
     datasets = {"train": bundle.train}
     if bundle.val is not None:
         datasets["val"] = bundle.val
@@ -177,13 +174,18 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
                         run_config=run_config, datasets=datasets, dataset_config=data_config)
 
 
+def run_of(trainer: TorchTrainer) -> WorkerRunConfig:
+    """The run `build_trainer` settled for `trainer`."""
+    return WorkerRunConfig.model_validate(trainer.train_loop_config["run"])
+
+
 def run_pretrain(job: PretrainJob, resume: str | Start = "auto") -> ray.train.Result:
     """Train (or resume) `job` on Ray Train; writes metrics.jsonl and loss.png in the run directory.
     `resume`: auto, never or a checkpoint path (train/resume.py), or the Start that
     `preflight.plan_pretrain` returned for it (the CLI checks before importing Ray)."""
     start = resume if isinstance(resume, Start) else plan_pretrain(job, resume)
     trainer = build_trainer(job, resume_from=start.resume_from)
-    metrics_dir = Path(trainer.train_loop_config["run"]["metrics_dir"])
+    metrics_dir = Path(run_of(trainer).metrics_dir)
     log.info("run directory: %s (checkpoints, metrics.jsonl, loss.png)", metrics_dir)
     result = fit_and_report(trainer)  # a failed run: one line naming the root cause
     for path in plot_run(metrics_dir):

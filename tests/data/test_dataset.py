@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtnlg_ray.config import DataConfig, DatasetSpec
+from mtnlg_ray.config import TrainDataConfig, DatasetConfig
 from mtnlg_ray.data.dataset import blend_index, open_datasets
 from mtnlg_ray.train.stream import iter_batches
 from mtnlg_ray.data.tokenizer import train_tokenizer
@@ -18,7 +18,7 @@ from mtnlg_ray.errors import UserError
 
 
 def _cfg(*specs, seed=1234):
-    return DataConfig(datasets=[DatasetSpec(path=str(p), weight=w) for p, w in specs], seed=seed)
+    return TrainDataConfig(datasets=[DatasetConfig(path=str(p), weight=w) for p, w in specs], seed=seed)
 
 
 def _rows(ds) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ from mtnlg_ray.data.code_task import function_examples, python_files, stdlib_dir
 from mtnlg_ray.data.stdlib_tasks import SUMMARIZE_PROMPT, mine, summary_line
 from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.train.stream import iter_batches
-from mtnlg_ray.config import DataConfig, DatasetSpec
+from mtnlg_ray.config import TrainDataConfig, DatasetConfig
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.model.gpt import GPT, lm_loss
 
@@ -71,7 +71,7 @@ def test_dataset_dir_masks_prompts_and_they_give_no_gradient(ray_session, tiny_t
     assert len(found) == 1
 
     # the trainer's reader carries labels; prompt positions get exactly zero gradient
-    bundle = open_datasets(DataConfig(datasets=[DatasetSpec(path=str(tmp_path / "ds"))]))
+    bundle = open_datasets(TrainDataConfig(datasets=[DatasetConfig(path=str(tmp_path / "ds"))]))
     batch = next(iter_batches(bundle.train, 4))
     torch.manual_seed(0)
     model = GPT(ModelConfig(preset="debug", vocab_size=tiny_tokenizer.vocab_size))

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from mtnlg_ray.config import DataConfig, DatasetSpec, PreprocessJob, load_job
+from mtnlg_ray.config import TrainDataConfig, DatasetConfig, PreprocessJob, load_job
 from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.train.stream import iter_batches
 from mtnlg_ray.data.readers import stdlib_files
@@ -113,7 +113,7 @@ def test_preprocess_end_to_end_and_stable(ray_session, tmp_path):
         assert all(pq.read_schema(out / x["path"]).field("input_ids").type == pa.list_(pa.int32()) for x in s["shards"])
     assert not list(tmp_path.glob(".a.tmp-*"))
     # the trainer's view of it
-    bundle = open_datasets(DataConfig(datasets=[DatasetSpec(path=str(out))]))
+    bundle = open_datasets(TrainDataConfig(datasets=[DatasetConfig(path=str(out))]))
     assert bundle.vocab_size == 600 and bundle.train_rows == m["splits"]["train"]["rows"]
     assert next(iter_batches(bundle.train, 4))["input_ids"].shape == (4, 65)
     # a second run (loading the first run's tokenizer) makes the same split and the same shards

@@ -81,23 +81,22 @@ def job(tmp_path):
                     train={"loggers": ["tensorboard", "mlflow", "wandb"], "tracking": {"wandb_mode": "offline"}})
 
 
-def config_of(job) -> dict:
-    """The part of the trainer's train_loop_config that open_trackers reads."""
-    return {"kind": "pretrain", "job": job.model_dump(mode="json"),
-            "run": {"metrics_dir": str(Path(job.scaling.storage_path) / job.scaling.name)}}
+def opened(job, start_step: int):
+    """open_trackers as the loop calls it for a pretraining run of `job`."""
+    return open_trackers(job, "pretrain", Path(job.scaling.storage_path) / job.scaling.name, start_step)
 
 
 def test_three_trackers_get_log_and_eval_records_and_resume_as_one_run(job, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = Path(job.scaling.storage_path) / "tracked"
     metrics = MetricsLog(run_dir)
-    metrics.trackers = open_trackers(job, config_of(job), 0)
+    metrics.trackers = opened(job, 0)
     for r in records(range(1, 7)):  # steps 1..6: logs at 2, 4, 6; evaluation at 4
         metrics.write(r)
     metrics.close()
 
     # resumed from a checkpoint at step 4: steps 5, 6 again with other values, then 7, 8
-    metrics.trackers = open_trackers(job, config_of(job), 4)
+    metrics.trackers = opened(job, 4)
     ids = json.loads((run_dir / IDS_FILE).read_text())
     for r in records(range(5, 9))[1:]:
         r["loss"] += 1.0
@@ -133,8 +132,8 @@ def test_three_trackers_get_log_and_eval_records_and_resume_as_one_run(job, monk
 
 def test_tracking_config_and_missing_packages(tmp_path, monkeypatch):
     job = make_job(tmp_path, tmp_path, "x")
-    assert job.train.loggers == ["tensorboard"] and open_trackers(
-        make_job(tmp_path, tmp_path, "x", train={"loggers": []}), {}, 0) is None
+    assert job.train.loggers == ["tensorboard"] and opened(
+        make_job(tmp_path, tmp_path, "x", train={"loggers": []}), 0) is None
     with pytest.raises(ConfigError, match="each tracker at most once"):
         make_job(tmp_path, tmp_path, "x", train={"loggers": ["mlflow", "mlflow"]})
     with pytest.raises(ConfigError, match="loggers"):
@@ -150,7 +149,7 @@ def test_tracking_config_and_missing_packages(tmp_path, monkeypatch):
 def test_a_tracker_that_cannot_start_is_dropped_with_a_warning(tmp_path, caplog):
     job = make_job(tmp_path, tmp_path / "runs", "broken",
                    train={"loggers": ["tensorboard", "mlflow"], "tracking": {"mlflow_uri": "bogus-scheme://x"}})
-    trackers = open_trackers(job, config_of(job), 0)
+    trackers = opened(job, 0)
     assert list(trackers.backends) == ["tensorboard"]
     assert "train.loggers: mlflow could not start" in caplog.text
     trackers.write(records([2])[1])

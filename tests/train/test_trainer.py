@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from train_jobs import make_job
 
-from mtnlg_ray.config import ModelConfig
+from mtnlg_ray.config import ModelConfig, PretrainJob, validate
 from mtnlg_ray.errors import ConfigError
-from mtnlg_ray.train.trainer import build_trainer, check_scaling
+from mtnlg_ray.train.trainer import build_trainer, check_scaling, run_of
 
 
 def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
@@ -18,9 +18,9 @@ def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
     assert sc.num_workers == (1, 2) and sc.resources_per_worker == {"CPU": 0.5} and not sc.use_gpu
     assert rc.name == "built" and rc.storage_path == str(tmp_path / "runs")
     assert rc.checkpoint_config.num_to_keep == 3 and rc.failure_config.max_failures == 2
-    cfg = trainer.train_loop_config
-    assert cfg["kind"] == "pretrain" and cfg["run"]["model"]["vocab_size"] == 512 and cfg["run"]["seq_len"] == 64
-    assert cfg["run"]["has_val"] and cfg["job"]["train"]["global_batch_size"] == 8
+    cfg, run = trainer.train_loop_config, run_of(trainer)  # the worker's two halves, typed
+    assert cfg["kind"] == "pretrain" and run.model.vocab_size == 512 and run.seq_len == 64 and run.has_val
+    assert validate(PretrainJob, cfg["job"]).train.global_batch_size == 8
 
 
 @pytest.mark.parametrize("sections, message", [

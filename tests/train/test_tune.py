@@ -20,8 +20,8 @@ def test_unknown_hyperparameter_is_refused(tmp_path, capsys):
                                     "tune": {"search_space": {"lr": [1e-3], "momentum": [0.9]}}}))
     assert main(["tune", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: tune.yaml: tune.search_space: got unknown hyperparameter 'momentum' "
-                   "(searchable: lr, global_batch_size, warmup_tokens, lora_rank)")
+    assert err == ("error: tune.yaml: tune.search_space.momentum: unknown key "
+                   "(known here: lr, global_batch_size, warmup_tokens, lora_rank)")
 
 
 def test_trial_job_sets_the_named_keys(tmp_path):
