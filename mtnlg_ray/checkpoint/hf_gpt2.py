@@ -5,7 +5,8 @@ GPT-2 stores projections as Conv1D weights of shape (in, out) and fuses Q, K, V 
 heads, so import transposes and splits, export transposes and concatenates. Our embedding is
 padded to a multiple of 128 rows (Megatron); the padding is dropped on export.
 
-Only safetensors are read: a `pytorch_model.bin` is refused (it would need unpickling).
+Only safetensors are read: a `pytorch_model.bin` is refused (it would need unpickling). An export's
+tokenizer files and token ids come from hf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -93,8 +94,11 @@ def load(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, {k: v.contiguous() for k, v in sd.items()}
 
 
-def save(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
-    """Write our weights as a transformers GPT-2 directory (`GPT2LMHeadModel.from_pretrained` loads it)."""
+def save(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path, token_ids: dict | None = None,
+         files: dict[str, bytes] | None = None) -> Path:
+    """Write our weights as a transformers GPT-2 directory (`GPT2LMHeadModel.from_pretrained` loads it).
+    `token_ids`: bos/eos/pad_token_id for config.json (default none: GPT-2's 50256 would be taken);
+    `files`: more files to write into it (the tokenizer's, the model card), replaced atomically with it."""
     if cfg.position != "learned" or not cfg.bias:
         raise UserError("export --format hf: GPT-2 needs learned positions and biases "
                         f"(this model has position={cfg.position}, bias={cfg.bias})")
@@ -120,8 +124,11 @@ def save(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | P
         "n_inner": cfg.d_mlp, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layernorm_eps,
         "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        **(token_ids or {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}),
     }
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in hf.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(hf_cfg, indent=2))
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
     return Path(out_dir)

@@ -2,7 +2,9 @@
 
     config.json        {"format_version": 1, "model": {...ModelConfig...}, ...extra metadata}
     model.safetensors  full, unsharded weights (no pickle); a tied lm_head is stored once
-    tokenizer.model    the SentencePiece model, when there is one (or GPT-2's vocab.json + merges.txt)
+    tokenizer.model    the SentencePiece model, when there is one (or a Hugging Face tokenizer.json +
+                       tokenizer_config.json, or GPT-2's vocab.json + merges.txt)
+    README.md          the model card (checkpoint/model_card.py); not in the manifest, free to edit
     manifest.json      {"format_version": 1, "files": {name: sha256}}, checked on load
 
 Writes go to a temporary sibling directory that is renamed into place when complete, so an
@@ -28,9 +30,11 @@ from mtnlg_ray.model.gpt import GPT, rotary_tables
 
 
 def save(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path,
-         tokenizer_path: str | Path | None = None, extra: dict | None = None) -> Path:
+         tokenizer_path: str | Path | None = None, extra: dict | None = None,
+         files: dict[str, bytes] | None = None) -> Path:
     """Write a consolidated checkpoint of full (unsharded) tensors; replaces `out_dir` atomically.
-    `tokenizer_path`: a tokenizer.model or a directory with GPT-2's vocab.json + merges.txt."""
+    `tokenizer_path`: a tokenizer as `find_tokenizer` names it; `files`: more files to write that the
+    manifest leaves out, so editing them never fails the check (the model card)."""
     with atomic_dir(out_dir) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         if config.tie_embeddings:
@@ -40,6 +44,8 @@ def save(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str 
         if tokenizer_path is not None:
             copy_tokenizer(tokenizer_path, tmp)
         manifest.write(tmp)
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
     return Path(out_dir)
 
 

@@ -58,7 +58,8 @@ class Source:
 
     @property
     def tokenizer_path(self) -> Path | None:
-        """tokenizer.model, or the directory when it holds GPT-2's vocab.json + merges.txt; None if neither."""
+        """tokenizer.model, a tokenizer.json, or the directory when it holds GPT-2's vocab.json +
+        merges.txt (`find_tokenizer`: which one when several); None if none."""
         return find_tokenizer(self.path)
 
     def config(self) -> ModelConfig:
@@ -99,7 +100,8 @@ class Source:
         return native.build_model(self.config(), self.state_dict(), self.location, device, dtype)
 
     def tokenizer(self):
-        """The tokenizer (SentencePiece or GPT-2 BPE), checked against the model's vocabulary; None if there is none."""
+        """The tokenizer (SentencePiece, tokenizer.json or GPT-2 BPE), checked against the model's vocabulary;
+        None if there is none."""
         tok = self.tokenizer_path
         return None if tok is None else load_checked_tokenizer(tok, self.config(), self.location)
 

@@ -296,34 +296,51 @@ def train_tokenizer(
 
 
 def find_tokenizer(directory: str | Path) -> Path | None:
-    """The tokenizer inside a checkpoint or model directory: tokenizer.model (SentencePiece), or the
-    directory itself when it holds GPT-2's vocab.json + merges.txt; None when there is none."""
+    """The tokenizer inside a checkpoint or model directory, None when there is none: a Hugging Face
+    tokenizer.json (what transformers reads), or the tokenizer.model beside it when the json is
+    exactly its conversion (as an HF export writes them); else tokenizer.model (SentencePiece); else
+    the directory itself when it holds GPT-2's vocab.json + merges.txt."""
     d = Path(directory)
-    if (d / "tokenizer.model").is_file():
-        return d / "tokenizer.model"
+    model, fast = d / "tokenizer.model", d / "tokenizer.json"
+    if fast.is_file():
+        from mtnlg_ray.data.tokenizer_json import is_conversion
+
+        return model if model.is_file() and is_conversion(fast, model) else fast
+    if model.is_file():
+        return model
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
         return d
     return None
 
 
 def load_tokenizer(source: str | Path):
-    """A Tokenizer for a `.model` file, or a GPT2BPETokenizer for a directory with vocab.json + merges.txt."""
+    """A Tokenizer for a `.model` file, an HFTokenizer for a tokenizer.json, or a GPT2BPETokenizer for
+    a directory with vocab.json + merges.txt."""
     p = Path(source)
     if p.is_dir():
         # imported here: gpt2_bpe imports torch, and this module is read before torch starts (CLI checks)
         from mtnlg_ray.data.gpt2_bpe import GPT2BPETokenizer
 
         return GPT2BPETokenizer(p)
+    if p.suffix == ".json":
+        from mtnlg_ray.data.tokenizer_json import HFTokenizer
+
+        return HFTokenizer(p)
     return Tokenizer(p)
 
 
 def copy_tokenizer(source: str | Path, out_dir: str | Path) -> None:
-    """Copy a tokenizer (as found by `find_tokenizer`) into a checkpoint directory."""
+    """Copy a tokenizer (as found by `find_tokenizer`) into a checkpoint directory; a tokenizer.json
+    takes its tokenizer_config.json along (special tokens, chat template)."""
     import shutil
 
     src, out = Path(source), Path(out_dir)
     if src.is_dir():
         for name in ("vocab.json", "merges.txt"):
             shutil.copyfile(src / name, out / name)
+    elif src.suffix == ".json":
+        shutil.copyfile(src, out / "tokenizer.json")
+        if (src.parent / "tokenizer_config.json").is_file():
+            shutil.copyfile(src.parent / "tokenizer_config.json", out / "tokenizer_config.json")
     else:
         shutil.copyfile(src, out / "tokenizer.model")
