@@ -50,7 +50,7 @@ NANOGPT = dict(n_layers=4, n_heads=4, d_model=128, max_seq_len=64, dropout=0.0)
 
 def preprocess(out: Path, sets: list[str]) -> Path:
     """`mtnlg preprocess` of the stdlib config with overrides, in its own process (its own Ray)."""
-    cmd = MTNLG + ["preprocess", str(ROOT / "jobs/configs/preprocess/stdlib.yaml"), "--set", f"output_dir={out}"]
+    cmd = MTNLG + ["preprocess", "stdlib", "--set", f"output_dir={out}"]
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -166,7 +166,7 @@ def quickstart_part(work: Path, steps: int, peak: float, device: str) -> list[st
     from mtnlg_ray.train.trainer import run_pretrain
 
     data = preprocess(work / "bpe", ["corpus.max_files=120"])
-    shipped = load_job(ROOT / "jobs/configs/pretrain/quickstart.yaml", PretrainJob, [f"data.datasets=[{{path: {data}}}]"])
+    shipped = load_job("quickstart", PretrainJob, [f"data.datasets=[{{path: {data}}}]"])
     model = shipped.model.model_dump(exclude_none=True, exclude={"preset"})
     vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
     cfg = ModelConfig(**{**model, "vocab_size": vocab})

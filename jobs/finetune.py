@@ -1,6 +1,7 @@
-"""Fine-tune on Ray Train: `ray job submit --working-dir . -- python jobs/finetune.py --config CONFIG.yaml`.
+"""Fine-tune on Ray Train: `ray job submit --working-dir . -- python jobs/finetune.py --config CONFIG`
+(CONFIG: a YAML path, or a shipped config's name as `mtnlg configs` lists them).
 
-The same as `mtnlg finetune CONFIG.yaml` (full or LoRA, from a checkpoint, run directory or GPT-2
+The same as `mtnlg finetune CONFIG` (full or LoRA, from a checkpoint, run directory or GPT-2
 directory); joins the cluster of RAY_ADDRESS (set by `ray job submit`), or starts a local Ray.
 With --tune the config is a TuneJob and this runs `mtnlg tune` instead.
 """

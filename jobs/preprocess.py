@@ -1,6 +1,7 @@
-"""Preprocess a corpus on Ray Data: `ray job submit --working-dir . -- python jobs/preprocess.py --config CONFIG.yaml`.
+"""Preprocess a corpus on Ray Data: `ray job submit --working-dir . -- python jobs/preprocess.py --config CONFIG`
+(CONFIG: a YAML path, or a shipped config's name as `mtnlg configs` lists them).
 
-The same as `mtnlg preprocess CONFIG.yaml`; joins the cluster of RAY_ADDRESS (set by `ray job
+The same as `mtnlg preprocess CONFIG`; joins the cluster of RAY_ADDRESS (set by `ray job
 submit`), or starts a local Ray. Prints the dataset directory it wrote.
 """
 

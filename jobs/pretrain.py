@@ -1,6 +1,7 @@
-"""Pretrain on Ray Train: `ray job submit --working-dir . -- python jobs/pretrain.py --config CONFIG.yaml`.
+"""Pretrain on Ray Train: `ray job submit --working-dir . -- python jobs/pretrain.py --config CONFIG`
+(CONFIG: a YAML path, or a shipped config's name as `mtnlg configs` lists them).
 
-The same as `mtnlg pretrain CONFIG.yaml`; joins the cluster of RAY_ADDRESS (set by `ray job
+The same as `mtnlg pretrain CONFIG`; joins the cluster of RAY_ADDRESS (set by `ray job
 submit`), or starts a local Ray.
 """
 

@@ -143,18 +143,35 @@ def cmd_plot(args):
         log.info("wrote %s", path)
 
 
-def _config_cmd(p, set_example: str = "train.max_steps=20"):
-    p.add_argument("config", help="job config YAML (see jobs/configs/)")
+def _config_cmd(p, kind: str, set_example: str = "train.max_steps=20"):
+    from mtnlg_ray.config import shipped
+
+    p.add_argument("config", help=f"job config: a YAML file, or the name of a shipped {kind} config "
+                   f"({', '.join(shipped.names(kind))}; `mtnlg configs` lists them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key, e.g. --set {set_example} (repeatable)")
 
 
-def _train_cmd(p):
-    _config_cmd(p)
+def _train_cmd(p, kind: str):
+    _config_cmd(p, kind)
     p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto: continue the run in scaling.storage_path/name if it has checkpoints; never: refuse "
                    "to start where a run exists; PATH: a new run starts from this checkpoint or run directory "
                    "(the model, tokenizer, seq_len and data must match it)")
+    if kind == "pretrain":
+        from mtnlg_ray.config.presets import PRESETS
+
+        p.description += f"; model presets (--set model.preset=NAME): {', '.join(PRESETS)}"
+
+
+def cmd_configs(args):
+    from mtnlg_ray.config import shipped
+
+    rows = shipped.listing()
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        print(f"{r.kind:<10}  {r.name:<{width}}  {textwrap.shorten(r.about, 80, placeholder=' ...')}")
+    log.info("\nrun one by name (`mtnlg pretrain debug`) or copy it from %s", shipped.ROOT)
 
 
 def _export_args(p):
@@ -240,16 +257,17 @@ def _quickstart_args(p):
 
 # name: (handler, add-arguments, one-line help, example)
 COMMANDS = {
-    "preprocess": (cmd_preprocess, lambda p: _config_cmd(p, "pack.seq_len=512"),
+    "preprocess": (cmd_preprocess, lambda p: _config_cmd(p, "preprocess", "pack.seq_len=512"),
                    "clean, dedup, train a tokenizer, write Parquet shards",
-                   "mtnlg preprocess jobs/configs/preprocess/stdlib.yaml --set output_dir=data_out/py"),
-    "pretrain": (cmd_pretrain, _train_cmd, "pretrain on Ray Train (FSDP / TP / PP)",
-                 "mtnlg pretrain jobs/configs/pretrain/debug.yaml --set train.max_steps=50"),
-    "finetune": (cmd_finetune, _train_cmd, "fine-tune (full or LoRA) from a checkpoint",
-                 "mtnlg finetune jobs/configs/finetune/code.yaml"),
-    "tune": (cmd_tune, lambda p: _config_cmd(p, "finetune.train.max_steps=20"),
-             "hyperparameter search on Ray Tune (ASHA)",
-             "mtnlg tune jobs/configs/finetune/tune_code.yaml"),
+                   "mtnlg preprocess stdlib --set output_dir=data_out/py"),
+    "pretrain": (cmd_pretrain, lambda p: _train_cmd(p, "pretrain"), "pretrain on Ray Train (FSDP / TP / PP)",
+                 "mtnlg pretrain debug --set train.max_steps=50"),
+    "finetune": (cmd_finetune, lambda p: _train_cmd(p, "finetune"), "fine-tune (full or LoRA) from a checkpoint",
+                 "mtnlg finetune code --set train.max_steps=20"),
+    "tune": (cmd_tune, lambda p: _config_cmd(p, "tune", "finetune.train.max_steps=20"),
+             "hyperparameter search on Ray Tune (ASHA)", "mtnlg tune code"),
+    "configs": (cmd_configs, lambda p: None, "list the shipped job configs, which every job command takes by name",
+                "mtnlg configs"),
     "export": (cmd_export, _export_args, "consolidate a run or checkpoint (native or Hugging Face GPT-2)",
                "mtnlg export runs/pretrain --out ckpt/ --format native"),
     "import-hf": (cmd_import_hf, _import_args, "import a Hugging Face GPT-2 directory",
@@ -279,7 +297,7 @@ def job_main(doc: str, job_name: str, run, argv: list[str] | None = None) -> int
     """The body of every `jobs/*.py` entrypoint (`ray job submit -- python jobs/X.py --config ...`):
     parse --config / --set, validate the job, call `run(job)`, print what it returns; one-line errors."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--config", required=True, help=f"{job_name} YAML (jobs/configs/)")
+    parser.add_argument("--config", required=True, help=f"{job_name} YAML, or a shipped config's name (mtnlg configs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     _verbosity_args(parser)
     args = parser.parse_args(argv)

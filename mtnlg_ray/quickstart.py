@@ -6,8 +6,9 @@
     4 export      the fine-tuned run -> a consolidated checkpoint
     5 serve       Ray Serve deployment, OpenAI-style requests (one streamed), then shut down
 
-Every stage is the same library call its own command makes, with the shipped configs under
-`jobs/configs/` plus the overrides printed at the end, so each stage can be rerun alone.
+Every stage is the same library call its own command makes, with the shipped configs
+(mtnlg_ray/configs/, `mtnlg configs`) plus the overrides printed at the end, so each stage can be
+rerun alone.
 Outputs stay in the work directory: data/, runs/pretrain, runs/finetune, export/, *.png, timings.json.
 """
 
@@ -28,7 +29,6 @@ from mtnlg_ray.train.finetune import run_finetune
 from mtnlg_ray.train.trainer import ensure_ray, run_pretrain
 
 log = logging.getLogger(__name__)
-CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 # The fine-tuned task's format (data/code_task.py): a signature and a one-line docstring, sent as a
 # chat turn; the model answers with the function body.
 PROMPTS = [
@@ -60,7 +60,7 @@ def _stream(url: str, body: dict, timeout: float = 120):
 
 
 def _jobs(work: Path, quick: bool):
-    """The four job configs of the quickstart: shipped YAMLs + the overrides that place outputs in `work`."""
+    """The job configs of the quickstart: shipped configs (by name) + the overrides that place outputs in `work`."""
     runs = work / "runs"
     pre_set = [f"output_dir={work / 'data'}"] + (["corpus.max_files=60", "tokenizer.vocab_size=1024"] if quick else [])
     pt_set = [f"data.datasets=[{{path: {work / 'data'}}}]", f"scaling.storage_path={runs}", "scaling.name=pretrain"]
@@ -71,14 +71,14 @@ def _jobs(work: Path, quick: bool):
                "train.global_batch_size=8", "train.micro_batch_size=4", "sft.max_examples=300",
                "sft.val_fraction=0.2"] if quick else []
     return {
-        "preprocess": (CONFIGS / "preprocess" / "stdlib.yaml", PreprocessJob, pre_set),
-        "pretrain": (CONFIGS / "pretrain" / "quickstart.yaml", PretrainJob, pt_set),
-        "finetune": (CONFIGS / "finetune" / "code.yaml", FinetuneJob, ft_set),
+        "preprocess": ("stdlib", PreprocessJob, pre_set),
+        "pretrain": ("quickstart", PretrainJob, pt_set),
+        "finetune": ("code", FinetuneJob, ft_set),
     }
 
 
-def _command(sub: str, path: Path, sets: list[str]) -> str:
-    return f"mtnlg {sub} {path.relative_to(CONFIGS.parent.parent)} " + " ".join(f"--set '{s}'" for s in sets)
+def _command(sub: str, name: str, sets: list[str]) -> str:
+    return f"mtnlg {sub} {name} " + " ".join(f"--set '{s}'" for s in sets)
 
 
 def _copy_plots(run_dir: Path, work: Path, prefix: str) -> list[Path]:
@@ -100,20 +100,20 @@ def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dic
     ensure_ray()
 
     t = _stage(1, "preprocess", "clean + dedup the stdlib sources, train a tokenizer, write shards")
-    path, cls, sets = jobs["preprocess"]
-    data_dir = run_preprocess(load_job(path, cls, sets))
+    name, cls, sets = jobs["preprocess"]
+    data_dir = run_preprocess(load_job(name, cls, sets))
     timings["preprocess"] = time.perf_counter() - t
 
     t = _stage(2, "pretrain", "a 4-layer GPT on one Ray Train worker (all cores)")
-    path, cls, sets = jobs["pretrain"]
-    run_pretrain(load_job(path, cls, sets))
+    name, cls, sets = jobs["pretrain"]
+    run_pretrain(load_job(name, cls, sets))
     pre_run = work / "runs" / "pretrain"
     plots = _copy_plots(pre_run, work, "pretrain")
     timings["pretrain"] = time.perf_counter() - t
 
     t = _stage(3, "finetune", "code recipe: docstring + signature -> function body")
-    path, cls, sets = jobs["finetune"]
-    run_finetune(load_job(path, cls, sets))
+    name, cls, sets = jobs["finetune"]
+    run_finetune(load_job(name, cls, sets))
     ft_run = work / "runs" / "finetune"
     plots += _copy_plots(ft_run, work, "finetune")
     timings["finetune"] = time.perf_counter() - t
@@ -152,15 +152,11 @@ def run_quickstart(workdir: str | Path = "demo_run", quick: bool = False) -> dic
     paths = {"dataset": str(data_dir), "pretrain_run": str(pre_run), "finetune_run": str(ft_run),
              "checkpoint": str(ckpt), "plots": [str(p) for p in plots]}
     (work / "timings.json").write_text(json.dumps({"timings": timings, "samples": samples, "paths": paths}, indent=2))
-    print("\n=== done: seconds per stage")
-    for name, secs in timings.items():
-        print(f"  {name:<11} {secs:7.1f}")
-    print(f"\nOutputs in {work}:\n  dataset      {data_dir}  (manifest.json has the cleaning report)\n"
-          f"  runs         {pre_run}, {ft_run}  (metrics.jsonl, checkpoints)\n  checkpoint   {ckpt}\n"
-          f"  loss curves  {', '.join(p.name for p in plots)}")
-    print("\nContinue with:")
-    for sub, key in (("preprocess", "preprocess"), ("pretrain", "pretrain"), ("finetune", "finetune")):
-        print(f"  {_command(sub, jobs[key][0], jobs[key][2])}")
-    print(f"  mtnlg generate {ckpt} --prompt 'def parse(line):' --max-tokens 64 --temperature 0.7\n"
-          f"  mtnlg serve {ckpt} --port 8000\n  mtnlg plot {pre_run}")
+    log.info("\n=== done: seconds per stage\n%s", "\n".join(f"  {name:<11} {secs:7.1f}" for name, secs in timings.items()))
+    log.info("\nOutputs in %s:\n  dataset      %s  (manifest.json has the cleaning report)\n"
+             "  runs         %s, %s  (metrics.jsonl, checkpoints)\n  checkpoint   %s\n  loss curves  %s",
+             work, data_dir, pre_run, ft_run, ckpt, ", ".join(p.name for p in plots))
+    again = [_command(sub, *jobs[sub][::2]) for sub in ("preprocess", "pretrain", "finetune")]
+    log.info("\nContinue with:\n  %s\n  mtnlg generate %s --prompt 'def parse(line):' --max-tokens 64 --temperature 0.7"
+             "\n  mtnlg serve %s --port 8000\n  mtnlg plot %s", "\n  ".join(again), ckpt, ckpt, pre_run)
     return {"timings": timings, "samples": samples, "paths": paths}

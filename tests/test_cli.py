@@ -1,4 +1,4 @@
-"""The `mtnlg` command: help for every subcommand, exit codes, one-line errors, --version, -q / -v, a stage's console."""
+"""The `mtnlg` command: help for every subcommand, exit codes, one-line errors, shipped configs by name, --version, -q / -v."""
 
 import os
 import re
@@ -13,7 +13,8 @@ from cli_probe import heavy, probe
 import mtnlg_ray
 from mtnlg_ray.checkpoint import native
 from mtnlg_ray.cli import COMMANDS, build_parser, main
-from mtnlg_ray.config import FinetuneJob, ModelConfig, PreprocessJob, PretrainJob, TuneJob, load_job
+from mtnlg_ray.config import FinetuneJob, ModelConfig, PreprocessJob, PretrainJob, TuneJob, load_job, shipped
+from mtnlg_ray.config.presets import PRESETS
 from mtnlg_ray.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,8 +143,22 @@ def test_help_shows_defaults_and_a_valid_set_example(command, capsys):
     jobs = {"preprocess": PreprocessJob, "pretrain": PretrainJob, "finetune": FinetuneJob, "tune": TuneJob}
     if command in jobs:  # the --set example is a key of this command's job, set on its own example config
         example = re.search(r"e\.g\. --set (\S+)", text).group(1)
-        config = COMMANDS[command][3].split()[2]
-        load_job(ROOT / config, jobs[command], [example])
+        config = COMMANDS[command][3].split()[2]  # a shipped config's name
+        load_job(config, jobs[command], [example])
+        assert all(name in text for name in shipped.names(command))
+    if command == "pretrain":
+        assert "model presets (--set model.preset=NAME): " + ", ".join(PRESETS) in text
+
+
+def test_a_shipped_config_by_name_and_its_errors_before_ray(tmp_path):
+    res, seconds = probe("pretrain", "debug", "--set", "train.max_steps=0", "--set", "model.n_layer=2")
+    assert res.returncode == 2 and res.stderr.splitlines() == [  # in the order of the job's sections
+        "error: --set model.n_layer=2: model.n_layer: unknown key (did you mean 'n_layers'?)",
+        "error: --set train.max_steps=0: train.max_steps: Input should be greater than 0 (got 0)"]
+    assert heavy(res) == "heavy: []" and seconds < 4, seconds
+    res, _ = probe("preprocess", "quickstart")
+    assert res.returncode == 2 and res.stderr.startswith("error: quickstart: that is a shipped pretrain config, not a "
+                                                         "preprocess one (preprocess configs shipped: jsonl_example")
 
 
 def test_preprocess_console_without_a_terminal_is_a_few_lines(tmp_path):

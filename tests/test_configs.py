@@ -1,5 +1,6 @@
-"""Every shipped YAML under jobs/configs/ validates against the code: the job model of its
-directory, and for pretraining also the parallel layout at every worker count its (elastic) range allows."""
+"""Every shipped YAML under mtnlg_ray/configs/ validates against the code: the job model of its
+directory (the command that runs it), and for pretraining also the parallel layout at every worker
+count its (elastic) range allows. Each is found by its name."""
 
 from pathlib import Path
 
@@ -7,19 +8,36 @@ import pytest
 import yaml
 
 from mtnlg_ray import config
-from mtnlg_ray.config import load_job
+from mtnlg_ray.config import load_job, shipped
+from mtnlg_ray.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+ROOT = shipped.ROOT
 CONFIGS = sorted(ROOT.rglob("*.yaml"))
 
 
 def job_class(path: Path):
-    """The job model a config file is for, from its directory (and tune_*.yaml for Ray Tune)."""
-    kind = path.relative_to(ROOT).parts[0]
-    if kind == "finetune" and path.name.startswith("tune"):
-        return config.TuneJob
-    return {"preprocess": config.PreprocessJob, "pretrain": config.PretrainJob,
-            "finetune": config.FinetuneJob, "serve": config.ServeJob}[kind]
+    """The job model a config file is for: its directory names the command."""
+    return config.JOBS[path.relative_to(ROOT).parts[0]]
+
+
+def test_configs_are_in_the_package_and_found_by_name(tmp_path, monkeypatch):
+    assert ROOT == Path(config.__file__).resolve().parent.parent / "configs" and set(shipped.KINDS) == set(config.JOBS)
+    assert {p.parent.name for p in CONFIGS} == set(shipped.KINDS)
+    monkeypatch.chdir(tmp_path)
+    for s in shipped.listing():
+        assert shipped.resolve(s.kind, s.name) == s.path == shipped.resolve(s.kind, f"{s.name}.yaml") and s.about
+    (tmp_path / "debug.yaml").write_text("train: {max_steps: 3}\n")
+    assert load_job("debug.yaml", config.PretrainJob).train.max_steps == 3  # a file of that name wins
+    assert load_job("debug", config.PretrainJob, ["train.max_steps=7"]).train.max_steps == 7
+    with pytest.raises(ConfigError, match=r"^stdlib: that is a shipped preprocess config, not a pretrain one "
+                                          r"\(pretrain configs shipped: debug, gpt-1.3b, gpt-125m, mtnlg-530b, "):
+        load_job("stdlib", config.PretrainJob)
+    with pytest.raises(ConfigError, match=r"^debg: no such config file or shipped pretrain config .*did you mean 'debug'"):
+        load_job("debg", config.PretrainJob)
+    with pytest.raises(ConfigError, match=r"^nope/debug.yaml: no such config file or shipped pretrain config"):
+        load_job("nope/debug.yaml", config.PretrainJob)
+    data = load_job("jsonl_example", config.PreprocessJob).corpus.paths  # ${CONFIG_DIR}: beside the config
+    assert data == [str(ROOT / "preprocess" / "data" / "example.jsonl")] and Path(data[0]).is_file()
 
 
 def test_there_are_configs_for_every_pretraining_scale():
@@ -83,8 +101,7 @@ def test_pretraining_config_says_where_runs_go_on_a_cluster(path):
 
 
 def test_every_finetuning_task_has_a_recipe():
-    names = {p.name for p in (ROOT / "finetune").glob("*.yaml")}
-    assert {"dialogue.yaml", "summarization.yaml", "code.yaml", "tune_code.yaml"} <= names
+    assert {"dialogue", "summarization", "code"} <= set(shipped.names("finetune")) and "code" in shipped.names("tune")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "finetune" / "data").glob("*.jsonl")), ids=lambda p: p.name)
@@ -102,8 +119,8 @@ def test_shipped_format_examples_are_valid(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "finetune").glob("*.yaml")), ids=lambda p: p.name)
 def test_finetuning_recipe_examples_are_valid(path):
-    """The JSONL a recipe ships (paths relative to the repository root) exists and every line is a
-    well-formed example that renders with the chat template's roles."""
+    """The JSONL a recipe names exists and every line is a well-formed example that renders with the
+    chat template's roles."""
     import json
 
     from mtnlg_ray.data.sft import example_messages
@@ -113,7 +130,7 @@ def test_finetuning_recipe_examples_are_valid(path):
     paths = ft.sft.train_paths + ft.sft.val_paths
     assert ft.sft.task != "jsonl" or paths  # built-in tasks mine the standard library when no path is given
     for rel in paths:
-        lines = (ROOT.parents[1] / rel).read_text().splitlines()
+        lines = Path(rel).read_text().splitlines()
         assert lines, rel
         for i, line in enumerate(lines, start=1):
             assert example_messages(json.loads(line)), f"{rel}:{i}"

@@ -30,7 +30,7 @@ from mtnlg_ray.config import PretrainJob, ServeJob, load_job
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = sorted((ROOT / "clusters").glob("*.yaml"))
 KUBERAY = ROOT / "clusters" / "kuberay"
-SIZED_FOR = ROOT / "jobs" / "configs" / "pretrain" / "gpt-1.3b.yaml"  # named in every cluster file's comments
+SIZED_FOR = ROOT / "mtnlg_ray" / "configs" / "pretrain" / "gpt-1.3b.yaml"  # named in every cluster file's comments
 GPUS_PER_NODE = 8
 
 
@@ -66,7 +66,7 @@ def test_sized_for_an_elastic_range_of_whole_nodes_that_every_cluster_file_names
     lo, hi = gpu_range()
     assert lo < hi and lo % GPUS_PER_NODE == 0 and hi % GPUS_PER_NODE == 0  # elastic, in whole nodes
     workers = list(load_job(SIZED_FOR, PretrainJob).scaling.num_workers)
-    words = f"`scaling.num_workers: {workers}` of jobs/configs/pretrain/{SIZED_FOR.name}"
+    words = f"`scaling.num_workers: {workers}` of mtnlg_ray/configs/pretrain/{SIZED_FOR.name}"
     for path in CLUSTERS + [KUBERAY / "raycluster.yaml"]:
         assert words in comments(path), path.name
 
@@ -146,12 +146,12 @@ def test_raycluster_autoscales_gpu_groups():
 
 
 def entrypoint_job(entrypoint: str) -> tuple[Path, PretrainJob]:
-    """The script and the validated job of `python jobs/X.py --config FILE --set k=v ...`."""
+    """The script and the validated job of `python jobs/X.py --config NAME --set k=v ...`."""
     argv = shlex.split(entrypoint)
     assert argv[0] == "python"
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     config = argv[argv.index("--config") + 1]
-    return ROOT / argv[1], load_job(ROOT / config, PretrainJob, sets)
+    return ROOT / argv[1], load_job(config, PretrainJob, sets)  # a shipped config's name
 
 
 def test_rayjob_runs_pretraining_on_shared_storage():

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from mtnlg_ray.config import TrainDataConfig, DatasetConfig, PreprocessJob, load_job
+from mtnlg_ray.config import DatasetConfig, PreprocessJob, TrainDataConfig, load_job, shipped
 from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.train.stream import iter_batches
 from mtnlg_ray.data.readers import stdlib_files
@@ -24,7 +24,7 @@ from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "jobs" / "configs" / "preprocess"
+CONFIGS = shipped.ROOT / "preprocess"
 
 
 def _docs(n: int) -> list[str]:
@@ -163,7 +163,7 @@ def test_corpus_emptied_by_a_filter_one_line_exit_2(ray_session, tmp_path):
 def test_jsonl_example_config_via_job_script(ray_session, tmp_path):
     """jobs/preprocess.py as `ray job submit` runs it (RAY_ADDRESS = this session's Ray)."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.run([sys.executable, "jobs/preprocess.py", "--config", str(CONFIGS / "jsonl_example.yaml"),
+    proc = subprocess.run([sys.executable, "jobs/preprocess.py", "--config", "jsonl_example",  # a shipped name
                            "--set", f"output_dir={tmp_path / 'j'}"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
