@@ -5,11 +5,11 @@ tokenizer trained on stdlib sources), starts a local Ray + Serve on a free port 
 and sends prompts of `--input-len` tokens, each generating exactly `--output-len` tokens
 (ignore_eos, greedy), keeping `concurrency` requests in flight. Per level: request throughput,
 output tokens/s, TTFT, TPOT and ITL (median and p99). The same workload also runs on the bare
-engine (AsyncEngine: the Engine stepped by a thread of this process, no HTTP or Serve; same thread
-count as the replica's engine process), which gives the HTTP/Serve overhead on TTFT. The levels
-run in `--rounds` interleaved rounds (1, 4, 16, 1, 4, 16, ...), so that a slow spell of a shared
-machine falls on every level rather than on one; at concurrency 1 the two paths also alternate
-request by request.
+engine (tests/serve/thread_engine.py: the Engine stepped by a thread of this process, no HTTP or
+Serve; same thread count, decode layout and malloc settings as the replica's engine process), which
+gives the HTTP/Serve overhead on TTFT. The levels run in `--rounds` interleaved rounds (1, 4, 16,
+1, 4, 16, ...), so that a slow spell of a shared machine falls on every level rather than on one; at
+concurrency 1 the two paths also alternate request by request.
 
     python benchmarks/serve.py           # concurrency 1, 4, 16 (about 3 minutes on 2 cores)
     python benchmarks/serve.py --quick   # fewer requests
@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import sysconfig
 import tempfile
 import time
@@ -37,11 +38,15 @@ from mtnlg_ray.api import from_pretrained
 from mtnlg_ray.checkpoint import native
 from mtnlg_ray.config import ModelConfig, ServeJob
 from mtnlg_ray.data.tokenizer import Tokenizer, train_tokenizer
+from mtnlg_ray.malloc import keep_freed_memory
+from mtnlg_ray.model.generate import use_decode_layout
 from mtnlg_ray.model.gpt import GPT
-from mtnlg_ray.serve.async_engine import AsyncEngine
 from mtnlg_ray.serve.deploy import deploy, shutdown
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
+from thread_engine import ThreadEngine  # noqa: E402  (the bare engine: an Engine stepped by a thread)
 
 LEVELS = (1, 4, 16)
 REPLICA_THREADS = 1  # the replica reserves num_cpus=1, so Ray gives it OMP_NUM_THREADS=1
@@ -176,10 +181,12 @@ def run_all(ckpt: Path, prompts_at: dict, output_len: int, slots: int, replicas:
     url = deploy(job)
     torch.set_num_threads(REPLICA_THREADS)
     tokenizer, model = from_pretrained(ckpt)
+    use_decode_layout(model)  # as the replica's engine process does (engine_process.py)
+    keep_freed_memory()
     lo, hi = min(prompts_at), max(prompts_at)
 
     async def main():
-        aeng = AsyncEngine(Engine(model, max_slots=slots, max_waiting=64, decode=tokenizer.decode))
+        aeng = ThreadEngine(Engine(model, max_slots=slots, max_waiting=64, decode=tokenizer.decode))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
                                          connector=aiohttp.TCPConnector(limit=64)) as session:
             paths = {"bare": engine_request(aeng, output_len), "http": http_request(session, url, output_len)}

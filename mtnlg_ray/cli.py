@@ -120,13 +120,39 @@ def cmd_eval(args):
     print(f"loss {r['val_loss']:.4f} nats/token  perplexity {r['val_ppl']:.3f}  bits/byte {r.get('val_bpb', 0):.4f}")
 
 
+# `mtnlg serve` flags (vLLM's names where vLLM has one) -> the serve keys they set
+SERVE_FLAGS = {"host": "host", "port": "port", "api_key": "api_key", "served_model_name": "model_name",
+               "max_model_len": "max_context", "max_num_seqs": "max_batch_slots", "chat_template": "chat_template"}
+
+
+def serve_job(args):
+    """The ServeJob of `mtnlg serve CHECKPOINT [--config] [--set] [flags]`: a flag sets its key
+    (SERVE_FLAGS), after the config file and before --set."""
+    from mtnlg_ray.config import ServeJob, apply_overrides, load_yaml, validate
+    from mtnlg_ray.errors import ConfigError
+
+    data = load_yaml(args.config) if args.config else {}
+    source = os.path.basename(args.config) if args.config else "mtnlg serve"
+    section = data.setdefault("serve", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: serve: must be a mapping")
+    section["checkpoint"] = args.checkpoint
+    section.update({key: getattr(args, flag) for flag, key in SERVE_FLAGS.items() if getattr(args, flag) is not None})
+    scaling = {k: v for k, v in (("min_replicas", args.min_replicas), ("max_replicas", args.max_replicas))
+               if v is not None}
+    if scaling:
+        section.setdefault("autoscaling", {}).update(scaling)
+    return validate(ServeJob, apply_overrides(data, args.set), source)
+
+
 def cmd_serve(args):
     from mtnlg_ray.checkpoint.source import check_exists
 
     check_exists(args.checkpoint)
+    job = serve_job(args)  # validated before importing Ray and torch
     from mtnlg_ray.serve.deploy import run_serve
 
-    run_serve(args)
+    run_serve(job)
 
 
 def cmd_quickstart(args):

@@ -50,6 +50,8 @@ class ServeConfig(Section):
     num_gpus: float = Field(0.0, ge=0, description="per replica")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     health_check_period_s: float = Field(10.0, gt=0, description="Serve calls check_health this often")
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0, description="on shutdown (SIGTERM, Ctrl-C, a scale-down) "
+                                               "a replica's in-flight requests get this long to finish")
     autoscaling: ReplicaAutoscalingConfig = Field(default_factory=ReplicaAutoscalingConfig)
 
     @model_validator(mode="after")

@@ -14,20 +14,25 @@ disconnects cancels its generation (its rows free).
 A replica is two processes: this one (FastAPI routes, tokenizer, validation, rendering, metrics)
 and its engine process (engine_process.py: the model, the KV cache, continuous batching), so the
 per-chunk Python here never holds up a decode step. If the engine process dies, its requests end
-with an error and check_health fails (Serve replaces the replica); if this process dies, Serve's
-proxy ends its open streams with an error event (proxy.py) and the engine process exits.
+with a 503 `engine_dead` (an error event in a stream; /health answers the same) and this replica
+ends itself at once, so Serve's routers drop it and its controller replaces it; if this process
+dies, Serve's proxy ends its open streams with an error event (proxy.py) and the engine process
+exits. Prompts are validated by the engine client (engine_client.py), its errors mapped to 400s here.
 
 Deployed by deploy.py: `build_app(ServeJob)` (Serve config YAML: `import_path: mtnlg_ray.serve.deploy:build_app`)
 or `mtnlg serve CHECKPOINT` (`run_serve`).
 """
 
+import asyncio
 import json
 import logging
 import math
 import os
 import time
+import weakref
 from pathlib import Path
 
+import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -37,11 +42,12 @@ from mtnlg_ray import __version__
 from mtnlg_ray.config import ServeConfig
 from mtnlg_ray.data.chat import chat_stop_id, load_chat_template
 from mtnlg_ray.data.tokenizer import load_tokenizer
-from mtnlg_ray.serve.async_engine import Group
-from mtnlg_ray.serve.engine import EngineDead, QueueFull
+from mtnlg_ray.serve.engine import QueueFull
+from mtnlg_ray.serve.engine_client import EngineDead, Group, InvalidRequest
 from mtnlg_ray.serve.engine_process import ProcessEngine
 from mtnlg_ray.serve.ingress import APIError, api, body_doc, check_api_key, document_key, read_body
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
+from mtnlg_ray.serve.proxy import RETRY_AFTER_S
 from mtnlg_ray.serve.render import Choice, Renderer, new_id, usage
 from mtnlg_ray.serve.schemas import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionRequest, CompletionResponse, ModelCard, ModelList, VersionResponse,
@@ -49,6 +55,7 @@ from mtnlg_ray.serve.schemas import (ChatCompletionChunk, ChatCompletionRequest,
 from mtnlg_ray.serve.tokenization import Tokenization
 
 log = logging.getLogger(__name__)
+EXIT_GRACE_S = 2.0  # after its engine died, a replica exits once its open responses are written, at most this late
 
 
 def _sse(obj: BaseModel | dict) -> str:
@@ -70,6 +77,8 @@ class OpenAIServer(Tokenization):
         self.context = self.engine.max_context
         self.metrics = ServeMetrics(self.engine)
         self.engine.on_step = self.metrics.on_step
+        self.engine.on_dead = self._engine_died
+        self._groups: weakref.WeakSet[Group] = weakref.WeakSet()  # requests being answered
         self.render = Renderer(self.tok, cfg.model_name)
         self.eod, self.chat_stop = self.tok.eod_id, chat_stop_id(self.tok)
         checkpoint_dir = Path(self.engine.tokenizer_path).parent  # a tokenizer.model sits beside its template
@@ -82,9 +91,28 @@ class OpenAIServer(Tokenization):
         log.info("serving %s (%s) on %s: %d rows x %d tokens, engine process %d", cfg.model_name, cfg.checkpoint,
                  self.engine.device, cfg.max_batch_slots, self.context, self.engine.pid)
 
-    def check_health(self) -> None:
-        """Serve calls this periodically; raising (a dead engine loop) gets the replica replaced."""
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; it raises once the engine has died (by then the
+        replica is exiting: `_engine_died`)."""
         self.engine.check_health()
+
+    def _engine_died(self, error: str) -> None:
+        """The engine process stopped: this replica serves nothing more, so it ends itself. Serve's routers
+        then stop sending it requests, and its controller replaces it at the next health check (a failing
+        check_health alone takes three periods, while the broken replica answers every request with a
+        503 at once and so attracts more). Open requests first get their error event out."""
+        log.error("%s; this replica exits so that Serve replaces it", error)
+        asyncio.get_running_loop().create_task(self._exit_when_answered())
+
+    async def _exit_when_answered(self) -> None:
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while any(not g.queue.empty() for g in self._groups) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # each response's last outputs (the error) not yet taken
+        await asyncio.sleep(0.2)  # the last chunks on their way to the proxy
+        try:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - not an actor (or Ray is gone): end the process all the same
+            os._exit(1)
 
     def replica_info(self) -> dict:
         """Process ids and engine load of this replica (for operators and tests, via a handle)."""
@@ -110,32 +138,40 @@ class OpenAIServer(Tokenization):
                            param="model", code="model_not_found")
 
     def _max_tokens(self, value: int | None, prompt_len: int, param: str) -> int:
-        if value is None:
-            return self.context - prompt_len
+        if value is None:  # all the room left (a prompt that leaves none is refused at submit)
+            return max(self.context - prompt_len, 1)
         if value > self.context:
             raise APIError(400, f"{param}: {value} exceeds the model's context of {self.context} tokens",
                            param=param, code="invalid_value")
         return value
 
-    def _submit(self, requests: list) -> Group:
+    def _submit(self, requests: list, prompt_param: str) -> Group:
+        """Hand the requests to the engine client, which validates them (the one place); its errors as HTTP."""
         capacity = self.engine.capacity
         if len(requests) > capacity:
             raise APIError(400, f"{len(requests)} sequences (prompts x n) exceed the {capacity} this server runs at "
                            f"once", param="n", code="invalid_value")
         try:
-            return self.engine.submit(requests)
+            group = self.engine.submit(requests)
+        except InvalidRequest as err:
+            param = prompt_param if err.field == "prompt" else err.field
+            if err.too_long:
+                raise APIError(400, f"{err}. Shorten the prompt or set truncate_prompt_tokens.", param=param,
+                               code="context_length_exceeded")
+            raise APIError(400, f"{param}: {err}", param=param, code="invalid_value")
         except QueueFull as err:
             raise APIError(503, f"server overloaded ({err}); retry later", code="overloaded",
                            headers={"Retry-After": str(math.ceil(self.cfg.retry_after_s))})
         except EngineDead as err:
-            raise APIError(503, str(err), code="engine_dead")
-        except ValueError as err:
-            raise APIError(400, str(err), code="invalid_value")
+            raise self._dead(str(err))
+        self._groups.add(group)
+        return group
 
-    def _check_sampling(self, req) -> None:
-        """Token ids in sampling fields must be in the vocabulary (400 naming the field)."""
-        self.check_ids(req.stop_token_ids or (), "stop_token_ids")
-        self.check_ids([int(k) for k in req.logit_bias or {}], "logit_bias")
+    @staticmethod
+    def _dead(error: str) -> APIError:
+        """The answer of every request once the engine died, /health's too (one code, no process ids)."""
+        return APIError(503, f"{error}; this replica is being replaced, retry", code="engine_dead",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
 
     # ------------------------------------------------------------------------------- generation
     async def _collect(self, group: Group, choices: list[Choice], tracker: Tracker) -> None:
@@ -145,8 +181,8 @@ class OpenAIServer(Tokenization):
                 batch = await group.next_batch()
                 tracker.observe(batch)
                 for i, out in batch:
-                    if out.finish_reason == "error":
-                        raise APIError(503, f"generation failed: {out.error}", code="engine_error")
+                    if out.finish_reason == "error":  # the engine died
+                        raise self._dead(out.error)
                     choices[i].add(out)
         finally:
             self._cancel(group)
@@ -165,8 +201,9 @@ class OpenAIServer(Tokenization):
                 tracker.observe(batch)
                 parts = []
                 for i, out in batch:
-                    if out.finish_reason == "error":
-                        err = error_body(f"generation failed: {out.error}", "server_error", code="engine_error")
+                    if out.finish_reason == "error":  # the engine died
+                        dead = self._dead(out.error)
+                        err = error_body(dead.message, "server_error", code=dead.code)
                         yield "".join(parts) + _sse(err) + "data: [DONE]\n\n"
                         return
                     choices[i].add(out)
@@ -184,9 +221,8 @@ class OpenAIServer(Tokenization):
         arrival = time.perf_counter()
         req: CompletionRequest = await self._body(request, CompletionRequest)
         self._check_model(req.model)
-        self._check_sampling(req)
-        prompts = [self.check_prompt(self.encode_text(p, req.split_special_tokens) if isinstance(p, str) else list(p),
-                                     req.truncate_prompt_tokens, "prompt") for p in req.prompts]
+        prompts = [self.truncate(self.encode_text(p, req.split_special_tokens) if isinstance(p, str) else list(p),
+                                 req.truncate_prompt_tokens) for p in req.prompts]
         max_tokens = self._max_tokens(16 if req.max_tokens is None else req.max_tokens, 0, "max_tokens")  # OpenAI: 16
         logprobs = req.logprobs is not None
         want_prompt_lp = req.echo and logprobs
@@ -195,7 +231,7 @@ class OpenAIServer(Tokenization):
             for j in range(req.n):
                 submits.append((ids, req.sampling_params(max_tokens, (self.eod,), req.logprobs, want_prompt_lp, j)))
                 choices.append(Choice(len(choices), ids, p_i))
-        group = self._submit(submits)
+        group = self._submit(submits, "prompt")
         tracker = Tracker(self.metrics, arrival)
         if not req.stream:
             await self._collect(group, choices, tracker)
@@ -214,14 +250,14 @@ class OpenAIServer(Tokenization):
         arrival = time.perf_counter()
         req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         self._check_model(req.model)
-        self._check_sampling(req)
         ids = self.encode_messages(req.chat_messages(), True, req.split_special_tokens)
-        ids = self.check_prompt(ids, req.truncate_prompt_tokens, "messages")
+        ids = self.truncate(ids, req.truncate_prompt_tokens)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(req.token_budget, len(ids), param)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         stops = (self.chat_stop, self.eod)
-        group = self._submit([(ids, req.sampling_params(max_tokens, stops, top_n, choice=j)) for j in range(req.n)])
+        group = self._submit([(ids, req.sampling_params(max_tokens, stops, top_n, choice=j)) for j in range(req.n)],
+                             "messages")
         choices = [Choice(j, ids, 0) for j in range(req.n)]
         tracker = Tracker(self.metrics, arrival)
         if not req.stream:
@@ -247,7 +283,7 @@ class OpenAIServer(Tokenization):
         try:
             self.engine.check_health()
         except EngineDead as err:
-            raise APIError(503, str(err), code="engine_dead")
+            raise self._dead(str(err))
         return Response(status_code=200)
 
     @api.get("/metrics", tags=["operations"])

@@ -1,10 +1,11 @@
 """How the server is deployed: Serve options from a validated ServeJob, the typed app builder, `mtnlg serve`.
 
 `build_app(ServeJob)` is what a Serve config YAML names (`import_path: mtnlg_ray.serve.deploy:build_app`):
-Serve validates the YAML's `args` against the annotation, so misspelled keys
-(which Serve itself would ignore in autoscaling_config) are refused. `deploy(job)` and `run_serve(args)`
-start or join Ray (RAY_ADDRESS, else a local instance) and run the application. No
-`from __future__ import annotations` here: Serve reads build_app's annotation as a class.
+Serve validates the YAML's `args` against the annotation, so misspelled keys (which Serve itself
+would ignore in autoscaling_config) are refused. `deploy(job)` and `run_serve(job)` (`mtnlg serve`,
+whose flags the CLI turns into the ServeJob) check the job, then start or join Ray (RAY_ADDRESS,
+else a local instance) and run the application. No `from __future__ import annotations` here:
+Serve reads build_app's annotation as a class.
 
 Serve is started with `proxy.CONTROLLER_OPTIONS` (the YAMLs carry the same `controller_options`
 block): it installs proxy.py's middleware in Serve's HTTP proxies, so a stream whose replica dies
@@ -19,8 +20,9 @@ Serve reads only when it creates its controller.
 
 import logging
 import os
+import signal
+import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -28,9 +30,9 @@ from ray.serve import Application
 
 from mtnlg_ray import console
 from mtnlg_ray.checkpoint.source import open_source
-from mtnlg_ray.config import ServeJob, ServeConfig, apply_overrides, load_yaml, validate
+from mtnlg_ray.config import ServeJob, ServeConfig, validate
 from mtnlg_ray.data.chat import load_chat_template
-from mtnlg_ray.errors import ConfigError, UserError
+from mtnlg_ray.errors import UserError
 from mtnlg_ray.serve.app import OpenAIServer
 from mtnlg_ray.serve.proxy import CONTROLLER_OPTIONS
 
@@ -40,6 +42,7 @@ APP_NAME = "mtnlg"
 # own event loop instead of a second loop thread, which saves two thread hand-offs per streamed chunk.
 # Safe here: every route is async and the model steps in the engine process.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+DRAIN_POLL_S = 0.5  # a stopping replica checks this often whether its in-flight requests are done (Serve: 2 s)
 
 
 def deployment_options(cfg: ServeConfig) -> dict:
@@ -57,6 +60,8 @@ def deployment_options(cfg: ServeConfig) -> dict:
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
         health_check_period_s=cfg.health_check_period_s,
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         ray_actor_options=actor,
     )
 
@@ -69,38 +74,14 @@ def build_app(args: ServeJob) -> Application:
     return OpenAIServer.options(**deployment_options(job.serve)).bind(job.serve.model_dump(mode="json"))
 
 
-# `mtnlg serve` flags (vLLM's names where vLLM has one) -> the serve keys they set
-SERVE_FLAGS = {"host": "host", "port": "port", "api_key": "api_key", "served_model_name": "model_name",
-               "max_model_len": "max_context", "max_num_seqs": "max_batch_slots", "chat_template": "chat_template"}
-
-
-def serve_job_from_args(args) -> ServeJob:
-    """The ServeJob of `mtnlg serve CHECKPOINT [--config] [--set] [flags]`: a flag sets its key
-    (SERVE_FLAGS), after the config file and before --set."""
-    data = load_yaml(args.config) if args.config else {}
-    source = Path(args.config).name if args.config else "mtnlg serve"
-    section = data.setdefault("serve", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{source}: serve: must be a mapping")
-    section["checkpoint"] = args.checkpoint
-    section.update({key: getattr(args, flag) for flag, key in SERVE_FLAGS.items()
-                    if getattr(args, flag, None) is not None})
-    scaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
-    if any(v is not None for v in scaling.values()):
-        auto = section.setdefault("autoscaling", {})
-        auto.update({k: v for k, v in scaling.items() if v is not None})
-    job = validate(ServeJob, apply_overrides(data, args.set), source)
-    check_checkpoint(job.serve.checkpoint)
-    load_chat_template(job.serve.chat_template)  # a missing file or a template that does not compile: one line
-    return job
-
-
-def check_checkpoint(path: str) -> None:
-    """Refuse, in one line and before deploying, a path no replica could load (else Serve retries its
-    constructor over and over). No weights are loaded; a run's checkpoint is chosen by its manifest, and one
-    on remote storage is fetched to this node."""
+def check_job(job: ServeJob) -> None:
+    """Refuse, in one line and before Ray starts, a checkpoint no replica could load (else Serve retries its
+    constructor over and over) and a chat template that is missing or does not compile. No weights are
+    loaded; a run's checkpoint is chosen by its manifest, and one on remote storage is fetched to this node."""
+    path = job.serve.checkpoint
     if open_source(path).tokenizer_path is None:
         raise UserError(f"{path}: has no tokenizer.model; the server needs a tokenizer to read text")
+    load_chat_template(job.serve.chat_template)
 
 
 def deploy(job: ServeJob, name: str = APP_NAME) -> str:
@@ -109,12 +90,14 @@ def deploy(job: ServeJob, name: str = APP_NAME) -> str:
     Serve's HTTP proxy listens on serve.host:serve.port; port 0 picks a free port. When this call
     starts Serve, its proxies get proxy.py's middleware (a Serve already running keeps its own).
     """
+    check_job(job)
+    start_ray()
+    return _run_app(job, name)
+
+
+def _run_app(job: ServeJob, name: str) -> str:
     import socket
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
     cfg = job.serve
     port = cfg.port
     if port == 0:
@@ -131,20 +114,56 @@ def deploy(job: ServeJob, name: str = APP_NAME) -> str:
     return f"http://{host}:{port}"
 
 
+def start_ray() -> None:
+    """Join RAY_ADDRESS, else start a local Ray (once per process)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+
+
 def shutdown() -> None:
     """Remove every Serve application and Serve's proxy and controller (Ray itself keeps running)."""
     serve.shutdown()
 
 
-def run_serve(args) -> None:
-    """`mtnlg serve`: start (or join, via RAY_ADDRESS) Ray, deploy, print the URL, serve until Ctrl-C."""
-    job = serve_job_from_args(args)
-    url = deploy(job)
-    log.info("serving %s from %s at %s/v1 (Ctrl-C to stop)", job.serve.model_name, job.serve.checkpoint, url)
+def run_serve(job: ServeJob) -> None:
+    """`mtnlg serve`: deploy, print the URL, serve until SIGINT (Ctrl-C) or SIGTERM; then drain and stop.
+
+    On either signal the application is deleted first: Serve's proxy stays up while each replica
+    finishes its in-flight requests (at most serve.graceful_shutdown_timeout_s, checked every
+    DRAIN_POLL_S), then Serve and the local Ray stop and the command returns (exit 0). Our handlers
+    replace Ray's, whose SIGTERM handler aborts the driver with a native stack dump. A signal during
+    start-up stops at once (KeyboardInterrupt); a second one while draining changes nothing.
+    """
+    import ray
+
+    check_job(job)  # before Ray starts
+    start_ray()  # ray.init installs its own handlers: ours go in after it
+    serving, stop = threading.Event(), threading.Event()
+    received: list[str] = []  # the first signal's name
+
+    def on_signal(signum, frame):  # main thread, between bytecodes: no logging here (its locks)
+        if not serving.is_set():
+            raise KeyboardInterrupt  # still starting: stop at once
+        if not stop.is_set():
+            received.append(signal.Signals(signum).name)
+            stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("shutting down")
+        url = _run_app(job, APP_NAME)
+        serving.set()
+        log.info("serving %s from %s at %s/v1 (Ctrl-C to stop)", job.serve.model_name, job.serve.checkpoint, url)
+        while not stop.wait(3600):
+            pass
+        log.info("%s: finishing in-flight requests (at most %g s), then shutting down", received[0],
+                 job.serve.graceful_shutdown_timeout_s)
+        started = time.monotonic()
+        serve.delete(APP_NAME)  # returns once every replica has drained (or hit its timeout) and stopped
+        log.info("drained in %.1f s", time.monotonic() - started)
     finally:
         shutdown()
+        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -14,9 +14,12 @@ owns one row (slot). Every `step()`:
 Requests beyond the free rows wait in a FIFO queue of at most `max_waiting`; `add` refuses more
 with `QueueFull`. `abort` frees a row immediately.
 
-`Engine` is synchronous and single-threaded (tests drive `step()` by hand); async_engine.py steps
-it in a thread, engine_process.py in a child process, for asyncio servers.
-The engine knows nothing of tokenizers: stop strings need a `decode(ids) -> str` callable.
+`Engine` is synchronous and single-threaded (tests and the terminal drive `step()` by hand; a serving
+replica's engine process, engine_process.py, steps it in a loop). It trusts its requests: the engine
+client (engine_client.py) validates them. It knows nothing of tokenizers: stop strings need a
+`decode(ids) -> str` callable. Building one changes nothing outside it: the LM head's decode layout
+(`model.generate.use_decode_layout`) and the process's malloc settings (`malloc.py`) are the
+caller's steps.
 """
 
 from __future__ import annotations
@@ -29,18 +32,12 @@ from typing import Callable
 
 import torch
 
-from mtnlg_ray.model.generate import use_decode_layout
 from mtnlg_ray.model.kv_cache import KVCache
-from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.serve.sampling import RequestSampler, SamplingParams, StopStrings, prompt_logprob_entries, sample_batch
 
 
 class QueueFull(Exception):
     """The pool and the waiting queue are full; retry later."""
-
-
-class EngineDead(Exception):
-    """The step loop has stopped after an error; this engine serves nothing more."""
 
 
 @dataclass
@@ -69,6 +66,8 @@ class Output:
 
 @dataclass
 class Request:
+    """One sequence in the engine: a waiting or running request (its row: `slot`)."""
+
     id: str
     prompt: list[int]
     params: SamplingParams
@@ -76,18 +75,6 @@ class Request:
     stops: StopStrings
     slot: int | None = None
     generated: list[int] = field(default_factory=list)
-
-
-def check_request(prompt: list[int], vocab_size: int, max_context: int) -> None:
-    """Raise ValueError (stating the numbers) if `prompt` can never run on this engine."""
-    if not prompt:
-        raise ValueError("the prompt has no tokens")
-    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-    if len(prompt) >= max_context:
-        raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {max_context} tokens "
-                         f"(at most {max_context - 1} leave room to generate)")
 
 
 class Engine:
@@ -98,8 +85,6 @@ class Engine:
                  on_step: Callable[[int, int], None] | None = None):
         cfg = model.config
         self.model = model.eval()
-        use_decode_layout(model)  # the LM head's fast layout for decode steps
-        keep_freed_memory()  # process-wide: prefill activations reuse the heap instead of page-faulting
         self.vocab_size = cfg.vocab_size
         self.max_context = min(max_context or cfg.max_seq_len, cfg.max_seq_len)
         self.max_slots, self.max_waiting = max_slots, max_waiting
@@ -129,13 +114,9 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def check(self, prompt: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (stating the numbers) if this request can never run."""
-        check_request(prompt, self.vocab_size, self.max_context)
-
     def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request; it is admitted at the next step that finds a free row."""
-        self.check(prompt, params)
+        """Queue a request (a non-empty prompt, ids in the vocabulary, shorter than max_context); it is
+        admitted at the next step that finds a free row."""
         if len(self.running) + len(self.waiting) >= self.capacity:
             raise QueueFull(f"{self.max_slots} rows busy and {self.max_waiting} requests waiting")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"

@@ -6,15 +6,11 @@ per streamed chunk (rendering, ASGI messages, Ray's streaming generator), and at
 2 cores that cost about a third of its speed. The child owns the model, the KV cache and the
 `Engine`; the replica keeps only the tokenizer and the HTTP side.
 
-Protocol, over one socket pair (multiprocessing `Connection`: pickled tuples):
-    replica -> child   spec (once), ("add", rid, prompt, params), ("abort", rid), ("shutdown",)
-    child -> replica   ("ready", info) | ("error", message) once, then per step
-                       ("step", outputs, running, waiting, free rows, prefills, decode batch),
-                       and ("dead", error, outputs) if a step raised (the child then exits).
-The replica reads on its event loop (`add_reader`: no thread, one wake-up per step) and writes from a
-small sender thread, so neither side can block the other. If the child dies, every open request
-ends with finish_reason "error" and `check_health()` raises; if the replica dies, the child reads
-end-of-file and exits.
+The two talk in the typed messages of messages.py over one socket pair (multiprocessing
+`Connection`). The replica reads on its event loop (`add_reader`: no thread, one wake-up per step)
+and writes from a small sender thread, so neither side can block the other. If the child dies,
+every open request ends with finish_reason "error", `check_health()` raises and `on_dead` is
+called; if the replica dies, the child reads end-of-file and exits.
 
     python -m mtnlg_ray.serve.engine_process FD     (started by ProcessEngine, not by hand)
 """
@@ -23,6 +19,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -34,8 +31,22 @@ import torch
 
 from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.errors import UserError
-from mtnlg_ray.serve.async_engine import EngineClient, apply
+from mtnlg_ray.malloc import keep_freed_memory
+from mtnlg_ray.model.generate import use_decode_layout
 from mtnlg_ray.serve.engine import Engine, Output
+from mtnlg_ray.serve.engine_client import EngineClient
+from mtnlg_ray.serve.messages import (Abort, Add, Dead, EngineSpec, LoadFailed, Ready, Shutdown, StepResult)
+from mtnlg_ray.serve.sampling import SamplingParams
+
+
+def exit_reason(code: int) -> str:
+    """A child's exit status in words: "killed by SIGKILL" or "exit code 1"."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 class ProcessEngine(EngineClient):
@@ -52,19 +63,18 @@ class ProcessEngine(EngineClient):
                                       pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send(dict(checkpoint=checkpoint, device=device, max_slots=max_slots, max_context=max_context,
-                             max_waiting=max_waiting))
+        self._conn.send(EngineSpec(checkpoint, device, max_slots, max_context, max_waiting))
         try:
-            kind, info = self._conn.recv()  # blocks while the child loads the model
+            ready = self._conn.recv()  # blocks while the child loads the model
         except EOFError:
-            raise UserError(f"{checkpoint}: the engine process exited while loading it (exit code "
-                            f"{self._proc.wait()}; its log is the replica's)") from None
-        if kind == "error":
+            raise UserError(f"{checkpoint}: the engine process stopped while loading it "
+                            f"({exit_reason(self._proc.wait())}; its log is the replica's)") from None
+        if isinstance(ready, LoadFailed):
             self._proc.wait()
-            raise UserError(info)
-        self.max_slots, self.max_waiting = info["max_slots"], info["max_waiting"]
-        self.max_context, self.vocab_size = info["max_context"], info["vocab_size"]
-        self.tokenizer_path, self.device, self.pid = info["tokenizer"], info["device"], self._proc.pid
+            raise UserError(ready.message)
+        self.max_slots, self.max_waiting = ready.max_slots, ready.max_waiting
+        self.max_context, self.vocab_size = ready.max_context, ready.vocab_size
+        self.tokenizer_path, self.device, self.pid = ready.tokenizer, ready.device, self._proc.pid
         self.num_running = self.num_waiting = 0
         self.free_rows = self.max_slots
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -75,16 +85,22 @@ class ProcessEngine(EngineClient):
     def _start(self) -> None:  # the first submit: outputs come back on this loop
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
 
-    def _post(self, cmd: tuple) -> None:
-        self._outbox.put(cmd)
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
+        self._outbox.put(Add(rid, prompt, params))
+
+    def _cancel(self, rid: str) -> None:
+        self._outbox.put(Abort(rid))
 
     def _alive(self) -> bool:
         return self._proc.poll() is None
 
+    def _stop_reason(self) -> str:
+        return f"the engine process stopped ({exit_reason(self._proc.wait())})"
+
     def _send_loop(self) -> None:  # sender thread: a full socket buffer never blocks the event loop
-        while (cmd := self._outbox.get()) is not None:
+        while (msg := self._outbox.get()) is not None:
             try:
-                self._conn.send(cmd)
+                self._conn.send(msg)
             except OSError:
                 return  # the child is gone; the reader reports it
 
@@ -92,22 +108,21 @@ class ProcessEngine(EngineClient):
         try:
             while self._conn.poll():
                 msg = self._conn.recv()
-                if msg[0] == "step":
-                    _, outs, self.num_running, self.num_waiting, self.free_rows, prefills, decoded = msg
-                    self._deliver(outs)
-                    if self.on_step is not None and (prefills or decoded):
-                        self.on_step(prefills, decoded)
-                elif msg[0] == "dead":
-                    self.error = msg[1]
-                    self._deliver(msg[2])
+                if isinstance(msg, StepResult):
+                    self.num_running, self.num_waiting, self.free_rows = msg.num_running, msg.num_waiting, msg.free_rows
+                    self._deliver(msg.outputs)
+                    if self.on_step is not None and (msg.prefills or msg.decode_batch):
+                        self.on_step(msg.prefills, msg.decode_batch)
+                elif isinstance(msg, Dead):
+                    self._fail_open(msg.error, msg.outputs)
         except (EOFError, OSError):
             self._loop.remove_reader(self._conn.fileno())
-            code = self._proc.wait()
-            self._fail_open(self.error or f"engine process {self.pid} exited (code {code})")
+            self._fail_open(self._stop_reason())
 
     def shutdown(self) -> None:
+        self.error = self.error or "the engine was shut down"  # on purpose: its exit is no failure (no on_dead)
         if self._proc.poll() is None:
-            self._outbox.put(("shutdown",))
+            self._outbox.put(Shutdown())
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -117,31 +132,31 @@ class ProcessEngine(EngineClient):
 
 
 # ---------------------------------------------------------------------------------------- the child
-def build_engine(spec: dict):
-    """Load the model (any checkpoint kind, checkpoint/source.py) and its Engine; (engine, info for the replica)."""
-    device = spec["device"]
+def build_engine(spec: EngineSpec) -> tuple[Engine, Ready]:
+    """Load the model (any checkpoint kind, checkpoint/source.py) and its Engine."""
+    device = spec.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    source = open_source(spec["checkpoint"])
+    source = open_source(spec.checkpoint)
     tokenizer = source.tokenizer()
     if tokenizer is None:
-        raise UserError(f"{spec['checkpoint']}: has no tokenizer; the server needs one to read text")
-    engine = Engine(source.model(device), spec["max_slots"], spec["max_context"], spec["max_waiting"],
-                    decode=tokenizer.decode)
-    info = dict(max_slots=engine.max_slots, max_waiting=engine.max_waiting, max_context=engine.max_context,
-                vocab_size=engine.vocab_size, tokenizer=str(tokenizer.path), device=str(device))
-    return engine, info
+        raise UserError(f"{spec.checkpoint}: has no tokenizer; the server needs one to read text")
+    model = source.model(device)
+    use_decode_layout(model)  # the LM head's fast layout for decode steps (CPU)
+    engine = Engine(model, spec.max_slots, spec.max_context, spec.max_waiting, decode=tokenizer.decode)
+    return engine, Ready(engine.max_slots, engine.max_waiting, engine.max_context, engine.vocab_size,
+                         str(tokenizer.path), str(device))
 
 
 def serve_steps(conn: Connection) -> int:
-    """The child's loop: take commands (blocking only when idle), step, send each step's outputs."""
-    spec = conn.recv()
+    """The child's loop: take messages (blocking only when idle), step, send each step's result."""
+    spec: EngineSpec = conn.recv()
     try:
-        engine, info = build_engine(spec)
+        engine, ready = build_engine(spec)
     except Exception as err:  # noqa: BLE001 - the replica reports it as its own start failure
-        conn.send(("error", str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"))
+        conn.send(LoadFailed(str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"))
         return 1
-    conn.send(("ready", info))
+    conn.send(ready)
     shape = [0, 0]  # (prefills, decode batch) of the last step
 
     def on_step(prefills: int, decoded: int) -> None:
@@ -151,25 +166,30 @@ def serve_steps(conn: Connection) -> int:
     while True:
         outs: list[Output] = []
         handled = False
-        while conn.poll(0 if engine.has_work or handled else None):  # EOF counts as readable
-            cmd = conn.recv()
-            if cmd[0] == "shutdown":
-                return 0
-            refused = apply(engine, cmd)
-            outs += [refused] if refused is not None else []
-            handled = True
-        shape[:] = 0, 0
-        if engine.has_work:
-            try:
+        try:
+            while conn.poll(0 if engine.has_work or handled else None):  # EOF counts as readable
+                msg = conn.recv()
+                if isinstance(msg, Shutdown):
+                    return 0
+                if isinstance(msg, Add):
+                    engine.add(msg.prompt, msg.params, request_id=msg.request_id)
+                elif isinstance(msg, Abort):
+                    engine.abort(msg.request_id)
+                handled = True
+            shape[:] = 0, 0
+            if engine.has_work:
                 outs += engine.step()
-            except Exception as err:  # noqa: BLE001 - every request must hear about it
-                error = f"{type(err).__name__}: {err}"
-                conn.send(("dead", error, outs + engine.fail_all(error)))
-                return 1
-        conn.send(("step", outs, engine.num_running, engine.num_waiting, len(engine.free), *shape))
+        except (EOFError, OSError):
+            raise  # the socket: the replica is gone (main), not a step failure
+        except Exception as err:  # noqa: BLE001 - every request must hear about it
+            error = f"the engine step failed: {type(err).__name__}: {err}"
+            conn.send(Dead(error, outs + engine.fail_all(error)))
+            return 1
+        conn.send(StepResult(outs, engine.num_running, engine.num_waiting, len(engine.free), *shape))
 
 
 def main(argv: list[str]) -> int:
+    keep_freed_memory()  # this process only: prefill activations reuse the heap (malloc.py)
     conn = Connection(int(argv[0]))
     try:
         return serve_steps(conn)

@@ -49,12 +49,14 @@ class Session:
 
     def __init__(self, checkpoint: str, device: str = "cpu", chat_template: str | None = None):
         from mtnlg_ray.api import from_pretrained
+        from mtnlg_ray.model.generate import use_decode_layout
         from mtnlg_ray.serve.engine import Engine
 
         tok, model = from_pretrained(checkpoint, device)
         if tok is None:
             raise UserError(f"{checkpoint}: has no tokenizer, so text prompts cannot be encoded")
         self.tok = tok
+        use_decode_layout(model)  # the LM head's fast layout for decode steps (CPU)
         self.engine = Engine(model, max_slots=1, decode=tok.decode)
         self.context = self.engine.max_context
         self.template = load_chat_template(chat_template, Path(tok.path).parent)

@@ -31,16 +31,18 @@ MAX_TOKENS_LIMIT = 1_000_000  # absurd values fail here; the real bound is the m
 UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}  # pydantic union-branch names in error locations
 
 
-class Request(BaseModel):
+class RequestBody(BaseModel):
+    """Base of every request body: unknown fields refused, no coercion, no NaN/inf."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class StreamOptions(Request):
+class StreamOptions(RequestBody):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(Request):
+class SamplingFields(RequestBody):
     """Sampling fields shared by completions and chat (None = the OpenAI default)."""
 
     model: str
@@ -144,12 +146,12 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
-class TextPart(Request):
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(Request):
+class ChatMessage(RequestBody):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -181,7 +183,7 @@ class ChatCompletionRequest(SamplingFields):
         return [{"role": m.role, "content": m.text} for m in self.messages]
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(RequestBody):
     """vLLM's two /tokenize bodies in one: `prompt` (text) or `messages` (rendered by the chat template)."""
 
     model: str | None = None
@@ -199,48 +201,50 @@ class TokenizeRequest(Request):
         return self
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int] = Field(max_length=MAX_TOKENS_LIMIT)
 
 
 # ------------------------------------------------------------------------------------ responses
-class Response(BaseModel):
+class ResponseBody(BaseModel):
+    """Base of every response body."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class ErrorInfo(Response):
+class ErrorInfo(ResponseBody):
     message: str
     type: str
     param: str | None = None
     code: str | int | None = None
 
 
-class ErrorResponse(Response):
+class ErrorResponse(ResponseBody):
     error: ErrorInfo
 
 
-class Usage(Response):
+class Usage(ResponseBody):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class CompletionLogprobs(Response):
+class CompletionLogprobs(ResponseBody):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(Response):
+class CompletionChoice(ResponseBody):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
-class CompletionResponse(Response):
+class CompletionResponse(ResponseBody):
     id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -249,7 +253,7 @@ class CompletionResponse(Response):
     usage: Usage | None = None
 
 
-class TopLogprob(Response):
+class TopLogprob(ResponseBody):
     token: str
     logprob: float
     bytes: list[int]
@@ -259,35 +263,35 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
-class ChatLogprobs(Response):
+class ChatLogprobs(ResponseBody):
     content: list[TokenLogprob] = Field(default_factory=list)
 
 
-class ChatMessageOut(Response):
+class ChatMessageOut(ResponseBody):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class DeltaMessage(Response):
+class DeltaMessage(ResponseBody):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatChoice(Response):
+class ChatChoice(ResponseBody):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatChunkChoice(Response):
+class ChatChunkChoice(ResponseBody):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(Response):
+class ChatCompletionResponse(ResponseBody):
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -296,7 +300,7 @@ class ChatCompletionResponse(Response):
     usage: Usage | None = None
 
 
-class ChatCompletionChunk(Response):
+class ChatCompletionChunk(ResponseBody):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -305,29 +309,29 @@ class ChatCompletionChunk(Response):
     usage: Usage | None = None
 
 
-class TokenizeResponse(Response):
+class TokenizeResponse(ResponseBody):
     count: int
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None = None
 
 
-class DetokenizeResponse(Response):
+class DetokenizeResponse(ResponseBody):
     prompt: str
 
 
-class TokenizerInfoResponse(Response):
+class TokenizerInfoResponse(ResponseBody):
     """vLLM's /tokenizer_info: the tokenizer_config.json a transformers tokenizer of this vocabulary has."""
 
     model_config = ConfigDict(extra="allow")
     tokenizer_class: str
 
 
-class VersionResponse(Response):
+class VersionResponse(ResponseBody):
     version: str
 
 
-class ModelCard(Response):
+class ModelCard(ResponseBody):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -335,7 +339,7 @@ class ModelCard(Response):
     max_model_len: int
 
 
-class ModelList(Response):
+class ModelList(ResponseBody):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 

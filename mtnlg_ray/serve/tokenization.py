@@ -1,7 +1,7 @@
 """How the server reads text into token ids, and vLLM's tokenization routes.
 
-`Tokenization` is a mixin of the deployment class (app.py): it holds the tokenizer, the chat template
-and the prompt checks the generation routes use, and serves
+`Tokenization` is a mixin of the deployment class (app.py): it reads prompt text and chat messages
+into token ids for the generation routes (the engine client validates the ids), and serves
     POST /tokenize         vLLM's body: {"prompt"} or {"messages"}; add_special_tokens, return_token_strs
     POST /detokenize       {"tokens"} -> {"prompt"}
     GET  /tokenizer_info   vLLM's: the tokenizer_config.json of this vocabulary (class, special tokens
@@ -17,6 +17,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from mtnlg_ray.data.chat import check_messages, render_chat
+from mtnlg_ray.serve.engine_client import outside_vocabulary
 from mtnlg_ray.serve.ingress import APIError, api, body_doc
 from mtnlg_ray.serve.schemas import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
                                      TokenizerInfoResponse)
@@ -47,29 +48,15 @@ class Tokenization:
         eod = self.tok.id_to_piece(self.tok.eod_id)
         return {"eos_token": eod, "bos_token": "", "pad_token": self.tok.id_to_piece(self.tok.pad_id)}
 
-    def check_prompt(self, ids: list[int], truncate: int | None, param: str) -> list[int]:
-        """Validate a prompt's token ids against the vocabulary and the context (the 400 states the numbers)."""
-        C = self.context
-        if truncate is not None:
-            if truncate >= C:
-                raise APIError(400, f"truncate_prompt_tokens={truncate} must be less than the context of {C} "
-                               f"tokens", param="truncate_prompt_tokens", code="invalid_value")
-            ids = ids[-truncate:]
-        if not ids:
-            raise APIError(400, f"{param}: the prompt has no tokens", param=param, code="invalid_value")
-        self.check_ids(ids, param)
-        if len(ids) >= C:
-            raise APIError(400, f"This model's maximum context length is {C} tokens, but the prompt has {len(ids)} "
-                           f"tokens (at most {C - 1} leave room to generate). Shorten the prompt or set "
-                           f"truncate_prompt_tokens.", param=param, code="context_length_exceeded")
-        return ids
-
-    def check_ids(self, ids, param: str) -> None:
-        """400 naming `param` if a token id is outside the vocabulary."""
-        bad = next((t for t in ids if not 0 <= t < self.tok.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {self.tok.vocab_size})",
-                           param=param, code="invalid_value")
+    def truncate(self, ids: list[int], keep: int | None) -> list[int]:
+        """The last `keep` prompt tokens (truncate_prompt_tokens; None: all). The prompt itself is
+        validated by the engine client when it is submitted."""
+        if keep is None:
+            return ids
+        if keep >= self.context:
+            raise APIError(400, f"truncate_prompt_tokens={keep} must be less than the context of {self.context} "
+                           f"tokens", param="truncate_prompt_tokens", code="invalid_value")
+        return ids[-keep:]
 
     # ------------------------------------------------------------------------------------ routes
     @api.post("/tokenize", response_model=TokenizeResponse, tags=["tokenization"], openapi_extra=body_doc(TokenizeRequest))
@@ -90,7 +77,8 @@ class Tokenization:
     async def detokenize(self, request: Request):
         req: DetokenizeRequest = await self._body(request, DetokenizeRequest)
         self._check_model(req.model)
-        self.check_ids(req.tokens, "tokens")
+        if (message := outside_vocabulary(req.tokens, self.tok.vocab_size)) is not None:
+            raise APIError(400, f"tokens: {message}", param="tokens", code="invalid_value")
         return {"prompt": self.tok.decode(req.tokens)}
 
     @api.get("/tokenizer_info", response_model=TokenizerInfoResponse, tags=["tokenization"])

@@ -1,6 +1,7 @@
 """Deployment: the shipped Serve config YAMLs validate (Serve's schema + our ServeJob through Serve's own
 typed-builder call), misspelled keys are refused, options reach the deployment, and `mtnlg serve`
-parses its flags and really serves (its own local Ray, in a subprocess) until Ctrl-C."""
+parses its flags and really serves (its own local Ray, in a subprocess) until SIGTERM or Ctrl-C,
+then finishes the request in flight and exits 0 within its bound."""
 
 from __future__ import annotations
 
@@ -51,27 +52,32 @@ def test_serve_configs_validate_and_misspelled_keys_are_refused():
 
 
 def test_mtnlg_serve_args(tiny_checkpoint, tmp_path):
-    from argparse import Namespace
-
+    from mtnlg_ray.cli import build_parser, serve_job
     from mtnlg_ray.errors import ConfigError, UserError
-    from mtnlg_ray.serve.deploy import serve_job_from_args
+    from mtnlg_ray.serve.deploy import check_job
 
-    args = Namespace(checkpoint=str(tiny_checkpoint), config=str(ROOT / "jobs/configs/serve/debug.yaml"),
-                     host="0.0.0.0", port=9123, min_replicas=2, max_replicas=3, set=["serve.max_batch_slots=4"])
-    cfg = serve_job_from_args(args).serve
+    def job_of(*flags, checkpoint=str(tiny_checkpoint)):
+        return serve_job(build_parser().parse_args(["serve", checkpoint, *flags]))
+
+    flags = ["--config", str(ROOT / "jobs/configs/serve/debug.yaml"), "--host", "0.0.0.0", "--port", "9123",
+             "--min-replicas", "2", "--set", "serve.max_batch_slots=4"]
+    job = job_of(*flags, "--max-replicas", "3")
+    cfg = job.serve
     assert (cfg.checkpoint, cfg.host, cfg.port, cfg.max_batch_slots) == (str(tiny_checkpoint), "0.0.0.0", 9123, 4)
     assert (cfg.autoscaling.min_replicas, cfg.autoscaling.max_replicas) == (2, 3)
+    check_job(job)
     with pytest.raises(ConfigError, match="max_replicas=1 < min_replicas=2"):
-        serve_job_from_args(Namespace(**{**vars(args), "max_replicas": 1}))
+        job_of(*flags, "--max-replicas", "1")
     with pytest.raises(UserError, match="no such checkpoint"):
-        serve_job_from_args(Namespace(**{**vars(args), "checkpoint": "/no/such/dir"}))
+        check_job(job_of(*flags, checkpoint="/no/such/dir"))
     with pytest.raises(UserError, match="no checkpoint_"):  # a directory that is not any checkpoint
-        serve_job_from_args(Namespace(**{**vars(args), "checkpoint": str(tmp_path)}))
+        check_job(job_of(*flags, checkpoint=str(tmp_path)))
 
 
-def test_mtnlg_serve_command_serves_until_ctrl_c(tiny_checkpoint, port):
+def test_mtnlg_serve_command_serves_until_sigterm_and_drains(tiny_checkpoint, port):
     import subprocess
     import sys
+    import threading
 
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own local Ray, never a cluster another process started
     cmd = [sys.executable, "-m", "mtnlg_ray.cli", "serve", str(tiny_checkpoint), "--port", str(port),
@@ -86,11 +92,34 @@ def test_mtnlg_serve_command_serves_until_ctrl_c(tiny_checkpoint, port):
             if line.startswith("serving ") or not line:
                 break
         assert f"http://127.0.0.1:{port}/v1" in lines[-1], "".join(lines[-20:])
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                       json={"model": "mtnlg", "prompt": "x", "max_tokens": 3, "ignore_eos": True})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # untrained: EOS may come early
+        body = {"model": "mtnlg", "prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        first, events = threading.Event(), []
+
+        def stream():  # in flight when the signal comes: it must finish, not be cut
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    events.append(line)
+                    first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(60)
+        # SIGTERM (Kubernetes, systemd), then Ctrl-C's SIGINT while draining: one handler for both, and a
+        # second signal does not cut the drain short. Bound: serve.graceful_shutdown_timeout_s (5 s) to
+        # drain, then Serve and the local Ray stop (about 5 s idle on 2 cores).
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0
+        assert proc.wait(timeout=60) == 0
+        took = time.time() - sent
+        reader.join(10)
+        out = proc.stdout.read()
+        assert took < 25, f"stopped after {took:.1f} s"
+        data = [e for e in events if e.startswith("data: ")]
+        assert data[-1] == "data: [DONE]" and len(data) == 101 and "error" not in "".join(data), data[-2:]
+        assert "SIGTERM: finishing in-flight requests" in out and "drained in" in out, out[-2000:]
+        assert "SIGTERM received" not in out and "Traceback" not in out, out[-2000:]  # Ray's handler: none
     finally:
         if proc.poll() is None:
             proc.kill()

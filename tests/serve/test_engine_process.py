@@ -1,5 +1,6 @@
 """The engine in a child process, without Ray: same tokens as the model alone, cancellation frees rows,
-a dead child fails its requests and the health check, a dead parent takes the child with it."""
+a dead child fails its requests and the health check (naming no process id) and calls on_dead, a dead
+parent takes the child with it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from mtnlg_ray.model.generate import generate
-from mtnlg_ray.serve.engine import EngineDead
+from mtnlg_ray.serve.engine_client import EngineDead
 from mtnlg_ray.serve.engine_process import ProcessEngine
 from mtnlg_ray.serve.sampling import SamplingParams
 
@@ -70,13 +71,16 @@ def test_a_killed_child_fails_open_requests_and_health(tiny_checkpoint, tiny):
 
     async def main():
         eng = ProcessEngine(str(tiny_checkpoint), max_slots=2)
+        died = []
+        eng.on_dead = died.append
         group = eng.submit([(tok.encode("a"), SamplingParams(max_tokens=200, temperature=0.0))] * 3)
         await group.__anext__()
         os.kill(eng.pid, signal.SIGKILL)
         outs = [out async for _, out in group]  # ends: no hang
-        assert outs[-1].finish_reason == "error" and "exited" in outs[-1].error
-        assert eng.in_flight == 0
-        with pytest.raises(EngineDead, match="exited"):
+        error = "the engine process stopped (killed by SIGKILL)"
+        assert outs[-1].finish_reason == "error" and outs[-1].error == error and str(eng.pid) not in error
+        assert eng.in_flight == 0 and died == [error]
+        with pytest.raises(EngineDead, match="killed by SIGKILL"):
             eng.check_health()
         with pytest.raises(EngineDead):
             eng.submit([(tok.encode("b"), SamplingParams(max_tokens=1))])

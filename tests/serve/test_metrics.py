@@ -6,7 +6,8 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mtnlg_ray.serve.async_engine import AsyncEngine
+from thread_engine import ThreadEngine
+
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.sampling import SamplingParams
@@ -22,7 +23,7 @@ def test_tracker_and_batch_histogram(tiny):
     model, tok = tiny
 
     async def main():
-        aeng = AsyncEngine(Engine(model, max_slots=4))
+        aeng = ThreadEngine(Engine(model, max_slots=4))
         m = ServeMetrics(aeng)
         aeng.on_step = m.on_step
         prompts = [tok.encode(t) for t in ("a = 1", "def f():", "import re")]

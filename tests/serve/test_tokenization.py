@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from mtnlg_ray import __version__
-from mtnlg_ray.cli import build_parser
+from mtnlg_ray.cli import build_parser, serve_job
 from mtnlg_ray.data.chat import render_chat
 
 KEY = "flag-key"
@@ -22,7 +22,7 @@ TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] 
 def url(ray_session, tiny_checkpoint, serve_port, tmp_path_factory):
     from ray import serve
 
-    from mtnlg_ray.serve.deploy import deploy, serve_job_from_args
+    from mtnlg_ray.serve.deploy import deploy
 
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text(TEMPLATE)
@@ -30,7 +30,7 @@ def url(ray_session, tiny_checkpoint, serve_port, tmp_path_factory):
         "serve", str(tiny_checkpoint), "--port", str(serve_port), "--api-key", KEY, "--served-model-name", NAME,
         "--max-model-len", "128", "--max-num-seqs", "2", "--chat-template", str(template),
         "--set", "serve.num_cpus=0.5", "--set", "serve.max_waiting=4", "--set", "serve.max_ongoing_requests=6"])
-    job = serve_job_from_args(args)
+    job = serve_job(args)
     assert (job.serve.model_name, job.serve.max_context, job.serve.max_batch_slots) == (NAME, 128, 2)
     assert job.serve.api_key == KEY and KEY not in repr(job.serve)
     try:
