@@ -23,7 +23,7 @@ from ray.train.v2._internal.execution.controller.state import RestartingState
 from train_jobs import make_job
 
 from mtnlg_ray import console
-from mtnlg_ray.config import PretrainJob, dump_yaml, validate
+from mtnlg_ray.config import ModelConfig, PretrainJob, WorkerRunConfig, dump_yaml, validate
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.train.failures import ERROR_LOG, RunMonitor, TrainingFailed, failures, fit_and_report, keep_traceback
 from mtnlg_ray.train.metrics import read_metrics
@@ -52,7 +52,7 @@ def worker_group_error() -> WorkerGroupError:
 def test_root_cause_first_with_type_message_and_our_line():
     root, died, comm = failures(worker_group_error())
     assert (root.rank, died.rank, comm.rank) == (0, 2, 1)  # the exception, the dead process, its echo
-    assert re.fullmatch(r"raised ConfigError: job \(worker\): train.max_steps: .* \(mtnlg_ray/config/base\.py:\d+\)",
+    assert re.fullmatch(r"raised ConfigError: job \(worker\): train.max_steps: .* \(mtnlg_ray/config/load\.py:\d+\)",
                         root.summary()), root.summary()
     assert "Traceback (most recent call last)" in root.report()
     assert died.summary() == ("died (RuntimeError: pid 4242, node 10.0.0.5; Worker unexpectedly exits with a "
@@ -63,8 +63,9 @@ class FakeTrainer:
     """What fit_and_report reads of a TorchTrainer, with a fit() that fails like Ray Train's."""
 
     def __init__(self, run_dir: Path, error=None):
-        self.train_loop_config = {"run": {"metrics_dir": str(run_dir), "start_time": time.time()},
-                                  "job": {"train": {"max_steps": 6}}}
+        run = WorkerRunConfig(model=ModelConfig(preset="debug", vocab_size=512), seq_len=64, tokenizer_path="t.model",
+                              has_val=False, train_rows=64, metrics_dir=str(run_dir), start_time=time.time())
+        self.train_loop_config = {"run": run.model_dump(mode="json"), "job": {"train": {"max_steps": 6}}}
         self.error = error
 
     def fit(self):
@@ -102,7 +103,7 @@ def test_a_failed_run_raises_one_line_and_writes_error_log(tmp_path, caplog, ver
     message = str(info.value)
     assert "\n" not in message and info.value.exit_code == 2  # the worker's ConfigError keeps its code
     assert message.startswith("training failed: worker rank 0 raised ConfigError: job (worker): train.max_steps")
-    assert re.search(r"\(mtnlg_ray/config/base\.py:\d+\) \(3 workers failed\); traceback: .*error\.log$", message)
+    assert re.search(r"\(mtnlg_ray/config/load\.py:\d+\) \(3 workers failed\); traceback: .*error\.log$", message)
     log = (tmp_path / ERROR_LOG).read_text()
     assert log.count("--- worker rank") == 3 and "validate" in log and "Connection closed by peer" in log
     ours = "".join(r.getMessage() for r in caplog.records if r.name.startswith("mtnlg_ray"))
