@@ -12,7 +12,8 @@ from cli_probe import heavy, probe
 import mtnlg_ray
 from mtnlg_ray.checkpoint import native
 from mtnlg_ray.cli import COMMANDS, build_parser, main
-from mtnlg_ray.config import FinetuneJob, ModelConfig, PreprocessJob, PretrainJob, TuneJob, load_job, shipped
+from mtnlg_ray.config import (FinetuneJob, ModelConfig, PreprocessJob, PretrainJob, ServeJob, TuneJob,
+                              apply_overrides, load_job, shipped, validate)
 from mtnlg_ray.config.presets import PRESETS
 from mtnlg_ray.model.gpt import GPT
 
@@ -147,6 +148,9 @@ def test_help_shows_defaults_and_a_valid_set_example(command, capsys):
         assert all(name in text for name in shipped.names(command))
     if command == "pretrain":
         assert "model presets (--set model.preset=NAME): " + ", ".join(PRESETS) in text
+    if command == "serve":  # its --set example sets a ServeJob key
+        example = re.search(r"e\.g\. --set (\S+)", text).group(1)
+        validate(ServeJob, apply_overrides({"serve": {"checkpoint": "ckpt/"}}, [example]))
 
 
 def test_a_shipped_config_by_name_and_its_errors_before_ray(tmp_path):
