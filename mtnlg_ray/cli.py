@@ -128,10 +128,10 @@ SERVE_FLAGS = {"host": "host", "port": "port", "api_key": "api_key", "served_mod
 def serve_job(args):
     """The ServeJob of `mtnlg serve CHECKPOINT [--config] [--set] [flags]`: a flag sets its key
     (SERVE_FLAGS), after the config file and before --set."""
-    from mtnlg_ray.config import ServeJob, apply_overrides, load_yaml, validate
+    from mtnlg_ray.config import ServeJob, apply_overrides, load_yaml, shipped, validate
     from mtnlg_ray.errors import ConfigError
 
-    data = load_yaml(args.config) if args.config else {}
+    data = load_yaml(shipped.resolve("serve", args.config)) if args.config else {}
     source = os.path.basename(args.config) if args.config else "mtnlg serve"
     section = data.setdefault("serve", {})
     if not isinstance(section, dict):

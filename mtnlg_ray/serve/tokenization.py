@@ -24,7 +24,8 @@ from mtnlg_ray.serve.schemas import (DetokenizeRequest, DetokenizeResponse, Toke
 
 
 # tokenizer_class: the algorithm's name (transformers' GPT2Tokenizer is the GPT-2 BPE we implement)
-TOKENIZER_CLASSES = {"Tokenizer": "SentencePieceTokenizer", "GPT2BPETokenizer": "GPT2Tokenizer"}
+TOKENIZER_CLASSES = {"Tokenizer": "SentencePieceTokenizer", "GPT2BPETokenizer": "GPT2Tokenizer",
+                     "HFTokenizer": "PreTrainedTokenizerFast"}
 
 
 class Tokenization:
