@@ -4,7 +4,8 @@ A run's checkpoints are the `checkpoint_{step:08d}_{time}` directories of its ru
 (`storage_path/name`), on a local or shared filesystem or on remote storage:
 
     open_location(path_or_uri)       (pyarrow filesystem, path inside it)
-    checkpoints(fs, run_path)        a run's checkpoint directories, newest first
+    checkpoints(fs, run_path)        a run's committed checkpoint directories, newest first
+    drop_uncommitted(fs, run_path)   remove the ones Ray Train never committed
     pick_checkpoint(location, step)  a run's newest checkpoint that verifies (or the one at `step`),
                                      as a local directory; a corrupted newer one is skipped with a warning
     first_valid(candidates, verify)  the first candidate that verifies, and why each newer one did not
@@ -15,6 +16,12 @@ files, so a checkpoint on remote storage is fetched whole into a node-local cach
 checkpoint (a `.complete` marker). That suits checkpoints of up to a few tens of GB; for larger
 models use a shared filesystem path, which every rank reads in place.
 
+A checkpoint directory is complete once its files are written, but it belongs to the run only
+once Ray Train's controller registered it in `checkpoint_manager_snapshot.json` (at its next poll
+of the workers, up to seconds later). A worker killed in between leaves a directory Ray never
+resumes from: every reader here ignores it, and a resumed run removes it. A run directory without
+that file (copied by hand, or written by another tool) has all of its checkpoint directories read.
+
 Neither torch nor Ray is imported here: the driver's preflight lists runs with it before either starts.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -39,6 +47,7 @@ from mtnlg_ray.errors import UserError
 # MTNLG_CHECKPOINT_CACHE: where fetched checkpoints are kept on each node
 CACHE_ROOT = Path(os.environ.get("MTNLG_CHECKPOINT_CACHE", "/tmp/mtnlg-checkpoint-cache"))
 CKPT_RE = re.compile(r"^checkpoint_(\d{8})_")
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it committed
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -82,11 +91,41 @@ def listing(fs, path: str) -> list[pafs.FileInfo]:
     return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
 
 
+def committed_names(fs, run_path: str) -> set[str] | None:
+    """The checkpoint directory names Ray Train committed in this run; None when the run directory
+    has no readable snapshot (then no directory can be told apart, and all count)."""
+    try:
+        with fs.open_input_stream(f"{run_path}/{SNAPSHOT}") as f:
+            snapshot = json.loads(f.read())
+        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):  # FileNotFoundError is an OSError
+        return None
+
+
+def _on_disk(fs, run_path: str) -> list[str]:
+    return [i.path for i in listing(fs, run_path)
+            if i.type == pafs.FileType.Directory and CKPT_RE.match(i.base_name)]
+
+
 def checkpoints(fs, run_path: str) -> list[str]:
-    """The checkpoint directories of a run on `fs`, newest first (by step, then name: time of writing)."""
-    found = [i.path for i in listing(fs, run_path)
-             if i.type == pafs.FileType.Directory and CKPT_RE.match(i.base_name)]
+    """The committed checkpoint directories of a run on `fs`, newest first (by step, then name:
+    time of writing)."""
+    found, committed = _on_disk(fs, run_path), committed_names(fs, run_path)
+    if committed is not None:
+        found = [p for p in found if p.rpartition("/")[2] in committed]
     return sorted(found, key=lambda p: (step_of(p), p), reverse=True)
+
+
+def drop_uncommitted(fs, run_path: str) -> list[str]:
+    """Remove the checkpoint directories of a run that Ray Train never committed (a worker died
+    before the controller registered them); their names. Only while no worker of the run writes."""
+    committed = committed_names(fs, run_path)
+    if committed is None:
+        return []
+    dropped = [p for p in _on_disk(fs, run_path) if p.rpartition("/")[2] not in committed]
+    for path in dropped:
+        fs.delete_dir(path)
+    return sorted(p.rpartition("/")[2] for p in dropped)
 
 
 def fetch_dir(fs, path: str) -> Path:

@@ -57,7 +57,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from mtnlg_ray.checkpoint import manifest, sharded
+from mtnlg_ray.checkpoint import manifest, remote, sharded
 from mtnlg_ray.checkpoint.remote import checkpoint_dir_name
 from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, WorkerRunConfig, validate
@@ -280,6 +280,12 @@ def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None, run: W
     the run's wall seconds: since the command started (`run.start_time`), plus, when resuming
     a run an earlier command started, the seconds that one had reached at its checkpoint."""
     start = run.start_time
+    ctx = ray.train.get_context()
+    if metrics_log is not None:  # rank 0; no worker of this run writes a checkpoint before this returns
+        storage = ctx.get_storage()
+        for name in remote.drop_uncommitted(storage.storage_filesystem, storage.experiment_fs_path):
+            log.warning("removed %s: written before a failure, never committed by Ray Train", name)
+            metrics_log.write({"event": "checkpoint_dropped", "checkpoint": name, "time": time.time() - start})
     latest = ray.train.get_checkpoint()
     if latest is None and run.resume_from:  # --resume PATH, until the run has checkpoints of its own
         latest = ray.train.Checkpoint(run.resume_from)
@@ -302,7 +308,7 @@ def resume(model, optimizers: Optimizers, metrics_log: MetricsLog | None, run: W
 
     if metrics_log is not None:
         metrics_log.write({"event": "resume", "from_step": state.step, "checkpoint": path.name,
-                           "world_size": ray.train.get_context().get_world_size(), "time": clock()})
+                           "world_size": ctx.get_world_size(), "time": clock()})
     return state, clock
 
 

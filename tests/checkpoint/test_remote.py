@@ -50,6 +50,22 @@ def test_checkpoint_names_sort_by_step(tmp_path):
     assert [remote.step_of(p) for p in remote.checkpoints(*remote.open_location(tmp_path))] == [12, 7, 3]
 
 
+def test_uncommitted_checkpoints_are_ignored_then_dropped(tmp_path):
+    """Ray Train's snapshot names the checkpoints it committed; a directory written before a worker
+    died, never committed, is invisible to readers and removed on resume."""
+    names = [remote.checkpoint_dir_name(s) for s in (2, 4, 6)]
+    for n in names:
+        (tmp_path / n).mkdir()
+    fs, path = remote.open_location(tmp_path)
+    assert [remote.step_of(p) for p in remote.checkpoints(fs, path)] == [6, 4, 2]  # no snapshot: all count
+    assert remote.drop_uncommitted(fs, path) == [] and len(list(tmp_path.iterdir())) == 3
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in names[:2]]}
+    (tmp_path / remote.SNAPSHOT).write_text(json.dumps(snapshot))
+    assert [remote.step_of(p) for p in remote.checkpoints(fs, path)] == [4, 2]
+    assert remote.drop_uncommitted(fs, path) == [names[2]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[:2] + [remote.SNAPSHOT])
+
+
 def test_resume_from_remote_checkpoint_fetches_and_verifies(tmp_path):
     make_run(tmp_path / "store")
     fs = pafs.SubTreeFileSystem(str(tmp_path / "store"), pafs.LocalFileSystem())

@@ -134,6 +134,7 @@ def test_a_clean_run_prints_no_traceback_and_writes_tensorboard(clean_run):
     assert res.returncode == 0, out[-3000:]
     assert "Traceback" not in out and "Error" not in out, out[-3000:]
     assert re.search(r"trained to step 2/2 in \d+ s; no restarts", res.stdout)
+    assert out.count("step 1/2  loss") == 1, out[-3000:]  # each progress line once, not also via a logger
     from test_trackers import tensorboard_scalars
 
     scalars = tensorboard_scalars(root / "runs" / "clean")

@@ -98,8 +98,14 @@ def test_corrupted_latest_checkpoint_is_skipped(resumed, reference, pretrain_dat
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
+    # a checkpoint written just before a worker died, which Ray Train never committed
+    stray = run / f"checkpoint_{2 * N + 1:08d}_uncommitted"
+    shutil.copytree(previous, stray)
+    assert run_checkpoints(run) == [latest, previous] and open_source(run).meta()["step"] != 2 * N + 1
 
     steps, events = pretrain(pretrain_data, storage, "resumed", max_steps=2 * N + 2)
+    assert [e["checkpoint"] for e in events if e["event"] == "checkpoint_dropped"] == [stray.name]
+    assert not stray.exists()
     skipped = [e for e in events if e["event"] == "checkpoint_skipped"]
     assert len(skipped) == 1 and "sha256 does not match" in skipped[0]["reason"] and latest.name in skipped[0]["reason"]
     assert events[-1]["event"] == "resume" and events[-1]["from_step"] == 3 * N // 2
