@@ -1,4 +1,5 @@
-"""`ray job submit` of the debug pretraining job to a head started by this test with `ray start --head`.
+"""`ray job submit` of the debug pretraining job to a token-auth head started by this test with
+`ray start --head`, with `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN` as the README says.
 
 The head runs in its own process group on free ports (tests/ray_processes.py) and is stopped by
 terminating that group, never with `ray stop`. The job is the shipped jobs/configs/pretrain/debug.yaml
@@ -30,6 +31,12 @@ def test_debug_pretraining_job_succeeds_and_writes_where_it_says(cluster_pretrai
         entrypoint += ["--set", s]
     with LocalCluster(head_cpus=2, dashboard=True) as cluster:
         address = cluster.head.dashboard_url
+        # The head requires its token (as the README says): a client without one, and without a
+        # ~/.ray/auth_token to fall back on, is refused; RAY_AUTH_MODE + RAY_AUTH_TOKEN get in.
+        no_token = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        refused = subprocess.run([RAY, "job", "list", "--address", address], env={**no_token, "HOME": str(tmp_path)},
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower(), refused.stderr[-2000:]
         submit = subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", "debug-pretrain",
                                  "--working-dir", ".", "--", *entrypoint],
                                 cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=400)
