@@ -11,8 +11,10 @@ gives the HTTP/Serve overhead on TTFT. The levels run in `--rounds` interleaved 
 1, 4, 16, ...), so that a slow spell of a shared machine falls on every level rather than on one; at
 concurrency 1 the two paths also alternate request by request.
 
-    python benchmarks/serve.py           # concurrency 1, 4, 16 (about 3 minutes on 2 cores)
-    python benchmarks/serve.py --quick   # fewer requests
+    python benchmarks/serve.py                     # concurrency 1, 4, 16 (about 3 minutes on 2 cores)
+    python benchmarks/serve.py --quick             # fewer requests
+    python benchmarks/serve.py --shared-prefix 16  # bare engine only: prefix caching on vs off on a shared
+                                                   # 512-token system prompt (shared_prefix.py)
 
 Targets: output tok/s at concurrency 16 >= 4x concurrency 1; HTTP/Serve TTFT overhead at
 concurrency 1 < 30 ms over the bare engine.
@@ -47,6 +49,7 @@ from mtnlg_ray.serve.sampling import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
 from thread_engine import ThreadEngine  # noqa: E402  (the bare engine: an Engine stepped by a thread)
+import shared_prefix  # noqa: E402  (--shared-prefix; this script's directory is on sys.path)
 
 LEVELS = (1, 4, 16)
 REPLICA_THREADS = 1  # the replica reserves num_cpus=1, so Ray gives it OMP_NUM_THREADS=1
@@ -256,6 +259,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="Serve replicas (the bare engine is always one)")
     parser.add_argument("--n-layers", type=int, default=6)
     parser.add_argument("--d-model", type=int, default=384, help="width (heads of 64)")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                        help="bare engine only: N requests sharing a 512-token prompt, prefix caching on vs off")
     args = parser.parse_args()
     args.load = os.getloadavg()[0]
     args.rounds = args.rounds or (2 if args.quick else 4)
@@ -264,6 +269,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(Path(tmp), vocab=4096, context=1024, n_layers=args.n_layers, d_model=args.d_model)
         tok = Tokenizer(Path(tmp) / "tokenizer.model")
+        if args.shared_prefix:
+            chunks = make_prompts(tok, args.shared_prefix + 16, 32)  # 512 tokens of system prompt, then questions
+            system, questions = sum(chunks[:16], []), chunks[16:]
+            tokenizer, model = from_pretrained(ckpt)
+            use_decode_layout(model)  # as the replica's engine process does (engine_process.py)
+            keep_freed_memory()
+            results = shared_prefix.run(model, system, questions, args.slots, REPLICA_THREADS)
+            return shared_prefix.report(results, len(system) + 32, args)
         prompts = make_prompts(tok, max(per_level.values()), args.input_len)
         prompts_at = {c: prompts[:n] for c, n in per_level.items()}
         http, bare, per_round = run_all(ckpt, prompts_at, args.output_len, args.slots, args.replicas, args.rounds)

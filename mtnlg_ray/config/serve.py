@@ -53,6 +53,15 @@ class ServeConfig(Section):
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0, description="on shutdown (SIGTERM, Ctrl-C, a scale-down) "
                                                "a replica's in-flight requests get this long to finish")
     autoscaling: ReplicaAutoscalingConfig = Field(default_factory=ReplicaAutoscalingConfig)
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes computed for "
+                                        "earlier requests (outputs unchanged)")
+    prefix_cache_blocks: int | None = Field(None, gt=0, description="16-token KV blocks the prefix cache keeps "
+                                            "per replica; None: half the tokens of the KV-cache rows")
+
+    @property
+    def engine_prefix_blocks(self) -> int | None:
+        """The engine's prefix_cache_blocks: 0 when caching is off, None for the default size."""
+        return self.prefix_cache_blocks if self.enable_prefix_caching else 0
 
     @model_validator(mode="after")
     def _engine_holds_ongoing(self) -> "ServeConfig":

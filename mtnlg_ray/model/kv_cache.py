@@ -10,6 +10,8 @@ row r[i] at positions lengths[r[i]] .. lengths[r[i]] + T - 1 in every layer, att
 row's cached prefix, then advances those rows by T. Prefill (T = prompt length) and one-token
 decode steps both take that path, so a serving engine can add a request to a free row, decode
 all busy rows together, and free a finished row (`reset`) without touching the others.
+A row can also start from keys and values computed elsewhere (`load`: a cached prompt prefix,
+serve/prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ class KVCache:
             self.lengths.zero_()
         else:
             self.lengths[torch.as_tensor(rows, device=self.lengths.device)] = 0
+
+    def load(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Make k, v (n_layers, H, n, D) the row's first n tokens: its length becomes n."""
+        n = k.shape[2]
+        self.k[:, row, :, :n] = k
+        self.v[:, row, :, :n] = v
+        self.lengths[row] = n
+
+    def read(self, row: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views k, v (n_layers, H, end, D) of the row's first `end` positions."""
+        return self.k[:, row, :, :end], self.v[:, row, :, :end]
 
     def positions(self, rows: torch.Tensor | None, batch: int, n_new: int) -> torch.Tensor:
         """Absolute positions (B, n_new) of the next n_new tokens of `rows` (None: rows 0..B-1)."""

@@ -72,7 +72,8 @@ class OpenAIServer(Tokenization):
         cfg = self.cfg = ServeConfig.model_validate(serve_config)
         device = cfg.device if cfg.device != "auto" else ("auto" if cfg.num_gpus else "cpu")
         # The model and its engine live in a child process (engine_process.py); this one does HTTP.
-        self.engine = ProcessEngine(cfg.checkpoint, device, cfg.max_batch_slots, cfg.max_context, cfg.max_waiting)
+        self.engine = ProcessEngine(cfg.checkpoint, device, cfg.max_batch_slots, cfg.max_context, cfg.max_waiting,
+                                    cfg.engine_prefix_blocks)
         self.tok = load_tokenizer(self.engine.tokenizer_path)
         self.context = self.engine.max_context
         self.metrics = ServeMetrics(self.engine)

@@ -4,7 +4,9 @@ The pool is one `KVCache` of `max_slots` rows x `max_context` positions. Each ru
 owns one row (slot). Every `step()`:
   1. admits waiting requests into free rows and prefills them, `model(prompts (n, T), kv_cache,
      rows=slots)`, one forward per prompt length (n choices of a prompt share one), whose last
-     logits give each request's first token;
+     logits give each request's first token. With the prefix cache (prefix_cache.py, on unless
+     `prefix_cache_blocks=0`) a row first receives the cached blocks of its prompt's longest known
+     prefix and prefills only the rest; the prompt's new full blocks are stored after the prefill;
   2. decodes every request that was already running with ONE batched forward,
      `model(last_tokens (B, 1), kv_cache, rows=busy_slots)`, each row at its own length
      (new requests take the lowest free row, so a batch of rows 0..B-1 passes rows=None and
@@ -33,6 +35,7 @@ from typing import Callable
 import torch
 
 from mtnlg_ray.model.kv_cache import KVCache
+from mtnlg_ray.serve.prefix_cache import BLOCK, PrefixCache, block_hashes, default_blocks
 from mtnlg_ray.serve.sampling import RequestSampler, SamplingParams, StopStrings, prompt_logprob_entries, sample_batch
 
 
@@ -58,10 +61,21 @@ class Output:
     num_generated: int = 0
     prompt_logprobs: list | None = None  # first output only, when params.prompt_logprobs
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache (usage's cached_tokens)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class StepStats:
+    """What one step did (the engine's `on_step` hook; the replica's /metrics counts it)."""
+
+    prefills: int = 0  # requests admitted (prefilled)
+    decode_batch: int = 0  # rows decoded together
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found (not computed)
 
 
 @dataclass
@@ -75,6 +89,8 @@ class Request:
     stops: StopStrings
     slot: int | None = None
     generated: list[int] = field(default_factory=list)
+    cached: int = 0  # prompt tokens the prefix cache supplied
+    blocks: list[bytes] = field(default_factory=list)  # prefix-cache names of its full prompt blocks
 
 
 class Engine:
@@ -82,7 +98,9 @@ class Engine:
 
     def __init__(self, model, max_slots: int = 8, max_context: int | None = None, max_waiting: int = 64,
                  decode: Callable[[list[int]], str] | None = None,
-                 on_step: Callable[[int, int], None] | None = None):
+                 on_step: Callable[[StepStats], None] | None = None, prefix_cache_blocks: int | None = None):
+        """`prefix_cache_blocks`: KV blocks of 16 tokens the prefix cache keeps (None: half the rows' tokens,
+        0: no prefix cache)."""
         cfg = model.config
         self.model = model.eval()
         self.vocab_size = cfg.vocab_size
@@ -91,7 +109,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cache = KVCache.for_model(model, max_slots, self.max_context)
         self.decode = decode
-        self.on_step = on_step  # called with (prefills, decode batch size) after each step
+        self.on_step = on_step  # called with the step's StepStats after each step
+        if prefix_cache_blocks is None:
+            prefix_cache_blocks = default_blocks(max_slots, self.max_context)
+        self.prefix = PrefixCache(self.cache, prefix_cache_blocks) if prefix_cache_blocks > 0 else None
         self.free = list(range(max_slots))  # min-heap of free rows: busy rows stay packed at the bottom
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -148,6 +169,7 @@ class Engine:
     def step(self) -> list[Output]:
         """Admit into free rows (prefill), decode the running rows together; outputs of this step."""
         outs: list[Output] = []
+        stats = StepStats()
         decoding = [self.running[s] for s in sorted(self.running)]  # admitted in earlier steps, by row
         admitted = []
         while self.waiting and self.free:
@@ -155,16 +177,21 @@ class Engine:
             req.slot = heapq.heappop(self.free)
             self.running[req.slot] = req
             admitted.append(req)
-        prefills = len(admitted)
+            if self.prefix is not None:
+                self._load_prefix(req, stats)
+        stats.prefills = len(admitted)
         # Prompts of one length share a prefill forward (n choices of one prompt, templated prompts):
-        # one (n, T) batch instead of n (1, T) ones, each row at positions 0..T-1 of its own cache row.
+        # one (n, T) batch instead of n (1, T) ones, each row continuing its cached prefix (if any).
         batches: dict[tuple[int, bool], list[Request]] = {}
         for req in admitted:
-            batches.setdefault((len(req.prompt), req.params.prompt_logprobs), []).append(req)
+            batches.setdefault((len(req.prompt) - req.cached, req.params.prompt_logprobs), []).append(req)
         for (_, want_all), reqs in batches.items():  # want_all: the LM head on every position (echo logprobs)
-            ids = torch.tensor([r.prompt for r in reqs], device=self.device)  # (n, T)
+            ids = torch.tensor([r.prompt[r.cached:] for r in reqs], device=self.device)  # (n, T)
             logits = self.model(ids, kv_cache=self.cache, rows=[r.slot for r in reqs], last_only=not want_all)
             logits = logits[:, :, : self.vocab_size]  # (n, T or 1, V)
+            if self.prefix is not None:
+                for r in reqs:
+                    self.prefix.store(self.cache, r.slot, r.blocks)
             live = [i for i, r in enumerate(reqs) if r.params.max_tokens > 0]
             tokens, lps = sample_batch(logits[live, -1], [reqs[i].sampler for i in live]) if live else ([], [])
             sampled = dict(zip(live, zip(tokens, lps)))
@@ -185,9 +212,21 @@ class Engine:
             logits = self.model(last, kv_cache=self.cache, rows=rows)[:, -1, : self.vocab_size]  # (B, V)
             tokens, lps = sample_batch(logits, [r.sampler for r in decoding])
             outs += [self._accept(r, t, lp) for r, t, lp in zip(decoding, tokens, lps)]
+        stats.decode_batch = len(decoding)
         if self.on_step is not None:
-            self.on_step(prefills, len(decoding))
+            self.on_step(stats)
         return outs
+
+    def _load_prefix(self, req: Request, stats: StepStats) -> None:
+        """Start the request's row from the cached blocks of its prompt's longest known prefix."""
+        req.blocks = block_hashes(req.prompt)
+        if req.params.prompt_logprobs:
+            return  # prompt logprobs need the logits of every prompt position: nothing may be skipped
+        hit = self.prefix.match(req.blocks, (len(req.prompt) - 1) // BLOCK)  # the last token is computed
+        self.prefix.load(self.cache, req.slot, hit)
+        req.cached = len(hit) * BLOCK
+        stats.prefix_cache_queries += len(req.prompt)
+        stats.prefix_cache_hits += req.cached
 
     def _accept(self, req: Request, token: int, logprob) -> Output:
         """Record a sampled token; finish the request (freeing its row) when it is done."""
@@ -203,7 +242,8 @@ class Engine:
             text += req.stops.flush()
         if finish is not None:
             self._release(req)
-        return Output(req.id, token, text, logprob, finish, len(req.prompt), len(req.generated))
+        return Output(req.id, token, text, logprob, finish, len(req.prompt), len(req.generated),
+                      num_cached_tokens=req.cached)
 
     def _release(self, req: Request) -> None:
         if req.slot is not None:
@@ -214,4 +254,4 @@ class Engine:
 
     def _final(self, req: Request, reason: str, error: str | None = None) -> Output:
         return Output(req.id, None, req.stops.flush() if reason == "length" else "", None, reason,
-                      len(req.prompt), len(req.generated), error=error)
+                      len(req.prompt), len(req.generated), error=error, num_cached_tokens=req.cached)

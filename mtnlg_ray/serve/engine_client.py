@@ -16,7 +16,7 @@ import itertools
 from abc import ABC, abstractmethod
 from typing import Callable, Iterable
 
-from mtnlg_ray.serve.engine import Output, QueueFull
+from mtnlg_ray.serve.engine import Output, QueueFull, StepStats
 from mtnlg_ray.serve.sampling import SamplingParams
 
 
@@ -79,7 +79,7 @@ class Group:
 class EngineClient(ABC):
     """Loop side of an engine stepping elsewhere. Subclasses start the stepper (`_start`), carry
     requests to it (`_add`, `_cancel`), report whether it still runs (`_alive`) and its load
-    (properties), and hand each step's outputs to `_deliver` on the loop, its batch shape to `on_step`.
+    (properties), and hand each step's outputs to `_deliver` on the loop, its StepStats to `on_step`.
 
     If the stepper stops, `_fail_open` ends every open request with finish_reason "error" and the
     same `error`, new submissions raise `EngineDead(error)`, `check_health()` raises it, and
@@ -97,7 +97,7 @@ class EngineClient(ABC):
     def __init__(self):
         self.in_flight = 0  # submitted, final output not yet delivered (loop side: exact)
         self.error: str | None = None  # why the stepper stopped; no process ids (it reaches clients)
-        self.on_step: Callable[[int, int], None] | None = None  # (prefills, decode batch size) per step
+        self.on_step: Callable[[StepStats], None] | None = None  # what each step did (prefills, batch, caches)
         self.on_dead: Callable[[str], None] | None = None  # the stepper stopped (on the loop, once)
         self._routes: dict[str, Group] = {}
         self._ids = itertools.count()

@@ -33,7 +33,7 @@ from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.model.generate import use_decode_layout
-from mtnlg_ray.serve.engine import Engine, Output
+from mtnlg_ray.serve.engine import Engine, Output, StepStats
 from mtnlg_ray.serve.engine_client import EngineClient
 from mtnlg_ray.serve.messages import (Abort, Add, Dead, EngineSpec, LoadFailed, Ready, Shutdown, StepResult)
 from mtnlg_ray.serve.sampling import SamplingParams
@@ -53,7 +53,7 @@ class ProcessEngine(EngineClient):
     """An `Engine` over `checkpoint`, stepped by a child process; `tokenizer_path` is what it loaded."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", max_slots: int = 8, max_context: int | None = None,
-                 max_waiting: int = 64):
+                 max_waiting: int = 64, prefix_cache_blocks: int | None = None):
         super().__init__()
         ours, theirs = socket.socketpair()
         env = dict(os.environ)  # the replica's (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES), and our package
@@ -63,7 +63,7 @@ class ProcessEngine(EngineClient):
                                       pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send(EngineSpec(checkpoint, device, max_slots, max_context, max_waiting))
+        self._conn.send(EngineSpec(checkpoint, device, max_slots, max_context, max_waiting, prefix_cache_blocks))
         try:
             ready = self._conn.recv()  # blocks while the child loads the model
         except EOFError:
@@ -111,8 +111,8 @@ class ProcessEngine(EngineClient):
                 if isinstance(msg, StepResult):
                     self.num_running, self.num_waiting, self.free_rows = msg.num_running, msg.num_waiting, msg.free_rows
                     self._deliver(msg.outputs)
-                    if self.on_step is not None and (msg.prefills or msg.decode_batch):
-                        self.on_step(msg.prefills, msg.decode_batch)
+                    if self.on_step is not None and (msg.stats.prefills or msg.stats.decode_batch):
+                        self.on_step(msg.stats)
                 elif isinstance(msg, Dead):
                     self._fail_open(msg.error, msg.outputs)
         except (EOFError, OSError):
@@ -143,7 +143,8 @@ def build_engine(spec: EngineSpec) -> tuple[Engine, Ready]:
         raise UserError(f"{spec.checkpoint}: has no tokenizer; the server needs one to read text")
     model = source.model(device)
     use_decode_layout(model)  # the LM head's fast layout for decode steps (CPU)
-    engine = Engine(model, spec.max_slots, spec.max_context, spec.max_waiting, decode=tokenizer.decode)
+    engine = Engine(model, spec.max_slots, spec.max_context, spec.max_waiting, decode=tokenizer.decode,
+                    prefix_cache_blocks=spec.prefix_cache_blocks)
     return engine, Ready(engine.max_slots, engine.max_waiting, engine.max_context, engine.vocab_size,
                          str(tokenizer.path), str(device))
 
@@ -157,12 +158,9 @@ def serve_steps(conn: Connection) -> int:
         conn.send(LoadFailed(str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"))
         return 1
     conn.send(ready)
-    shape = [0, 0]  # (prefills, decode batch) of the last step
+    last = [StepStats()]  # what the last step did
 
-    def on_step(prefills: int, decoded: int) -> None:
-        shape[:] = prefills, decoded
-
-    engine.on_step = on_step
+    engine.on_step = lambda stats: last.__setitem__(0, stats)
     while True:
         outs: list[Output] = []
         handled = False
@@ -176,7 +174,7 @@ def serve_steps(conn: Connection) -> int:
                 elif isinstance(msg, Abort):
                     engine.abort(msg.request_id)
                 handled = True
-            shape[:] = 0, 0
+            last[0] = StepStats()
             if engine.has_work:
                 outs += engine.step()
         except (EOFError, OSError):
@@ -185,7 +183,7 @@ def serve_steps(conn: Connection) -> int:
             error = f"the engine step failed: {type(err).__name__}: {err}"
             conn.send(Dead(error, outs + engine.fail_all(error)))
             return 1
-        conn.send(StepResult(outs, engine.num_running, engine.num_waiting, len(engine.free), *shape))
+        conn.send(StepResult(outs, engine.num_running, engine.num_waiting, len(engine.free), last[0]))
 
 
 def main(argv: list[str]) -> int:

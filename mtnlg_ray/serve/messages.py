@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: this module stays import-light
-    from mtnlg_ray.serve.engine import Output
+    from mtnlg_ray.serve.engine import Output, StepStats
     from mtnlg_ray.serve.sampling import SamplingParams
 
 
@@ -29,6 +29,7 @@ class EngineSpec:
     max_slots: int  # KV-cache rows
     max_context: int | None  # tokens per row; None: the model's max_seq_len
     max_waiting: int  # queued requests beyond the rows
+    prefix_cache_blocks: int | None = None  # 16-token KV blocks of the prefix cache; None: default, 0: off
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,7 @@ class StepResult:
     num_running: int  # rows busy
     num_waiting: int  # queued for a row
     free_rows: int
-    prefills: int  # requests admitted (prefilled) in this step
-    decode_batch: int  # rows decoded together in this step
+    stats: StepStats  # what the step did: prefills, decode batch, prefix-cache counts
 
 
 @dataclass(frozen=True)

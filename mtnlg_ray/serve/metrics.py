@@ -10,6 +10,8 @@ metrics endpoint aggregates the cluster. Latencies are seconds, measured at the 
     mtnlg:inter_token_latency_seconds          between consecutive tokens of one request
     mtnlg:e2e_request_latency_seconds          arrival -> last token
     mtnlg:decode_batch_size                    rows decoded together per engine step (batching)
+    mtnlg:prefix_cache_queries_total           prompt tokens looked up in the prefix cache
+    mtnlg:prefix_cache_hits_total              of those, tokens found there (hit rate: hits / queries)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mtnlg_ray.serve.engine import StepStats
 from mtnlg_ray.serve.engine_client import EngineClient
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -43,11 +46,16 @@ class ServeMetrics:
                              buckets=LATENCY_BUCKETS)
         self.batch = Histogram("mtnlg:decode_batch_size", "Rows decoded together per step", registry=r,
                                buckets=BATCH_BUCKETS)
+        self.prefix_queries = Counter("mtnlg:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("mtnlg:prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
 
-    def on_step(self, prefills: int, decode_batch: int) -> None:
-        """Engine hook (after each step): record the decode batch of this step."""
-        if decode_batch:
-            self.batch.observe(decode_batch)
+    def on_step(self, stats: StepStats) -> None:
+        """Engine hook (after each step): its decode batch and prefix-cache counts."""
+        if stats.decode_batch:
+            self.batch.observe(stats.decode_batch)
+        self.prefix_queries.inc(stats.prefix_cache_queries)
+        self.prefix_hits.inc(stats.prefix_cache_hits)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

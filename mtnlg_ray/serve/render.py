@@ -20,7 +20,8 @@ import uuid
 from mtnlg_ray.serve.engine import Output
 from mtnlg_ray.serve.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                      ChatLogprobs, ChatMessageOut, CompletionChoice, CompletionLogprobs,
-                                     CompletionResponse, DeltaMessage, TokenLogprob, TopLogprob, Usage)
+                                     CompletionResponse, DeltaMessage, PromptTokensDetails, TokenLogprob,
+                                     TopLogprob, Usage)
 
 
 class Choice:
@@ -34,6 +35,7 @@ class Choice:
         self.prompt_logprobs: list | None = None
         self.finish_reason: str | None = None
         self.generated = 0
+        self.cached = 0  # prompt tokens the prefix cache supplied
         self.started = False  # a chunk was sent (chat streams open with the role)
         self.offsets = TextOffsets()  # text_offset of the next streamed token
 
@@ -45,15 +47,21 @@ class Choice:
             self.tokens.append(out.token_id)
             self.logprobs.append(out.logprob)
         self.generated = out.num_generated
+        self.cached = out.num_cached_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
 
 
 def usage(choices: list[Choice]) -> Usage:
-    """Prompt tokens count once per prompt (n choices share it); completion tokens per choice."""
+    """Prompt tokens count once per prompt (n choices share it); completion tokens per choice. Cached
+    tokens: per prompt, the fewest any of its choices took from the prefix cache."""
     prompt = sum({c.prompt_index: len(c.prompt) for c in choices}.values())
+    cached: dict[int, int] = {}
+    for c in choices:
+        cached[c.prompt_index] = min(cached.get(c.prompt_index, c.cached), c.cached)
     completion = sum(c.generated for c in choices)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())))
 
 
 class TextOffsets:

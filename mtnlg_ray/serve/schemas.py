@@ -224,10 +224,15 @@ class ErrorResponse(ResponseBody):
     error: ErrorInfo
 
 
+class PromptTokensDetails(ResponseBody):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(ResponseBody):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(ResponseBody):

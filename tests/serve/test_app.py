@@ -273,6 +273,13 @@ def test_prompt_truncation_and_context_limit(http, tiny):
     r = http.post("/v1/completions", json={"model": "mtnlg", "prompt": long_ids, "max_tokens": 4,
                                            "truncate_prompt_tokens": 100})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 100
+    hits = metric(http, "mtnlg:prefix_cache_hits_total")
+    again = http.post("/v1/completions", json={"model": "mtnlg", "prompt": long_ids, "max_tokens": 4,
+                                               "truncate_prompt_tokens": 100}).json()
+    # the prefix cache (on by default) held 6 of its 16-token blocks; the last prompt token is always computed
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 96}
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert metric(http, "mtnlg:prefix_cache_hits_total") - hits == 96
     r = http.post("/v1/completions", json={"model": "mtnlg", "prompt": long_ids, "max_tokens": 50,
                                            "truncate_prompt_tokens": CONTEXT - 6, "ignore_eos": True})
     body = r.json()  # generation reaches the context: finish_reason "length" after 6 tokens

@@ -43,7 +43,7 @@ def test_batched_greedy_equals_each_request_alone_with_mid_flight_joins(tiny):
     prompts = prompts_of(tok, texts)
     max_tokens = [30, 12, 25, 40, 7, 18]
     batches = []
-    engine = Engine(model, max_slots=3, max_waiting=8, on_step=lambda p, b: batches.append(b))
+    engine = Engine(model, max_slots=3, max_waiting=8, on_step=lambda s: batches.append(s.decode_batch))
     # Requests arrive while others are decoding; with 3 rows, later ones also wait for a free row.
     schedule = {0: [(0, prompts[0], None)], 3: [(1, prompts[1], None), (2, prompts[2], None)],
                 5: [(3, prompts[3], None)], 9: [(4, prompts[4], None), (5, prompts[5], None)]}

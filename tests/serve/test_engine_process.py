@@ -39,7 +39,7 @@ def test_outputs_cancellation_and_load(tiny_checkpoint, tiny):
         eng = ProcessEngine(str(tiny_checkpoint), max_slots=2, max_waiting=2)
         assert (eng.capacity, eng.vocab_size, eng.max_context) == (4, tok.vocab_size, model.config.max_seq_len)
         steps = []
-        eng.on_step = lambda prefills, decoded: steps.append(decoded)
+        eng.on_step = steps.append
         group = eng.submit([(tok.encode(t), SamplingParams(max_tokens=n, temperature=0.0))
                             for t, n in zip(texts, lengths)])  # 2 rows: the third waits for one
         got = {0: [], 1: [], 2: []}
@@ -48,7 +48,8 @@ def test_outputs_cancellation_and_load(tiny_checkpoint, tiny):
         for i, text in enumerate(texts):
             ids = tok.encode(text)
             assert got[i] == generate(model, [ids], lengths[i])[0][len(ids):], f"request {i}"
-        assert max(steps) == 2 and eng.in_flight == 0 and eng.num_running == 0
+        assert max(s.decode_batch for s in steps) == 2 and eng.in_flight == 0 and eng.num_running == 0
+        assert sum(s.prefix_cache_queries for s in steps) > 0  # the step stats come back
 
         long = eng.submit([(tok.encode("x"), SamplingParams(max_tokens=200))] * 2)
         async for _ in long:

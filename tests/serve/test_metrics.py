@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from thread_engine import ThreadEngine
 
-from mtnlg_ray.serve.engine import Engine
+from mtnlg_ray.serve.engine import Engine, StepStats
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.sampling import SamplingParams
 
@@ -43,3 +43,12 @@ def test_tracker_and_batch_histogram(tiny):
     assert s[("mtnlg:request_success_total", (("finished_reason", "length"),))] == 3
     assert s[("mtnlg:decode_batch_size_sum", ())] == 15  # 5 decode steps of the 3 rows together
     assert s[("mtnlg:num_requests_running", ())] == 0
+    assert s[("mtnlg:prefix_cache_queries_total", ())] == prompt_tokens  # looked up; too short to hit
+    assert s[("mtnlg:prefix_cache_hits_total", ())] == 0
+
+
+def test_prefix_cache_counters(tiny):
+    m = ServeMetrics(ThreadEngine(Engine(tiny[0], max_slots=1)))
+    m.on_step(StepStats(prefills=1, prefix_cache_queries=40, prefix_cache_hits=32))
+    s = samples(m)
+    assert (s[("mtnlg:prefix_cache_queries_total", ())], s[("mtnlg:prefix_cache_hits_total", ())]) == (40, 32)

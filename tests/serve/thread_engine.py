@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from mtnlg_ray.serve.engine import Engine
+from mtnlg_ray.serve.engine import Engine, StepStats
 from mtnlg_ray.serve.engine_client import EngineClient
 from mtnlg_ray.serve.messages import Abort, Add
 from mtnlg_ray.serve.sampling import SamplingParams
@@ -36,9 +36,9 @@ class ThreadEngine(EngineClient):
     num_waiting = property(lambda self: self.engine.num_waiting)
     free_rows = property(lambda self: len(self.engine.free))
 
-    def _on_step(self, prefills: int, decode_batch: int) -> None:  # step thread
+    def _on_step(self, stats: StepStats) -> None:  # step thread
         if self.on_step is not None:
-            self.on_step(prefills, decode_batch)
+            self.on_step(stats)
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="engine-steps", daemon=True)
