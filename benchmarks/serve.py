@@ -15,6 +15,8 @@ concurrency 1 the two paths also alternate request by request.
     python benchmarks/serve.py --quick             # fewer requests
     python benchmarks/serve.py --shared-prefix 16  # bare engine only: prefix caching on vs off on a shared
                                                    # 512-token system prompt (shared_prefix.py)
+    python benchmarks/serve.py --speculative       # bare engine and generate(): n-gram speculative decoding
+                                                   # on vs off, repetitive and not (speculative.py)
 
 Targets: output tok/s at concurrency 16 >= 4x concurrency 1; HTTP/Serve TTFT overhead at
 concurrency 1 < 30 ms over the bare engine.
@@ -50,6 +52,7 @@ from mtnlg_ray.serve.sampling import SamplingParams
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
 from thread_engine import ThreadEngine  # noqa: E402  (the bare engine: an Engine stepped by a thread)
 import shared_prefix  # noqa: E402  (--shared-prefix; this script's directory is on sys.path)
+import speculative  # noqa: E402  (--speculative)
 
 LEVELS = (1, 4, 16)
 REPLICA_THREADS = 1  # the replica reserves num_cpus=1, so Ray gives it OMP_NUM_THREADS=1
@@ -261,6 +264,8 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=384, help="width (heads of 64)")
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                         help="bare engine only: N requests sharing a 512-token prompt, prefix caching on vs off")
+    parser.add_argument("--speculative", action="store_true", help="n-gram speculative decoding on vs off")
+    parser.add_argument("--workdir", type=Path, default=None, help="--speculative: keep its trained copy model here")
     args = parser.parse_args()
     args.load = os.getloadavg()[0]
     args.rounds = args.rounds or (2 if args.quick else 4)
@@ -278,6 +283,12 @@ def main() -> None:
             results = shared_prefix.run(model, system, questions, args.slots, REPLICA_THREADS)
             return shared_prefix.report(results, len(system) + 32, args)
         prompts = make_prompts(tok, max(per_level.values()), args.input_len)
+        if args.speculative:
+            _, model = from_pretrained(ckpt)
+            keep_freed_memory()
+            workdir = args.workdir or Path(tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
+            return speculative.report(speculative.run(tok, model, workdir, prompts, 8, REPLICA_THREADS), args)
         prompts_at = {c: prompts[:n] for c, n in per_level.items()}
         http, bare, per_round = run_all(ckpt, prompts_at, args.output_len, args.slots, args.replicas, args.rounds)
     report(http, bare, per_round, args)

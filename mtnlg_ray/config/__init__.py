@@ -40,7 +40,7 @@ from mtnlg_ray.config.train import (
 )
 from mtnlg_ray.config.finetune import LoraConfig, SftDataConfig, FinetuneJob
 from mtnlg_ray.config.tune import HYPERPARAMETERS, SearchSpaceConfig, SearchConfig, TuneJob
-from mtnlg_ray.config.serve import ReplicaAutoscalingConfig, ServeConfig, ServeJob
+from mtnlg_ray.config.serve import ReplicaAutoscalingConfig, ServeConfig, ServeJob, SpeculativeConfig
 from mtnlg_ray.config.worker import WorkerRunConfig
 from mtnlg_ray.config.load import JOBS, apply_overrides, load_job, load_yaml, validate
 
@@ -77,6 +77,7 @@ __all__ = [
     "TuneJob",
     "ReplicaAutoscalingConfig",
     "ServeConfig",
+    "SpeculativeConfig",
     "ServeJob",
     "WorkerRunConfig",
 ]

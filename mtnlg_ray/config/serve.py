@@ -26,6 +26,30 @@ class ReplicaAutoscalingConfig(Section):
         return self
 
 
+class SpeculativeConfig(Section):
+    """Speculative decoding by n-gram prompt lookup (vLLM's `speculative_config` with method "ngram"): the
+    tokens that followed the latest n-gram's earlier occurrence in the prompt + output are verified
+    in one forward; the output is what decoding without it gives (greedy) or distributed alike."""
+
+    method: Literal["ngram"] = "ngram"
+    num_speculative_tokens: int = Field(4, gt=0, description="tokens proposed per step (k)")
+    prompt_lookup_max: int | None = Field(None, gt=0, description="longest n-gram matched; None: prompt_lookup_min, "
+                                          "else 4")
+    prompt_lookup_min: int | None = Field(None, gt=0, description="shortest n-gram matched; None: prompt_lookup_max")
+    disable_by_batch_size: int | None = Field(None, gt=0, description="no speculation in steps that decode more "
+                                              "rows than this (a padded (B, k+1) forward costs more at large B)")
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> "SpeculativeConfig":
+        if self.prompt_lookup_max is None:
+            self.prompt_lookup_max = self.prompt_lookup_min or 4
+        if self.prompt_lookup_min is None:
+            self.prompt_lookup_min = self.prompt_lookup_max
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} > prompt_lookup_max={self.prompt_lookup_max}")
+        return self
+
+
 class ServeConfig(Section):
     """One OpenAI-compatible deployment: the model, the engine's KV-cache pool, Serve's limits."""
 
@@ -57,6 +81,7 @@ class ServeConfig(Section):
                                         "earlier requests (outputs unchanged)")
     prefix_cache_blocks: int | None = Field(None, gt=0, description="16-token KV blocks the prefix cache keeps "
                                             "per replica; None: half the tokens of the KV-cache rows")
+    speculative: SpeculativeConfig | None = Field(None, description="n-gram speculative decoding; None: off")
 
     @property
     def engine_prefix_blocks(self) -> int | None:

@@ -3,13 +3,15 @@
 The prompt is prefilled once; every later step feeds one token per row, so a token's cost
 follows the model size plus its attention over the cached prefix instead of recomputing the
 whole sequence. Rows of different prompt lengths are prefilled separately into their own cache
-rows and then decoded together.
+rows and then decoded together. With `speculative` (n-gram prompt lookup, model/speculative.py) a
+step verifies up to k drafted tokens per row in one forward: same greedy tokens, same distribution.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mtnlg_ray.config.serve import SpeculativeConfig
 from mtnlg_ray.model.kv_cache import KVCache
 
 
@@ -75,13 +77,15 @@ def generate(
     pad_id: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    speculative: SpeculativeConfig | dict | None = None,
 ):
     """Continue prompts with incremental decoding.
 
     input_ids: a (B, T) tensor, or a list of B token-id sequences of any lengths.
     Returns the same kind: a (B, T + n) tensor (rows that stopped at `eos_id` are padded with
     `pad_id`, default eos), or a list of lists (prompt + generated, ending at eos if produced).
-    Decoding also stops at the model's context length.
+    Decoding also stops at the model's context length. `speculative`: a SpeculativeConfig (or its
+    fields, e.g. {"num_speculative_tokens": 4, "prompt_lookup_max": 3}) for n-gram speculative decoding.
     """
     device = next(model.parameters()).device
     as_tensor = isinstance(input_ids, torch.Tensor)
@@ -108,6 +112,15 @@ def generate(
                           for i, p in enumerate(prompts)])
 
     out = [[] for _ in range(B)]
+    if speculative is not None and max_new_tokens > 0:
+        from mtnlg_ray.model.speculative import speculative_decode  # builds on this module
+
+        spec = SpeculativeConfig.model_validate(speculative)
+        first = sample_next(last[:, : cfg.vocab_size], temperature, top_k, top_p, generator).tolist()
+        out = [[t] for t in first]
+        speculative_decode(model, cache, out, prompts, max_new_tokens, spec, eos_id, temperature=temperature,
+                           top_k=top_k, top_p=top_p, generator=generator)
+        max_new_tokens = 0  # done: skip the one-token loop
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         nxt = sample_next(last[:, : cfg.vocab_size], temperature, top_k, top_p, generator)  # (B,)

@@ -11,7 +11,7 @@ row's cached prefix, then advances those rows by T. Prefill (T = prompt length) 
 decode steps both take that path, so a serving engine can add a request to a free row, decode
 all busy rows together, and free a finished row (`reset`) without touching the others.
 A row can also start from keys and values computed elsewhere (`load`: a cached prompt prefix,
-serve/prefix_cache.py).
+serve/prefix_cache.py) and drop its last tokens (`truncate`: rejected speculative tokens).
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class KVCache:
     def read(self, row: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views k, v (n_layers, H, end, D) of the row's first `end` positions."""
         return self.k[:, row, :, :end], self.v[:, row, :, :end]
+
+    def truncate(self, rows: list[int], lengths: list[int]) -> None:
+        """Cut rows back to `lengths` tokens (entries past a row's length are never read)."""
+        self.lengths[torch.tensor(rows, device=self.lengths.device)] = torch.tensor(lengths, device=self.lengths.device)
 
     def positions(self, rows: torch.Tensor | None, batch: int, n_new: int) -> torch.Tensor:
         """Absolute positions (B, n_new) of the next n_new tokens of `rows` (None: rows 0..B-1)."""

@@ -73,7 +73,7 @@ class OpenAIServer(Tokenization):
         device = cfg.device if cfg.device != "auto" else ("auto" if cfg.num_gpus else "cpu")
         # The model and its engine live in a child process (engine_process.py); this one does HTTP.
         self.engine = ProcessEngine(cfg.checkpoint, device, cfg.max_batch_slots, cfg.max_context, cfg.max_waiting,
-                                    cfg.engine_prefix_blocks)
+                                    cfg.engine_prefix_blocks, cfg.speculative)
         self.tok = load_tokenizer(self.engine.tokenizer_path)
         self.context = self.engine.max_context
         self.metrics = ServeMetrics(self.engine)

@@ -10,7 +10,10 @@ owns one row (slot). Every `step()`:
   2. decodes every request that was already running with ONE batched forward,
      `model(last_tokens (B, 1), kv_cache, rows=busy_slots)`, each row at its own length
      (new requests take the lowest free row, so a batch of rows 0..B-1 passes rows=None and
-     attention reads cache views instead of gathered copies);
+     attention reads cache views instead of gathered copies). With `speculative` (n-gram prompt
+     lookup, model/speculative.py), rows whose prompt + output repeats an n-gram also carry up to
+     k drafted tokens: one (B, 1 + k) forward verifies them, each row keeps its accepted drafts and
+     one token of the model's own, and is cut back past the rest (serve/speculative.py);
   3. finished requests (stop token, stop string, max_tokens, context full) free their row at
      once (`cache.reset([slot])`), so the next step can admit a waiting request into it.
 Requests beyond the free rows wait in a FIFO queue of at most `max_waiting`; `add` refuses more
@@ -34,9 +37,12 @@ from typing import Callable
 
 import torch
 
+from mtnlg_ray.config.serve import SpeculativeConfig
 from mtnlg_ray.model.kv_cache import KVCache
+from mtnlg_ray.model.speculative import NgramProposer, draft_batch
 from mtnlg_ray.serve.prefix_cache import BLOCK, PrefixCache, block_hashes, default_blocks
 from mtnlg_ray.serve.sampling import RequestSampler, SamplingParams, StopStrings, prompt_logprob_entries, sample_batch
+from mtnlg_ray.serve.speculative import draftable, verify_rows
 
 
 class QueueFull(Exception):
@@ -76,6 +82,8 @@ class StepStats:
     decode_batch: int = 0  # rows decoded together
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found (not computed)
+    spec_draft_tokens: int = 0  # speculative tokens proposed and verified
+    spec_accepted_tokens: int = 0  # of those, tokens accepted
 
 
 @dataclass
@@ -91,6 +99,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     cached: int = 0  # prompt tokens the prefix cache supplied
     blocks: list[bytes] = field(default_factory=list)  # prefix-cache names of its full prompt blocks
+    proposer: NgramProposer | None = None  # speculative decoding's n-gram index of prompt + output
 
 
 class Engine:
@@ -98,9 +107,10 @@ class Engine:
 
     def __init__(self, model, max_slots: int = 8, max_context: int | None = None, max_waiting: int = 64,
                  decode: Callable[[list[int]], str] | None = None,
-                 on_step: Callable[[StepStats], None] | None = None, prefix_cache_blocks: int | None = None):
+                 on_step: Callable[[StepStats], None] | None = None, prefix_cache_blocks: int | None = None,
+                 speculative: SpeculativeConfig | None = None):
         """`prefix_cache_blocks`: KV blocks of 16 tokens the prefix cache keeps (None: half the rows' tokens,
-        0: no prefix cache)."""
+        0: no prefix cache). `speculative`: n-gram speculative decoding (None: off)."""
         cfg = model.config
         self.model = model.eval()
         self.vocab_size = cfg.vocab_size
@@ -113,6 +123,7 @@ class Engine:
         if prefix_cache_blocks is None:
             prefix_cache_blocks = default_blocks(max_slots, self.max_context)
         self.prefix = PrefixCache(self.cache, prefix_cache_blocks) if prefix_cache_blocks > 0 else None
+        self.spec = speculative
         self.free = list(range(max_slots))  # min-heap of free rows: busy rows stay packed at the bottom
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -204,17 +215,58 @@ class Engine:
                     out = self._final(req, "length")
                 out.prompt_logprobs = plp
                 outs.append(out)
-        if decoding:
+        drafts = self._drafts(decoding) if decoding and self.spec is not None else None
+        if drafts is not None:
+            outs += self._decode_speculative(decoding, drafts, stats)
+        elif decoding:
             last = torch.tensor([[r.generated[-1]] for r in decoding], device=self.device)  # (B, 1)
-            slots = [r.slot for r in decoding]
-            # Rows 0..B-1 exactly: rows=None lets the cache hand out views instead of gathering copies.
-            rows = None if slots[-1] == len(slots) - 1 else torch.tensor(slots, device=self.device)
-            logits = self.model(last, kv_cache=self.cache, rows=rows)[:, -1, : self.vocab_size]  # (B, V)
-            tokens, lps = sample_batch(logits, [r.sampler for r in decoding])
+            logits = self.model(last, kv_cache=self.cache, rows=self._rows(decoding))[:, -1, : self.vocab_size]
+            tokens, lps = sample_batch(logits, [r.sampler for r in decoding])  # logits (B, V)
             outs += [self._accept(r, t, lp) for r, t, lp in zip(decoding, tokens, lps)]
         stats.decode_batch = len(decoding)
         if self.on_step is not None:
             self.on_step(stats)
+        return outs
+
+    def _rows(self, reqs: list[Request]) -> torch.Tensor | None:
+        """Cache rows of `reqs` (in row order); None for rows 0..B-1 exactly, where the cache hands
+        attention views instead of gathered copies."""
+        slots = [r.slot for r in reqs]
+        return None if slots[-1] == len(slots) - 1 else torch.tensor(slots, device=self.device)
+
+    def _drafts(self, decoding: list[Request]) -> list[list[int]] | None:
+        """Each row's n-gram drafts, or None when this step decodes one token per row: no row has a
+        draft, the batch is over disable_by_batch_size, or a row is held to a grammar."""
+        limit = self.spec.disable_by_batch_size
+        if (limit is not None and len(decoding) > limit) or not all(draftable(r.sampler) for r in decoding):
+            return None
+        drafts = []
+        for r in decoding:
+            if r.proposer is None:
+                r.proposer = NgramProposer(r.prompt, self.spec)
+            r.proposer.extend(r.generated[len(r.proposer.tokens) - len(r.prompt):])
+            # one token of the model's own follows the drafts: max_tokens - 1 drafts at most
+            drafts.append(r.proposer.propose(r.params.max_tokens - len(r.generated) - 1))
+        return drafts if any(drafts) else None
+
+    def _decode_speculative(self, decoding: list[Request], drafts: list[list[int]], stats: StepStats) -> list[Output]:
+        """One forward over each row's last token and drafts, (B, T); keep what verification accepts,
+        cut the rows back past the rejected drafts (model/speculative.py)."""
+        lengths = [len(r.prompt) + len(r.generated) - 1 for r in decoding]  # cached tokens of each row
+        ids, drafts = draft_batch([r.generated[-1] for r in decoding], drafts, self.max_context - 1 - max(lengths))
+        logits = self.model(torch.tensor(ids, device=self.device), kv_cache=self.cache, rows=self._rows(decoding))
+        kept, entries = verify_rows(logits[:, :, : self.vocab_size], drafts, [r.sampler for r in decoding])
+        kept_lengths = [n + len(k) for n, k in zip(lengths, kept)]
+        if kept_lengths != [n + len(ids[0]) for n in lengths]:  # some row rejected a draft or was padded
+            self.cache.truncate([r.slot for r in decoding], kept_lengths)
+        outs = []
+        for r, draft, tokens, lps in zip(decoding, drafts, kept, entries):
+            stats.spec_draft_tokens += len(draft)
+            stats.spec_accepted_tokens += len(tokens) - 1
+            for token, lp in zip(tokens, lps):
+                outs.append(self._accept(r, token, lp))
+                if outs[-1].finished:  # a stop, max_tokens or the context: the rest is dropped
+                    break
         return outs
 
     def _load_prefix(self, req: Request, stats: StepStats) -> None:

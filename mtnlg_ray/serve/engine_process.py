@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from mtnlg_ray.checkpoint.source import open_source
+from mtnlg_ray.config.serve import SpeculativeConfig
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.model.generate import use_decode_layout
@@ -53,7 +54,8 @@ class ProcessEngine(EngineClient):
     """An `Engine` over `checkpoint`, stepped by a child process; `tokenizer_path` is what it loaded."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", max_slots: int = 8, max_context: int | None = None,
-                 max_waiting: int = 64, prefix_cache_blocks: int | None = None):
+                 max_waiting: int = 64, prefix_cache_blocks: int | None = None,
+                 speculative: SpeculativeConfig | None = None):
         super().__init__()
         ours, theirs = socket.socketpair()
         env = dict(os.environ)  # the replica's (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES), and our package
@@ -63,7 +65,8 @@ class ProcessEngine(EngineClient):
                                       pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send(EngineSpec(checkpoint, device, max_slots, max_context, max_waiting, prefix_cache_blocks))
+        self._conn.send(EngineSpec(checkpoint, device, max_slots, max_context, max_waiting, prefix_cache_blocks,
+                                   speculative))
         try:
             ready = self._conn.recv()  # blocks while the child loads the model
         except EOFError:
@@ -144,7 +147,7 @@ def build_engine(spec: EngineSpec) -> tuple[Engine, Ready]:
     model = source.model(device)
     use_decode_layout(model)  # the LM head's fast layout for decode steps (CPU)
     engine = Engine(model, spec.max_slots, spec.max_context, spec.max_waiting, decode=tokenizer.decode,
-                    prefix_cache_blocks=spec.prefix_cache_blocks)
+                    prefix_cache_blocks=spec.prefix_cache_blocks, speculative=spec.speculative)
     return engine, Ready(engine.max_slots, engine.max_waiting, engine.max_context, engine.vocab_size,
                          str(tokenizer.path), str(device))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: this module stays import-light
+    from mtnlg_ray.config.serve import SpeculativeConfig
     from mtnlg_ray.serve.engine import Output, StepStats
     from mtnlg_ray.serve.sampling import SamplingParams
 
@@ -30,6 +31,7 @@ class EngineSpec:
     max_context: int | None  # tokens per row; None: the model's max_seq_len
     max_waiting: int  # queued requests beyond the rows
     prefix_cache_blocks: int | None = None  # 16-token KV blocks of the prefix cache; None: default, 0: off
+    speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None: off
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class StepResult:
     num_running: int  # rows busy
     num_waiting: int  # queued for a row
     free_rows: int
-    stats: StepStats  # what the step did: prefills, decode batch, prefix-cache counts
+    stats: StepStats  # what the step did: prefills, decode batch, prefix-cache and speculation counts
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ metrics endpoint aggregates the cluster. Latencies are seconds, measured at the 
     mtnlg:decode_batch_size                    rows decoded together per engine step (batching)
     mtnlg:prefix_cache_queries_total           prompt tokens looked up in the prefix cache
     mtnlg:prefix_cache_hits_total              of those, tokens found there (hit rate: hits / queries)
+    mtnlg:spec_decode_num_draft_tokens_total   tokens proposed by speculative decoding and verified
+    mtnlg:spec_decode_num_accepted_tokens_total  of those, tokens accepted (acceptance rate: accepted / draft)
 """
 
 from __future__ import annotations
@@ -49,13 +51,18 @@ class ServeMetrics:
         self.prefix_queries = Counter("mtnlg:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       registry=r)
         self.prefix_hits = Counter("mtnlg:prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
+        self.spec_drafts = Counter("mtnlg:spec_decode_num_draft_tokens", "Speculative tokens proposed", registry=r)
+        self.spec_accepted = Counter("mtnlg:spec_decode_num_accepted_tokens", "Speculative tokens accepted",
+                                     registry=r)
 
     def on_step(self, stats: StepStats) -> None:
-        """Engine hook (after each step): its decode batch and prefix-cache counts."""
+        """Engine hook (after each step): its decode batch, prefix-cache and speculation counts."""
         if stats.decode_batch:
             self.batch.observe(stats.decode_batch)
         self.prefix_queries.inc(stats.prefix_cache_queries)
         self.prefix_hits.inc(stats.prefix_cache_hits)
+        self.spec_drafts.inc(stats.spec_draft_tokens)
+        self.spec_accepted.inc(stats.spec_accepted_tokens)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from mtnlg_ray.config import SpeculativeConfig
 from mtnlg_ray.model.generate import generate
 from mtnlg_ray.serve.engine_client import EngineDead
 from mtnlg_ray.serve.engine_process import ProcessEngine
@@ -36,7 +37,9 @@ def test_outputs_cancellation_and_load(tiny_checkpoint, tiny):
     lengths = [20, 9, 14]
 
     async def main():
-        eng = ProcessEngine(str(tiny_checkpoint), max_slots=2, max_waiting=2)
+        # with speculative decoding: greedy tokens are the same, and the step stats come back
+        eng = ProcessEngine(str(tiny_checkpoint), max_slots=2, max_waiting=2,
+                            speculative=SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=2))
         assert (eng.capacity, eng.vocab_size, eng.max_context) == (4, tok.vocab_size, model.config.max_seq_len)
         steps = []
         eng.on_step = steps.append
@@ -49,7 +52,7 @@ def test_outputs_cancellation_and_load(tiny_checkpoint, tiny):
             ids = tok.encode(text)
             assert got[i] == generate(model, [ids], lengths[i])[0][len(ids):], f"request {i}"
         assert max(s.decode_batch for s in steps) == 2 and eng.in_flight == 0 and eng.num_running == 0
-        assert sum(s.prefix_cache_queries for s in steps) > 0  # the step stats come back
+        assert sum(s.spec_draft_tokens for s in steps) > 0 and sum(s.prefix_cache_queries for s in steps) > 0
 
         long = eng.submit([(tok.encode("x"), SamplingParams(max_tokens=200))] * 2)
         async for _ in long:

@@ -47,8 +47,11 @@ def test_tracker_and_batch_histogram(tiny):
     assert s[("mtnlg:prefix_cache_hits_total", ())] == 0
 
 
-def test_prefix_cache_counters(tiny):
+def test_prefix_cache_and_speculation_counters(tiny):
     m = ServeMetrics(ThreadEngine(Engine(tiny[0], max_slots=1)))
     m.on_step(StepStats(prefills=1, prefix_cache_queries=40, prefix_cache_hits=32))
+    m.on_step(StepStats(decode_batch=2, spec_draft_tokens=8, spec_accepted_tokens=5))
     s = samples(m)
     assert (s[("mtnlg:prefix_cache_queries_total", ())], s[("mtnlg:prefix_cache_hits_total", ())]) == (40, 32)
+    assert s[("mtnlg:spec_decode_num_draft_tokens_total", ())] == 8
+    assert s[("mtnlg:spec_decode_num_accepted_tokens_total", ())] == 5
