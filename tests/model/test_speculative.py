@@ -34,22 +34,22 @@ def test_proposer_takes_the_longest_ngram_at_its_earliest_occurrence():
 
 def test_point_mass_rejection_sampling_keeps_the_distribution():
     probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
-    gen = torch.Generator().manual_seed(0)  # fixed seeds: 4,000 draws, frequencies within ~4 sigma
+    gen = torch.Generator().manual_seed(0)  # fixed seeds: 1,500 draws, frequencies within ~4 sigma
     for draft in (0, 3):
         counts = torch.zeros(5)
-        for _ in range(4000):
+        for _ in range(1500):
             counts[accept_or_resample(probs, draft, gen)] += 1
-        assert (counts / counts.sum() - probs).abs().max() < 0.03
+        assert (counts / counts.sum() - probs).abs().max() < 0.05
     # two positions: the second is drawn only after the first draft was accepted; both stay distributed as p
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))
     firsts, seconds = torch.zeros(3), torch.zeros(3)
-    for _ in range(4000):
+    for _ in range(1500):
         kept = verify(logits, [0], temperature=1.0, generator=gen)
         firsts[kept[0]] += 1
         if len(kept) == 2:
             seconds[kept[1]] += 1
-    assert (firsts / firsts.sum() - torch.tensor([0.6, 0.3, 0.1])).abs().max() < 0.03
-    assert (seconds / seconds.sum() - torch.tensor([0.2, 0.2, 0.6])).abs().max() < 0.04
+    assert (firsts / firsts.sum() - torch.tensor([0.6, 0.3, 0.1])).abs().max() < 0.05
+    assert (seconds / seconds.sum() - torch.tensor([0.2, 0.2, 0.6])).abs().max() < 0.07
 
 
 def test_draft_batch_pads_rows_and_respects_the_room():
@@ -62,8 +62,8 @@ def test_generate_greedy_is_identical_with_speculation(model):
     base = torch.randint(0, 300, (12,), generator=g).tolist()
     prompts = [base + base, base[:5], torch.randint(0, 300, (20,), generator=g).tolist()]
     for eos in (None, 7):
-        plain = generate(model, prompts, 60, eos_id=eos)
-        assert generate(model, prompts, 60, eos_id=eos, speculative=SPEC) == plain
+        plain = generate(model, prompts, 30, eos_id=eos)
+        assert generate(model, prompts, 30, eos_id=eos, speculative=SPEC) == plain
     # rows near the context limit: drafts never write past it
     long = (base * 8)[:90]
     assert generate(model, [long], 20, speculative=SPEC) == generate(model, [long], 20)
