@@ -13,6 +13,8 @@ concurrency 1 the two paths also alternate request by request.
 
     python benchmarks/serve.py                     # concurrency 1, 4, 16 (about 3 minutes on 2 cores)
     python benchmarks/serve.py --quick             # fewer requests
+    python benchmarks/serve.py --structured        # bare engine only: decode time per token with and without
+                                                   # a json_schema constraint (structured_outputs.py)
     python benchmarks/serve.py --shared-prefix 16  # bare engine only: prefix caching on vs off on a shared
                                                    # 512-token system prompt (shared_prefix.py)
     python benchmarks/serve.py --speculative       # bare engine and generate(): n-gram speculative decoding
@@ -53,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
 from thread_engine import ThreadEngine  # noqa: E402  (the bare engine: an Engine stepped by a thread)
 import shared_prefix  # noqa: E402  (--shared-prefix; this script's directory is on sys.path)
 import speculative  # noqa: E402  (--speculative)
+import structured_outputs  # noqa: E402  (--structured)
 
 LEVELS = (1, 4, 16)
 REPLICA_THREADS = 1  # the replica reserves num_cpus=1, so Ray gives it OMP_NUM_THREADS=1
@@ -262,6 +265,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="Serve replicas (the bare engine is always one)")
     parser.add_argument("--n-layers", type=int, default=6)
     parser.add_argument("--d-model", type=int, default=384, help="width (heads of 64)")
+    parser.add_argument("--structured", action="store_true", help="bare engine only: free vs json_schema outputs")
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                         help="bare engine only: N requests sharing a 512-token prompt, prefix caching on vs off")
     parser.add_argument("--speculative", action="store_true", help="n-gram speculative decoding on vs off")
@@ -289,6 +293,13 @@ def main() -> None:
             workdir = args.workdir or Path(tmp)
             workdir.mkdir(parents=True, exist_ok=True)
             return speculative.report(speculative.run(tok, model, workdir, prompts, 8, REPLICA_THREADS), args)
+        if args.structured:
+            tokenizer, model = from_pretrained(ckpt)
+            use_decode_layout(model)  # as the replica's engine process does (engine_process.py)
+            keep_freed_memory()
+            results = structured_outputs.run(tokenizer, model, prompts[:16], args.output_len, args.rounds,
+                                             REPLICA_THREADS)
+            return structured_outputs.report(results, args)
         prompts_at = {c: prompts[:n] for c, n in per_level.items()}
         http, bare, per_round = run_all(ckpt, prompts_at, args.output_len, args.slots, args.replicas, args.rounds)
     report(http, bare, per_round, args)

@@ -22,9 +22,9 @@ with `QueueFull`. `abort` frees a row immediately.
 `Engine` is synchronous and single-threaded (tests and the terminal drive `step()` by hand; a serving
 replica's engine process, engine_process.py, steps it in a loop). It trusts its requests: the engine
 client (engine_client.py) validates them. It knows nothing of tokenizers: stop strings need a
-`decode(ids) -> str` callable. Building one changes nothing outside it: the LM head's decode layout
-(`model.generate.use_decode_layout`) and the process's malloc settings (`malloc.py`) are the
-caller's steps.
+`decode(ids) -> str` callable, structured outputs a `grammars` compiler (structured.py). Building
+one changes nothing outside it: the LM head's decode layout (`model.generate.use_decode_layout`)
+and the process's malloc settings (`malloc.py`) are the caller's steps.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Engine:
     def __init__(self, model, max_slots: int = 8, max_context: int | None = None, max_waiting: int = 64,
                  decode: Callable[[list[int]], str] | None = None,
                  on_step: Callable[[StepStats], None] | None = None, prefix_cache_blocks: int | None = None,
-                 speculative: SpeculativeConfig | None = None):
+                 grammars=None, speculative: SpeculativeConfig | None = None):
         """`prefix_cache_blocks`: KV blocks of 16 tokens the prefix cache keeps (None: half the rows' tokens,
         0: no prefix cache). `speculative`: n-gram speculative decoding (None: off)."""
         cfg = model.config
@@ -119,6 +119,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cache = KVCache.for_model(model, max_slots, self.max_context)
         self.decode = decode
+        self.grammars = grammars  # structured.GrammarCompiler over the tokenizer's vocabulary (structured outputs)
         self.on_step = on_step  # called with the step's StepStats after each step
         if prefix_cache_blocks is None:
             prefix_cache_blocks = default_blocks(max_slots, self.max_context)
@@ -152,7 +153,7 @@ class Engine:
         if len(self.running) + len(self.waiting) >= self.capacity:
             raise QueueFull(f"{self.max_slots} rows busy and {self.max_waiting} requests waiting")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        sampler = RequestSampler(params, prompt, self.vocab_size, self.device)
+        sampler = RequestSampler(params, prompt, self.vocab_size, self.device, self.grammars)
         self.waiting.append(Request(rid, list(prompt), params, sampler, StopStrings(self.decode, params.stop)))
         return rid
 

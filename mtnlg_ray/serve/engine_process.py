@@ -38,6 +38,7 @@ from mtnlg_ray.serve.engine import Engine, Output, StepStats
 from mtnlg_ray.serve.engine_client import EngineClient
 from mtnlg_ray.serve.messages import (Abort, Add, Dead, EngineSpec, LoadFailed, Ready, Shutdown, StepResult)
 from mtnlg_ray.serve.sampling import SamplingParams
+from mtnlg_ray.serve.structured import GrammarCompiler
 
 
 def exit_reason(code: int) -> str:
@@ -147,7 +148,8 @@ def build_engine(spec: EngineSpec) -> tuple[Engine, Ready]:
     model = source.model(device)
     use_decode_layout(model)  # the LM head's fast layout for decode steps (CPU)
     engine = Engine(model, spec.max_slots, spec.max_context, spec.max_waiting, decode=tokenizer.decode,
-                    prefix_cache_blocks=spec.prefix_cache_blocks, speculative=spec.speculative)
+                    prefix_cache_blocks=spec.prefix_cache_blocks, speculative=spec.speculative,
+                    grammars=GrammarCompiler(tokenizer, model.config.vocab_size))  # structured outputs
     return engine, Ready(engine.max_slots, engine.max_waiting, engine.max_context, engine.vocab_size,
                          str(tokenizer.path), str(device))
 

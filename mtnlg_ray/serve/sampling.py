@@ -5,9 +5,13 @@ own `torch.Generator`, so a seeded request draws the same tokens whatever else s
 its row of logits is the same, and no other request consumes its random numbers.
 
 Order of operations on one row of logits (V real tokens), as in vLLM:
-    logit_bias -> repetition penalty (prompt + output tokens) -> presence / frequency penalties
-    (output tokens) -> temperature 0: argmax | else / temperature -> top-k -> top-p -> draw.
+    grammar mask (structured outputs) -> logit_bias -> repetition penalty (prompt + output tokens)
+    -> presence / frequency penalties (output tokens) -> temperature 0: argmax | else / temperature
+    -> top-k -> top-p -> draw.
 Logprobs are taken from the raw model distribution (log_softmax of the unmodified logits).
+A request with `structured` set samples only what its grammar (structured.py) allows next, and its
+grammar state advances with every token it keeps: constraints are per row, so constrained and free
+requests share a batch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Callable
 import torch
 
 from mtnlg_ray.model.generate import filter_logits
+from mtnlg_ray.serve.structured import GrammarCompiler, GrammarSpec, mask_rows
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM)
 
@@ -40,6 +45,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # stop tokens (counted in usage, excluded from the text)
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's logprob and the top N
     prompt_logprobs: bool = False  # also logprobs of the prompt tokens (for echo)
+    structured: GrammarSpec | None = None  # the output's grammar (JSON schema, regex, choice); None: free
 
     def __post_init__(self):
         checks = [
@@ -49,6 +55,7 @@ class SamplingParams:
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0 (got {self.logprobs})"),
             (all(self.stop), "stop strings must not be empty"),
+            (self.structured is None or bool(self.stop_token_ids), "a structured output needs a stop token"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -67,8 +74,14 @@ class SamplingParams:
 class RequestSampler:
     """Sampling state of one request: its generator and the counts its penalties need."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, device: torch.device):
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, device: torch.device,
+                 grammars: GrammarCompiler | None = None):
         self.params = params
+        self.constraint = None  # structured.Constraint: the grammar state of a structured output
+        if params.structured is not None:
+            if grammars is None:
+                raise ValueError("structured outputs need an engine with a grammar compiler (Engine(grammars=...))")
+            self.constraint = grammars.constraint(params.structured, params.stop_token_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.counts = None  # (V,) occurrences in the generated tokens
@@ -107,6 +120,8 @@ class RequestSampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def observe(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self.counts is not None:
             self.counts[token] += 1
             self.seen[token] = True
@@ -124,14 +139,19 @@ def sample_batch(logits: torch.Tensor, samplers: list[RequestSampler]):
     """Next token of each row. logits (B, V) real-vocabulary columns, one sampler per row.
 
     Returns (tokens [B], logprob entries [B]) where an entry is None or (chosen logprob, top list).
-    Greedy rows without penalties are one batched argmax; the others go row by row with their own
-    generator (a row's draw must not depend on the others).
+    Constrained rows are masked first (one bitmask per row); greedy rows without penalties are one
+    batched argmax; the others go row by row with their own generator (a row's draw must not depend
+    on the others).
     """
-    logits = logits.float()
-    tokens = logits.argmax(-1).tolist()
+    logits = scores = logits.float()
+    constrained = [i for i, s in enumerate(samplers) if s.constraint is not None]
+    if constrained:
+        scores = logits.clone()  # `logits` stays the model's, for logprobs
+        mask_rows(scores, constrained, [samplers[i].constraint for i in constrained])
+    tokens = scores.argmax(-1).tolist()
     for i, s in enumerate(samplers):
         if s.params.penalized or not s.params.greedy:
-            row = s.penalize(logits[i]) if s.params.penalized else logits[i]
+            row = s.penalize(scores[i]) if s.params.penalized else scores[i]
             tokens[i] = s.draw(row)
         s.observe(tokens[i])
     entries: list = [None] * len(samplers)

@@ -5,10 +5,12 @@ strings are not coerced to numbers, NaN/inf are refused, and every range is chec
 the server answers 400 naming the field (`param`) instead of failing later. Fields that need
 the model (max_tokens vs the context, token ids vs the vocabulary) are checked by the app.
 Extensions beyond OpenAI follow vLLM: top_k, repetition_penalty, stop_token_ids, ignore_eos,
-truncate_prompt_tokens, add_special_tokens; /tokenize and /detokenize bodies are vLLM's. Special
-tokens written in prompt text are read as those tokens (as vLLM); `split_special_tokens: true`
-(transformers' name) reads the text as preprocessing read the corpus. `describe_error` turns a
-pydantic error into (field path, one-line message) for the server's 400s and the CLI's flags alike.
+truncate_prompt_tokens, add_special_tokens, structured_outputs (beside OpenAI's response_format:
+structured.py holds both bodies and refuses what its grammar library cannot enforce); /tokenize
+and /detokenize bodies are vLLM's. Special tokens written in prompt text are read as those tokens
+(as vLLM); `split_special_tokens: true` (transformers' name) reads the text as preprocessing read
+the corpus. `describe_error` turns a pydantic error into (field path, one-line message) for the
+server's 400s and the CLI's flags alike.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtnlg_ray.serve.sampling import SamplingParams
+from mtnlg_ray.serve.structured import GrammarSpec, ResponseFormat, StructuredOutputs
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -64,6 +67,8 @@ class SamplingFields(RequestBody):
     split_special_tokens: bool = Field(False, description="read special tokens written in the prompt as plain "
                                        "text (as preprocessing reads a corpus) instead of as those tokens")
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop", mode="after")
     @classmethod
@@ -89,7 +94,15 @@ class SamplingFields(RequestBody):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+        if self.structured_outputs is not None and self.response_format is not None and self.response_format.spec():
+            raise ValueError("give response_format or structured_outputs, not both")
         return self
+
+    @property
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The output's constraint (structured.py), None for free text."""
+        fmt = self.structured_outputs or self.response_format
+        return None if fmt is None else fmt.spec()
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -97,8 +110,10 @@ class SamplingFields(RequestBody):
 
     def sampling_params(self, max_tokens: int, default_stop_ids: tuple[int, ...], logprobs: int | None,
                         prompt_logprobs: bool = False, choice: int = 0) -> SamplingParams:
-        """Engine parameters of one choice; choice j of a seeded request uses seed + j."""
-        stop_ids = tuple(self.stop_token_ids or ()) + (() if self.ignore_eos else default_stop_ids)
+        """Engine parameters of one choice; choice j of a seeded request uses seed + j. A structured output
+        keeps the default stop tokens even with ignore_eos: its grammar decides where it may end."""
+        spec = self.grammar_spec
+        stop_ids = tuple(self.stop_token_ids or ()) + (() if self.ignore_eos and spec is None else default_stop_ids)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -108,6 +123,7 @@ class SamplingFields(RequestBody):
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             seed=None if self.seed is None else (self.seed + choice) % 2**63,
             stop=self.stops, stop_token_ids=stop_ids, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            structured=spec,
         )
 
 

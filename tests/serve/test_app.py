@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import yaml
@@ -151,6 +152,17 @@ def test_chat_uses_the_finetuning_template(client, tiny):
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_chat_response_format_json_schema(client):
+    schema = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "tag": {"enum": ["a", "b"]}},
+              "required": ["x", "tag"], "additionalProperties": False}
+    r = client.chat.completions.create(model="mtnlg", messages=[{"role": "user", "content": "A point."}], seed=3,
+                                       max_tokens=96, response_format={"type": "json_schema", "json_schema": {
+                                           "name": "point", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
 def test_streaming_completion_sse(client, http):
     whole = client.completions.create(model="mtnlg", prompt="class A:", max_tokens=20, temperature=0)
     parts = list(client.completions.create(model="mtnlg", prompt="class A:", max_tokens=20, temperature=0,
@@ -230,6 +242,8 @@ BAD = [  # (body or raw bytes, route, status, param)
     ({"model": "mtnlg"}, "/v1/no-such-route", 404, None),
     (b"[" * 30000 + b"]" * 30000, "/v1/completions", 400, None),  # nested too deeply for the JSON parser
     ({"model": "mtnlg", "prompt": ["a", "b"], "n": 9}, "/v1/completions", 400, "n"),  # 18 > 16 at once
+    ({"model": "mtnlg", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "s", "schema": {"type": "array", "contains": {}}}}}, "/v1/completions", 400, "response_format"),
     ({"model": "mtnlg", "prompt": "x", "temperature": 0.5, "repetition_penalty": 1e-38, "max_tokens": 3},
      "/v1/completions", 200, None),  # extreme but valid: sampled without NaN, the replica lives
 ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
 from mtnlg_ray.serve.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, error_body
+from mtnlg_ray.serve.structured import JSON_WHITESPACE, GrammarSpec
 
 
 def test_completion_defaults_and_sampling_params():
@@ -41,12 +44,37 @@ def test_completion_defaults_and_sampling_params():
     ({"prompt": ["a"] * 65}, "prompt"),
     ({"prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "array", "uniqueItems": True}}}}, "response_format"),  # a feature the grammar library lacks
+    ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"regex": "(a"}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"guided_json": {}}}, "structured_outputs"),
 ])
 def test_completion_request_refuses(body, field):
     with pytest.raises(ValidationError) as info:
         CompletionRequest.model_validate({"model": "m", **body})
     if field is not None:
         assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_structured_output_fields():
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "boolean"}}}
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                "ignore_eos": True, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}}})
+    params = req.sampling_params(8, default_stop_ids=(6, 2), logprobs=None)
+    assert params.structured.kind == "json" and params.structured.value == json.dumps(schema, separators=(",", ":"))
+    assert params.stop_token_ids == (6, 2)  # the grammar decides where it ends, so ignore_eos keeps the stops
+    for body, spec in [
+        ({"structured_outputs": {"choice": ["a", "b"]}}, GrammarSpec("choice", ("a", "b"))),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, GrammarSpec("regex", "[0-9]+")),
+        ({"structured_outputs": {"json": json.dumps(schema), "disable_any_whitespace": True}},
+         GrammarSpec.json_schema(schema, None)),
+        ({"response_format": {"type": "json_object"}}, GrammarSpec.json_schema({"type": "object"}, JSON_WHITESPACE)),
+        ({"response_format": {"type": "text"}}, None),
+    ]:
+        assert CompletionRequest.model_validate({"model": "m", "prompt": "x", **body}).grammar_spec == spec
 
 
 def test_chat_request():
