@@ -22,6 +22,7 @@ import torch
 
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
+from tables import print_head  # this script's directory is on sys.path
 
 OUTPUT_LEN = 8  # tokens per request: TTFT is the measure, the rest only closes the request
 
@@ -61,8 +62,7 @@ def report(results: dict, prompt_len: int, args) -> None:
     print(f"load average at start: {args.load:.2f}, at end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n")
     head = (f"| {'prefix caching':<14} | {'TTFT ms first':>13} | {'TTFT ms median, later':>21} | "
             f"{'prefill work, later':>19} |")
-    print(head)
-    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    print_head(head)
     medians = {}
     for name, (ttfts, cached) in results.items():
         medians[name] = statistics.median(ttfts[1:])

@@ -35,6 +35,7 @@ from mtnlg_ray.model.generate import generate, use_decode_layout
 from mtnlg_ray.model.gpt import GPT, lm_loss
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
+from tables import print_head  # this script's directory is on sys.path
 
 SPEC = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=2)
 COPY_STEPS, COPY_WINDOW = 500, 128  # training steps, tokens per copied window
@@ -153,8 +154,7 @@ def report(results: dict, args) -> None:
     print(f"load average at start: {args.load:.2f}, at end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n")
     head = (f"| {'workload':<14} | {'path':<10} | {'tok/s off':>9} | {'tok/s on':>8} | {'on / off':>8} | "
             f"{'acceptance':>10} |")
-    print(head)
-    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    print_head(head)
     ratios = {}
     for workload, r in results.items():
         acceptance = r["accepted"] / r["drafted"] if r["drafted"] else 0.0

@@ -22,6 +22,7 @@ import torch
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
 from mtnlg_ray.serve.structured import JSON_WHITESPACE, GrammarCompiler, GrammarSpec, mask_rows
+from tables import print_head  # this script's directory is on sys.path
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "size": {"type": "integer"},
                                            "code": {"type": "string"}},
@@ -92,8 +93,7 @@ def report(results: dict, args) -> None:
     print(f"load average at start: {args.load:.2f} on {os.cpu_count()} cores\n")
     head = (f"| {'batch':>5} | {'step ms free':>12} | {'step ms json':>12} | {'difference':>10} | "
             f"{'per row us':>10} | {'mask us/token':>13} | {'json tokens':>11} |")
-    print(head)
-    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    print_head(head)
     for batch, (free, constrained, us, length) in results.items():
         diff = (constrained - free) * 1e3
         print(f"| {batch:>5} | {free * 1e3:12.2f} | {constrained * 1e3:12.2f} | {diff:+10.2f} | "
