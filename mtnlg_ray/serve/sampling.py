@@ -106,17 +106,22 @@ class RequestSampler:
         logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0)
         return logits
 
-    def draw(self, logits: torch.Tensor) -> int:
-        """One token id from a penalized row (V,): argmax at temperature 0, else a seeded draw."""
+    def probs(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The distribution (V,) a sampled draw takes from a penalized row (V,) at temperature > 0
+        (temperature, top-k, top-p); None when no logit is finite (a draw then takes the argmax)."""
         p = self.params
-        if p.greedy:
-            return int(logits.argmax())
         top_k = p.top_k if p.top_k and p.top_k > 0 else None
         # Extreme penalties can overflow a logit to inf (inf - inf = NaN in softmax): clamp to finite.
         scaled = torch.nan_to_num(logits / p.temperature, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
         if not bool(torch.isfinite(scaled).any()):
+            return None
+        return filter_logits(scaled[None], top_k, p.top_p).softmax(-1)[0]
+
+    def draw(self, logits: torch.Tensor) -> int:
+        """One token id from a penalized row (V,): argmax at temperature 0, else a seeded draw."""
+        probs = None if self.params.greedy else self.probs(logits)
+        if probs is None:
             return int(logits.argmax())
-        probs = filter_logits(scaled[None], top_k, p.top_p).softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def observe(self, token: int) -> None:

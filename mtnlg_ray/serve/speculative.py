@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from mtnlg_ray.model.generate import filter_logits
 from mtnlg_ray.model.speculative import accept_or_resample, accepted_prefix
 from mtnlg_ray.serve.sampling import RequestSampler, top_logprobs
 
@@ -23,16 +22,6 @@ def draftable(sampler: RequestSampler) -> bool:
     return getattr(sampler, "constraint", None) is None
 
 
-def target_probs(sampler: RequestSampler, row: torch.Tensor) -> torch.Tensor | None:
-    """The distribution (V,) `sampler.draw` samples from for a penalized row at temperature > 0
-    (temperature, top-k, top-p); None when no logit is finite (draw then takes the argmax)."""
-    p = sampler.params
-    scaled = torch.nan_to_num(row / p.temperature, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
-    if not bool(torch.isfinite(scaled).any()):
-        return None
-    return filter_logits(scaled[None], p.top_k if p.top_k and p.top_k > 0 else None, p.top_p).softmax(-1)[0]
-
-
 def verify_row(logits: torch.Tensor, draft: list[int], sampler: RequestSampler) -> list[int]:
     """Tokens one request keeps: logits (len(draft) + 1, V) float, scored at its last token and drafts."""
     p, kept = sampler.params, []
@@ -40,7 +29,7 @@ def verify_row(logits: torch.Tensor, draft: list[int], sampler: RequestSampler) 
         row = sampler.penalize(logits[t]) if p.penalized else logits[t]
         if t == len(draft):
             token = sampler.draw(row)  # every draft was accepted: one more token from the model
-        elif p.greedy or (probs := target_probs(sampler, row)) is None:
+        elif p.greedy or (probs := sampler.probs(row)) is None:
             token = int(row.argmax())
         else:
             token = accept_or_resample(probs, draft[t], sampler.generator)
