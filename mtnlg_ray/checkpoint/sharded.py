@@ -32,6 +32,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -228,14 +229,16 @@ def load(directory: Path, parts: list[nn.Module], pairs: Pairs | None) -> dict:
 
 
 # ---------------------------------------------------------------------------- offline: one process
-def consolidate(directory: Path) -> dict[str, torch.Tensor]:
-    """Full model tensors of a DCP checkpoint, whatever layout wrote it (no process group)."""
+def consolidate(directory: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Full model tensors of a DCP checkpoint, whatever layout wrote it (no process group); with `keep`,
+    only the tensors whose names it accepts are read."""
     reader = SafeReader(directory)
     metadata = reader.read_metadata()
     model = {}
     for key, md in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
-            model[key.removeprefix("model.")] = torch.empty(md.size, dtype=md.properties.dtype)
+        name = key.removeprefix("model.")
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata) and (keep is None or keep(name)):
+            model[name] = torch.empty(md.size, dtype=md.properties.dtype)
     with _single_process_quiet(1):
         dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model

@@ -37,3 +37,15 @@ def save_into(run_dir: Path, step: int, model: GPT, opts: Optimizers, tokenizer:
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(local, out)
     return out
+
+
+def save_lora_into(run_dir: Path, step: int, model: GPT, lora: dict, cfg: ModelConfig = CFG,
+                   tokenizer: Path | None = None) -> Path:
+    """A checkpoint_* directory of a LoRA fine-tune run: `model` has `apply_lora(lora)` applied (base weights
+    and lora_A / lora_B), config.json names the job's lora section, as the training loop writes them."""
+    local = sharded.save([model], [], {"step": step, "consumed_samples": 4 * step, "tokens": 32 * step},
+                         {"model": cfg.model_dump(mode="json"), "kind": "finetune", "job": {"lora": lora}}, tokenizer)
+    out = Path(run_dir) / checkpoint_dir_name(step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(local, out)
+    return out
