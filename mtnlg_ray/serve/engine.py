@@ -16,6 +16,8 @@ owns one row (slot). Every `step()`:
      one token of the model's own, and is cut back past the rest (serve/speculative.py);
   3. finished requests (stop token, stop string, max_tokens, context full) free their row at
      once (`cache.reset([slot])`), so the next step can admit a waiting request into it.
+With `loras` (model/multi_lora.py) a request may name a loaded LoRA adapter: every forward first tells
+the bank each row's adapter, so requests for different adapters and the base model share a batch.
 Requests beyond the free rows wait in a FIFO queue of at most `max_waiting`; `add` refuses more
 with `QueueFull`. `abort` frees a row immediately.
 
@@ -39,6 +41,7 @@ import torch
 
 from mtnlg_ray.config.serve import SpeculativeConfig
 from mtnlg_ray.model.kv_cache import KVCache
+from mtnlg_ray.model.multi_lora import LoraBank
 from mtnlg_ray.model.speculative import NgramProposer, draft_batch
 from mtnlg_ray.serve.prefix_cache import BLOCK, PrefixCache, block_hashes, default_blocks
 from mtnlg_ray.serve.sampling import RequestSampler, SamplingParams, StopStrings, prompt_logprob_entries, sample_batch
@@ -100,6 +103,7 @@ class Request:
     cached: int = 0  # prompt tokens the prefix cache supplied
     blocks: list[bytes] = field(default_factory=list)  # prefix-cache names of its full prompt blocks
     proposer: NgramProposer | None = None  # speculative decoding's n-gram index of prompt + output
+    lora: str | None = None  # the LoRA adapter it runs with (a name in the engine's bank); None: the base model
 
 
 class Engine:
@@ -108,9 +112,10 @@ class Engine:
     def __init__(self, model, max_slots: int = 8, max_context: int | None = None, max_waiting: int = 64,
                  decode: Callable[[list[int]], str] | None = None,
                  on_step: Callable[[StepStats], None] | None = None, prefix_cache_blocks: int | None = None,
-                 grammars=None, speculative: SpeculativeConfig | None = None):
+                 grammars=None, speculative: SpeculativeConfig | None = None, loras: LoraBank | None = None):
         """`prefix_cache_blocks`: KV blocks of 16 tokens the prefix cache keeps (None: half the rows' tokens,
-        0: no prefix cache). `speculative`: n-gram speculative decoding (None: off)."""
+        0: no prefix cache). `speculative`: n-gram speculative decoding (None: off). `loras`: the LoRA
+        adapters requests may name, a bank over `model` (None: the base model only)."""
         cfg = model.config
         self.model = model.eval()
         self.vocab_size = cfg.vocab_size
@@ -125,6 +130,7 @@ class Engine:
             prefix_cache_blocks = default_blocks(max_slots, self.max_context)
         self.prefix = PrefixCache(self.cache, prefix_cache_blocks) if prefix_cache_blocks > 0 else None
         self.spec = speculative
+        self.loras = loras
         self.free = list(range(max_slots))  # min-heap of free rows: busy rows stay packed at the bottom
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -147,14 +153,17 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request (a non-empty prompt, ids in the vocabulary, shorter than max_context); it is
-        admitted at the next step that finds a free row."""
+    def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+            lora: str | None = None) -> str:
+        """Queue a request (a non-empty prompt, ids in the vocabulary, shorter than max_context; `lora`: an
+        adapter loaded in the bank, kept loaded while the request runs); it is admitted at the next step
+        that finds a free row."""
         if len(self.running) + len(self.waiting) >= self.capacity:
             raise QueueFull(f"{self.max_slots} rows busy and {self.max_waiting} requests waiting")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         sampler = RequestSampler(params, prompt, self.vocab_size, self.device, self.grammars)
-        self.waiting.append(Request(rid, list(prompt), params, sampler, StopStrings(self.decode, params.stop)))
+        self.waiting.append(Request(rid, list(prompt), params, sampler, StopStrings(self.decode, params.stop),
+                                    lora=lora))
         return rid
 
     def abort(self, request_id: str) -> Output | None:
@@ -168,6 +177,10 @@ class Engine:
                 self._release(req)
                 return self._final(req, "abort")
         return None
+
+    def uses_lora(self, name: str) -> bool:
+        """Whether a waiting or running request runs with adapter `name` (it may not be unloaded)."""
+        return any(r.lora == name for r in itertools.chain(self.waiting, self.running.values()))
 
     def fail_all(self, error: str) -> list[Output]:
         """End every request with finish_reason "error" (the step loop cannot go on)."""
@@ -199,7 +212,7 @@ class Engine:
             batches.setdefault((len(req.prompt) - req.cached, req.params.prompt_logprobs), []).append(req)
         for (_, want_all), reqs in batches.items():  # want_all: the LM head on every position (echo logprobs)
             ids = torch.tensor([r.prompt[r.cached:] for r in reqs], device=self.device)  # (n, T)
-            logits = self.model(ids, kv_cache=self.cache, rows=[r.slot for r in reqs], last_only=not want_all)
+            logits = self._forward(ids, reqs, [r.slot for r in reqs], last_only=not want_all)
             logits = logits[:, :, : self.vocab_size]  # (n, T or 1, V)
             if self.prefix is not None:
                 for r in reqs:
@@ -221,13 +234,19 @@ class Engine:
             outs += self._decode_speculative(decoding, drafts, stats)
         elif decoding:
             last = torch.tensor([[r.generated[-1]] for r in decoding], device=self.device)  # (B, 1)
-            logits = self.model(last, kv_cache=self.cache, rows=self._rows(decoding))[:, -1, : self.vocab_size]
+            logits = self._forward(last, decoding, self._rows(decoding))[:, -1, : self.vocab_size]
             tokens, lps = sample_batch(logits, [r.sampler for r in decoding])  # logits (B, V)
             outs += [self._accept(r, t, lp) for r, t, lp in zip(decoding, tokens, lps)]
         stats.decode_batch = len(decoding)
         if self.on_step is not None:
             self.on_step(stats)
         return outs
+
+    def _forward(self, ids: torch.Tensor, reqs: list[Request], rows, last_only: bool = False) -> torch.Tensor:
+        """The model over `ids` (B, T), row i continuing `reqs[i]`'s cache row with its LoRA adapter."""
+        if self.loras is not None:
+            self.loras.set_rows([r.lora for r in reqs])
+        return self.model(ids, kv_cache=self.cache, rows=rows, last_only=last_only)
 
     def _rows(self, reqs: list[Request]) -> torch.Tensor | None:
         """Cache rows of `reqs` (in row order); None for rows 0..B-1 exactly, where the cache hands
@@ -255,7 +274,7 @@ class Engine:
         cut the rows back past the rejected drafts (model/speculative.py)."""
         lengths = [len(r.prompt) + len(r.generated) - 1 for r in decoding]  # cached tokens of each row
         ids, drafts = draft_batch([r.generated[-1] for r in decoding], drafts, self.max_context - 1 - max(lengths))
-        logits = self.model(torch.tensor(ids, device=self.device), kv_cache=self.cache, rows=self._rows(decoding))
+        logits = self._forward(torch.tensor(ids, device=self.device), decoding, self._rows(decoding))
         kept, entries = verify_rows(logits[:, :, : self.vocab_size], drafts, [r.sampler for r in decoding])
         kept_lengths = [n + len(k) for n, k in zip(lengths, kept)]
         if kept_lengths != [n + len(ids[0]) for n in lengths]:  # some row rejected a draft or was padded
@@ -272,7 +291,7 @@ class Engine:
 
     def _load_prefix(self, req: Request, stats: StepStats) -> None:
         """Start the request's row from the cached blocks of its prompt's longest known prefix."""
-        req.blocks = block_hashes(req.prompt)
+        req.blocks = block_hashes(req.prompt, salt=self.loras.identity[req.lora] if req.lora else b"")
         if req.params.prompt_logprobs:
             return  # prompt logprobs need the logits of every prompt position: nothing may be skipped
         hit = self.prefix.match(req.blocks, (len(req.prompt) - 1) // BLOCK)  # the last token is computed

@@ -10,7 +10,9 @@ blocks goes in and out of a row by one gather or scatter along the block axis, n
 
 Block i of a prompt holds its tokens i*BLOCK .. (i+1)*BLOCK - 1, whose keys and values depend on
 every token before them, so a block is named by a hash chain over the prompt:
-h_i = sha256(h_{i-1} || token ids of block i), h_{-1} = b"". Equal names mean equal prefixes.
+h_i = sha256(h_{i-1} || token ids of block i), h_{-1} = the request's LoRA adapter identity (b"" for the
+base model: an adapter changes every key and value, as vLLM puts the LoRA id in its block hashes). Equal
+names mean equal prefixes under the same weights.
 
     match(hashes, limit)         the longest run of cached blocks from the start (block ids)
     load(cache, row, blocks)     copy them into a row: the row then starts len(blocks) * BLOCK long
@@ -40,10 +42,10 @@ from mtnlg_ray.model.kv_cache import KVCache
 BLOCK = 16  # tokens per block (vLLM's default block size)
 
 
-def block_hashes(tokens: list[int], n_blocks: int | None = None) -> list[bytes]:
-    """Names of the first `n_blocks` (default: every full) blocks of `tokens`: the hash chain."""
+def block_hashes(tokens: list[int], n_blocks: int | None = None, salt: bytes = b"") -> list[bytes]:
+    """Names of the first `n_blocks` (default: every full) blocks of `tokens`: the hash chain from `salt`."""
     n = len(tokens) // BLOCK if n_blocks is None else n_blocks
-    out, prev = [], b""
+    out, prev = [], salt
     for i in range(n):
         prev = hashlib.sha256(prev + array("q", tokens[i * BLOCK:(i + 1) * BLOCK]).tobytes()).digest()
         out.append(prev)

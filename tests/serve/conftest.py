@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sysconfig
 from pathlib import Path
@@ -45,3 +46,38 @@ def serve_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LORAS = {"sql": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+         "chat": {"rank": 2, "alpha": 4.0, "target_modules": ["k_proj", "out_proj", "up_proj"]},
+         "poem": {"rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "down_proj"]}}
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_checkpoint, tmp_path_factory) -> dict:
+    """LoRA fine-tune runs over the tiny model, as `mtnlg finetune` with `lora` writes them (random nonzero
+    A and B instead of trained ones): {name: (run dir, the merged model's state dict)}."""
+    from mtnlg_ray.checkpoint import sharded
+    from mtnlg_ray.checkpoint.manifest import read_config
+    from mtnlg_ray.checkpoint.remote import checkpoint_dir_name
+    from mtnlg_ray.config import LoraConfig
+    from mtnlg_ray.model.lora import apply_lora, merge_lora_state
+
+    base = native.load_tensors(tiny_checkpoint)
+    cfg, _ = read_config(tiny_checkpoint)
+    out = {}
+    for seed, (name, lora) in enumerate(LORAS.items()):
+        model = GPT(cfg)
+        model.load_state_dict(base, strict=False)  # a tied lm_head is not stored
+        apply_lora(model, LoraConfig(**lora))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:  # the adapters
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        local = sharded.save([model], [], {"step": 1, "consumed_samples": 1, "tokens": 1},
+                             {"model": cfg.model_dump(mode="json"), "kind": "finetune", "job": {"lora": lora}}, None)
+        run = tmp_path_factory.mktemp(f"lora_{name}")
+        shutil.move(local, run / checkpoint_dir_name(1))
+        out[name] = (run, merge_lora_state(model.state_dict(), LoraConfig(**lora)))
+    return out
