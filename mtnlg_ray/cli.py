@@ -122,7 +122,8 @@ def cmd_eval(args):
 
 # `mtnlg serve` flags (vLLM's names where vLLM has one) -> the serve keys they set
 SERVE_FLAGS = {"host": "host", "port": "port", "api_key": "api_key", "served_model_name": "model_name",
-               "max_model_len": "max_context", "max_num_seqs": "max_batch_slots", "chat_template": "chat_template"}
+               "max_model_len": "max_context", "max_num_seqs": "max_batch_slots", "chat_template": "chat_template",
+               "max_loras": "max_loras"}
 
 
 def serve_job(args):
@@ -142,6 +143,13 @@ def serve_job(args):
                if v is not None}
     if scaling:
         section.setdefault("autoscaling", {}).update(scaling)
+    for item in args.lora_modules or []:  # vLLM's --lora-modules name=path ...
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise ConfigError(f"--lora-modules: {item!r} is not NAME=PATH")
+        if not isinstance(section.get("lora_adapters", {}), dict):
+            raise ConfigError(f"{source}: serve.lora_adapters: must be a mapping")
+        section.setdefault("lora_adapters", {})[name] = path
     return validate(ServeJob, apply_overrides(data, args.set), source)
 
 
@@ -150,6 +158,17 @@ def cmd_serve(args):
 
     check_exists(args.checkpoint)
     job = serve_job(args)  # validated before importing Ray and torch
+    if job.serve.lora_adapters:  # each a LoRA run of the served model's shape (config files only)
+        from mtnlg_ray.checkpoint.lora_adapter import check_adapter
+        from mtnlg_ray.checkpoint.source import open_source
+        from mtnlg_ray.errors import UserError
+
+        base = open_source(job.serve.checkpoint).config()
+        for name, path in job.serve.lora_adapters.items():
+            try:
+                check_adapter(path, base)
+            except UserError as err:
+                raise type(err)(f"serve.lora_adapters.{name}: {err}") from None
     from mtnlg_ray.serve.deploy import run_serve
 
     run_serve(job)
@@ -272,6 +291,12 @@ def _serve_args(p):
                    help="sequences decoded together per replica (serve.max_batch_slots, default: 8)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja2 chat template file (serve.chat_template, default: the checkpoint's, else built in)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA fine-tune runs served unmerged beside the model, each chosen by `model`: NAME "
+                   "(serve.lora_adapters)")
+    p.add_argument("--max-loras", type=int, default=None, metavar="N",
+                   help="LoRA adapters a replica holds; a runtime load beyond it unloads the least recently used "
+                   "(serve.max_loras, default: 4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ServeJob key, e.g. --set serve.max_batch_slots=16 (repeatable)")
 

@@ -162,3 +162,28 @@ def test_a_shipped_config_by_name_and_its_errors_before_ray(tmp_path):
     res, _ = probe("preprocess", "quickstart")
     assert res.returncode == 2 and res.stderr.startswith("error: quickstart: that is a shipped pretrain config, not a "
                                                          "preprocess one (preprocess configs shipped: jsonl_example")
+
+
+def test_serve_lora_modules_flags_and_their_errors_before_ray_or_torch(tmp_path):
+    from mtnlg_ray.cli import serve_job
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="debug", vocab_size=64)
+    ckpt = str(native.save(GPT(cfg).state_dict(), cfg, tmp_path / "ckpt"))
+    job = serve_job(build_parser().parse_args(["serve", ckpt, "--lora-modules", "a=runs/a", "b=runs/b",
+                                               "--max-loras", "3"]))
+    assert (job.serve.lora_adapters, job.serve.max_loras) == ({"a": "runs/a", "b": "runs/b"}, 3)
+    missing = tmp_path / "missing"
+    for args, (code, line) in {
+        ("--lora-modules", "sqlonly"): (2, "--lora-modules: 'sqlonly' is not NAME=PATH"),
+        ("--lora-modules", "a=x", "b=y", "--max-loras", "1"):
+            (2, "mtnlg serve: serve: lora_adapters: 2 adapters exceed max_loras=1"),
+        ("--lora-modules", f"sql={missing}"):
+            (2, f"serve.lora_adapters.sql: {missing}: no such checkpoint, run directory or GPT-2 directory"),
+        ("--lora-modules", f"sql={ckpt}"):
+            (1, f"serve.lora_adapters.sql: {ckpt}: not a LoRA fine-tune run or checkpoint (a native checkpoint "
+                "has plain weights; serve it as a model of its own)"),
+    }.items():
+        res, _ = probe("serve", ckpt, "--port", "0", *args)
+        assert (res.returncode, res.stderr) == (code, f"error: {line}\n")
+        assert heavy(res) == "heavy: []"

@@ -82,11 +82,26 @@ class ServeConfig(Section):
     prefix_cache_blocks: int | None = Field(None, gt=0, description="16-token KV blocks the prefix cache keeps "
                                             "per replica; None: half the tokens of the KV-cache rows")
     speculative: SpeculativeConfig | None = Field(None, description="n-gram speculative decoding; None: off")
+    lora_adapters: dict[str, str] = Field(default_factory=dict, description="LoRA fine-tune runs (or checkpoints) "
+                                          "served unmerged beside the base model, by the `model` name clients send "
+                                          "(--lora-modules name=path)")
+    max_loras: int = Field(4, gt=0, description="LoRA adapters one replica holds; loading one more at runtime "
+                           "unloads the least recently used idle one (--max-loras)")
 
     @property
     def engine_prefix_blocks(self) -> int | None:
         """The engine's prefix_cache_blocks: 0 when caching is off, None for the default size."""
         return self.prefix_cache_blocks if self.enable_prefix_caching else 0
+
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> "ServeConfig":
+        if len(self.lora_adapters) > self.max_loras:
+            raise ValueError(f"lora_adapters: {len(self.lora_adapters)} adapters exceed max_loras={self.max_loras}")
+        for name in self.lora_adapters:
+            if not name or name == self.model_name:
+                raise ValueError(f"lora_adapters: adapter name {name!r} must be non-empty and differ from "
+                                 f"model_name={self.model_name!r}")
+        return self
 
     @model_validator(mode="after")
     def _engine_holds_ongoing(self) -> "ServeConfig":

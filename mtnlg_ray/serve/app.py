@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP server: a FastAPI ingress on a Ray Serve deployment.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE with `stream: true`, ending in
-`data: [DONE]`), GET /v1/models, GET /health, GET /metrics, GET /version, and from the mixin in
+`data: [DONE]`), GET /v1/models, POST /v1/load_lora_adapter and /v1/unload_lora_adapter (LoRA adapters
+served unmerged, chosen per request by `model`: lora_adapters.py), GET /health, GET /metrics, GET /version,
+and from the mixin in
 tokenization.py POST /tokenize, POST /detokenize, GET /tokenizer_info; ingress.py holds the FastAPI
 object, errors, body reading and the OpenAPI document (/openapi.json, Swagger UI at /docs).
 Every error is an OpenAI error body `{"error": {"message", "type", "param", "code"}}` with
@@ -24,6 +26,7 @@ or `mtnlg serve CHECKPOINT` (`run_serve`).
 """
 
 import asyncio
+import copy
 import json
 import logging
 import math
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import ray
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 
@@ -46,12 +49,13 @@ from mtnlg_ray.serve.engine import QueueFull
 from mtnlg_ray.serve.engine_client import EngineDead, Group, InvalidRequest
 from mtnlg_ray.serve.engine_process import ProcessEngine
 from mtnlg_ray.serve.ingress import APIError, api, body_doc, check_api_key, document_key, read_body
+from mtnlg_ray.serve.lora_adapters import LoraAdapters
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.proxy import RETRY_AFTER_S
 from mtnlg_ray.serve.render import Choice, Renderer, new_id, usage
 from mtnlg_ray.serve.schemas import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                     CompletionRequest, CompletionResponse, ModelCard, ModelList, VersionResponse,
-                                     error_body)
+                                     CompletionRequest, CompletionResponse, LoadLoraAdapterRequest, ModelCard,
+                                     ModelList, UnloadLoraAdapterRequest, VersionResponse, error_body)
 from mtnlg_ray.serve.tokenization import Tokenization
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,9 @@ class OpenAIServer(Tokenization):
         device = cfg.device if cfg.device != "auto" else ("auto" if cfg.num_gpus else "cpu")
         # The model and its engine live in a child process (engine_process.py); this one does HTTP.
         self.engine = ProcessEngine(cfg.checkpoint, device, cfg.max_batch_slots, cfg.max_context, cfg.max_waiting,
-                                    cfg.engine_prefix_blocks, cfg.speculative)
+                                    cfg.engine_prefix_blocks, cfg.speculative, cfg.lora_adapters, cfg.max_loras)
+        self.loras = LoraAdapters(self.engine, cfg.model_name, self.engine.model_config, cfg.max_loras,
+                                  cfg.lora_adapters, cfg.retry_after_s)
         self.tok = load_tokenizer(self.engine.tokenizer_path)
         self.context = self.engine.max_context
         self.metrics = ServeMetrics(self.engine)
@@ -133,10 +139,17 @@ class OpenAIServer(Tokenization):
         self._auth(request)
         return await read_body(request, model_cls, self.cfg.max_body_bytes)
 
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.cfg.model_name:
-            raise APIError(404, f"The model `{name}` does not exist (this server has `{self.cfg.model_name}`)",
-                           param="model", code="model_not_found")
+    def _check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter the request's `model` names (None: the base model); 404 if it is neither."""
+        return self.loras.resolve(name)
+
+    def _renderer(self, lora: str | None) -> Renderer:
+        """The response renderer; an adapter's responses name the adapter as their `model` (as vLLM)."""
+        if lora is None:
+            return self.render
+        render = copy.copy(self.render)  # shares the token-string cache
+        render.model = lora
+        return render
 
     def _max_tokens(self, value: int | None, prompt_len: int, param: str) -> int:
         if value is None:  # all the room left (a prompt that leaves none is refused at submit)
@@ -146,14 +159,14 @@ class OpenAIServer(Tokenization):
                            param=param, code="invalid_value")
         return value
 
-    def _submit(self, requests: list, prompt_param: str) -> Group:
+    def _submit(self, requests: list, prompt_param: str, lora: str | None = None) -> Group:
         """Hand the requests to the engine client, which validates them (the one place); its errors as HTTP."""
         capacity = self.engine.capacity
         if len(requests) > capacity:
             raise APIError(400, f"{len(requests)} sequences (prompts x n) exceed the {capacity} this server runs at "
                            f"once", param="n", code="invalid_value")
         try:
-            group = self.engine.submit(requests)
+            group = self.engine.submit(requests, lora)
         except InvalidRequest as err:
             param = prompt_param if err.field == "prompt" else err.field
             if err.too_long:
@@ -221,7 +234,8 @@ class OpenAIServer(Tokenization):
     async def completions(self, request: Request):
         arrival = time.perf_counter()
         req: CompletionRequest = await self._body(request, CompletionRequest)
-        self._check_model(req.model)
+        lora = self._check_model(req.model)
+        render = self._renderer(lora)
         prompts = [self.truncate(self.encode_text(p, req.split_special_tokens) if isinstance(p, str) else list(p),
                                  req.truncate_prompt_tokens) for p in req.prompts]
         max_tokens = self._max_tokens(16 if req.max_tokens is None else req.max_tokens, 0, "max_tokens")  # OpenAI: 16
@@ -232,16 +246,16 @@ class OpenAIServer(Tokenization):
             for j in range(req.n):
                 submits.append((ids, req.sampling_params(max_tokens, (self.eod,), req.logprobs, want_prompt_lp, j)))
                 choices.append(Choice(len(choices), ids, p_i))
-        group = self._submit(submits, "prompt")
+        group = self._submit(submits, "prompt", lora)
         tracker = Tracker(self.metrics, arrival)
         if not req.stream:
             await self._collect(group, choices, tracker)
-            return JSONResponse(self.render.completion(choices, req.echo, logprobs).model_dump())
+            return JSONResponse(render.completion(choices, req.echo, logprobs).model_dump())
         rid, created = new_id("cmpl")
         include = req.stream_options is not None and req.stream_options.include_usage
-        usage_chunk = (lambda u: CompletionResponse(id=rid, created=created, model=self.cfg.model_name, choices=[],
+        usage_chunk = (lambda u: CompletionResponse(id=rid, created=created, model=render.model, choices=[],
                                                     usage=u)) if include else None
-        chunks = lambda c, out: [self.render.completion_chunk(rid, created, c, out, req.echo, logprobs)]  # noqa: E731
+        chunks = lambda c, out: [render.completion_chunk(rid, created, c, out, req.echo, logprobs)]  # noqa: E731
         return StreamingResponse(self._stream(group, choices, tracker, chunks, usage_chunk),
                                  media_type="text/event-stream")
 
@@ -250,7 +264,8 @@ class OpenAIServer(Tokenization):
     async def chat_completions(self, request: Request):
         arrival = time.perf_counter()
         req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
-        self._check_model(req.model)
+        lora = self._check_model(req.model)
+        render = self._renderer(lora)
         ids = self.encode_messages(req.chat_messages(), True, req.split_special_tokens)
         ids = self.truncate(ids, req.truncate_prompt_tokens)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -258,17 +273,17 @@ class OpenAIServer(Tokenization):
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         stops = (self.chat_stop, self.eod)
         group = self._submit([(ids, req.sampling_params(max_tokens, stops, top_n, choice=j)) for j in range(req.n)],
-                             "messages")
+                             "messages", lora)
         choices = [Choice(j, ids, 0) for j in range(req.n)]
         tracker = Tracker(self.metrics, arrival)
         if not req.stream:
             await self._collect(group, choices, tracker)
-            return JSONResponse(self.render.chat(choices, req.logprobs).model_dump())
+            return JSONResponse(render.chat(choices, req.logprobs).model_dump())
         rid, created = new_id("chatcmpl")
         include = req.stream_options is not None and req.stream_options.include_usage
-        usage_chunk = (lambda u: ChatCompletionChunk(id=rid, created=created, model=self.cfg.model_name, choices=[],
+        usage_chunk = (lambda u: ChatCompletionChunk(id=rid, created=created, model=render.model, choices=[],
                                                      usage=u)) if include else None
-        chunks = lambda c, out: self.render.chat_chunks(rid, created, c, out, req.logprobs)  # noqa: E731
+        chunks = lambda c, out: render.chat_chunks(rid, created, c, out, req.logprobs)  # noqa: E731
         return StreamingResponse(self._stream(group, choices, tracker, chunks, usage_chunk),
                                  media_type="text/event-stream")
 
@@ -276,8 +291,28 @@ class OpenAIServer(Tokenization):
     @api.get("/v1/models", response_model=ModelList, tags=["models"])
     async def models(self, request: Request):
         self._auth(request)
-        card = ModelCard(id=self.cfg.model_name, max_model_len=self.context)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        cards = [ModelCard(id=self.cfg.model_name, max_model_len=self.context)]
+        cards += [ModelCard(id=name, root=path, parent=self.cfg.model_name, max_model_len=self.context)
+                  for name, path in self.loras.paths.items()]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @api.post("/v1/load_lora_adapter", tags=["models"], openapi_extra=body_doc(LoadLoraAdapterRequest))
+    async def load_lora_adapter(self, request: Request):
+        req: LoadLoraAdapterRequest = await self._body(request, LoadLoraAdapterRequest)
+        try:
+            await self.loras.load(req.lora_name, req.lora_path)
+        except EngineDead as err:
+            raise self._dead(str(err))
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @api.post("/v1/unload_lora_adapter", tags=["models"], openapi_extra=body_doc(UnloadLoraAdapterRequest))
+    async def unload_lora_adapter(self, request: Request):
+        req: UnloadLoraAdapterRequest = await self._body(request, UnloadLoraAdapterRequest)
+        try:
+            await self.loras.unload(req.lora_name)
+        except EngineDead as err:
+            raise self._dead(str(err))
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @api.get("/health", tags=["operations"])
     async def health(self):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from abc import ABC, abstractmethod
+from collections import Counter
 from typing import Callable, Iterable
 
 from mtnlg_ray.serve.engine import Output, QueueFull, StepStats
@@ -100,6 +101,8 @@ class EngineClient(ABC):
         self.on_step: Callable[[StepStats], None] | None = None  # what each step did (prefills, batch, caches)
         self.on_dead: Callable[[str], None] | None = None  # the stepper stopped (on the loop, once)
         self._routes: dict[str, Group] = {}
+        self._lora_of: dict[str, str] = {}  # request id -> its LoRA adapter (requests that name one)
+        self.lora_in_flight: Counter[str] = Counter()  # adapter -> its requests in flight (loop side: exact)
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -121,22 +124,38 @@ class EngineClient(ABC):
             raise InvalidRequest("prompt", f"This model's maximum context length is {C} tokens, but the prompt "
                                  f"has {len(prompt)} tokens (at most {C - 1} leave room to generate)", too_long=True)
 
-    def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> Group:
-        """Validate every request, then queue all or none: InvalidRequest, QueueFull or EngineDead."""
+    def submit(self, requests: list[tuple[list[int], SamplingParams]], lora: str | None = None) -> Group:
+        """Validate every request, then queue all or none: InvalidRequest, QueueFull or EngineDead. `lora`: the
+        loaded LoRA adapter they run with (None: the base model)."""
         for prompt, params in requests:
             self.validate(prompt, params)
         self.check_health()
         if self.in_flight + len(requests) > self.capacity:
             raise QueueFull(f"{self.in_flight} requests in flight; capacity {self.capacity}")
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._start()
+        self._ensure_started()
         group = Group(self, [f"req-{next(self._ids)}" for _ in requests])
         for rid, (prompt, params) in zip(group.ids, requests):
             self._routes[rid] = group
-            self._add(rid, prompt, params)
+            if lora is not None:
+                self._lora_of[rid] = lora
+                self.lora_in_flight[lora] += 1
+            self._add(rid, prompt, params, lora)
         self.in_flight += len(requests)
         return group
+
+    def _ensure_started(self) -> None:
+        """At the first use on the loop: start the stepper (its outputs come back on this loop)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._start()
+
+    def _done(self, rid: str) -> None:  # loop side: a request's final output was delivered or it was aborted
+        self.in_flight -= 1
+        lora = self._lora_of.pop(rid, None)
+        if lora is not None:
+            self.lora_in_flight[lora] -= 1
+            if not self.lora_in_flight[lora]:
+                del self.lora_in_flight[lora]
 
     def check_health(self) -> None:
         """Raise EngineDead once the stepper has stopped; the first check to see it stopped (before its
@@ -148,7 +167,7 @@ class EngineClient(ABC):
 
     def _abort(self, rid: str) -> None:  # loop side
         if self._routes.pop(rid, None) is not None:
-            self.in_flight -= 1
+            self._done(rid)
             self._cancel(rid)
 
     def _deliver(self, outs: list[Output]) -> None:  # loop side
@@ -158,7 +177,7 @@ class EngineClient(ABC):
                 continue  # aborted meanwhile
             if out.finished:
                 del self._routes[out.request_id]
-                self.in_flight -= 1
+                self._done(out.request_id)
             group.queue.put_nowait(out)
 
     def _fail_open(self, error: str, outs: list[Output] = ()) -> None:  # loop side: the stepper is gone
@@ -175,8 +194,8 @@ class EngineClient(ABC):
         """Start the stepper (at the first submit: outputs come back on the running loop)."""
 
     @abstractmethod
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
-        """Hand a validated request to the stepper."""
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, lora: str | None = None) -> None:
+        """Hand a validated request to the stepper (`lora`: its adapter, loaded there)."""
 
     @abstractmethod
     def _cancel(self, rid: str) -> None:

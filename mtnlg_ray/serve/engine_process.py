@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import queue
+from collections import deque
 import signal
 import socket
 import subprocess
@@ -29,14 +30,17 @@ from pathlib import Path
 
 import torch
 
+from mtnlg_ray.checkpoint.lora_adapter import read_adapter
 from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config.serve import SpeculativeConfig
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.model.generate import use_decode_layout
 from mtnlg_ray.serve.engine import Engine, Output, StepStats
-from mtnlg_ray.serve.engine_client import EngineClient
-from mtnlg_ray.serve.messages import (Abort, Add, Dead, EngineSpec, LoadFailed, Ready, Shutdown, StepResult)
+from mtnlg_ray.model.multi_lora import LoraBank
+from mtnlg_ray.serve.engine_client import EngineClient, EngineDead
+from mtnlg_ray.serve.messages import (Abort, Add, Dead, EngineSpec, LoadFailed, LoadLora, LoraDone, Ready, Shutdown,
+                                      StepResult, UnloadLora)
 from mtnlg_ray.serve.sampling import SamplingParams
 from mtnlg_ray.serve.structured import GrammarCompiler
 
@@ -56,7 +60,8 @@ class ProcessEngine(EngineClient):
 
     def __init__(self, checkpoint: str, device: str = "cpu", max_slots: int = 8, max_context: int | None = None,
                  max_waiting: int = 64, prefix_cache_blocks: int | None = None,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, lora_adapters: dict[str, str] | None = None,
+                 max_loras: int = 4):
         super().__init__()
         ours, theirs = socket.socketpair()
         env = dict(os.environ)  # the replica's (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES), and our package
@@ -67,7 +72,7 @@ class ProcessEngine(EngineClient):
         theirs.close()
         self._conn = Connection(ours.detach())
         self._conn.send(EngineSpec(checkpoint, device, max_slots, max_context, max_waiting, prefix_cache_blocks,
-                                   speculative))
+                                   speculative, dict(lora_adapters or {}), max_loras))
         try:
             ready = self._conn.recv()  # blocks while the child loads the model
         except EOFError:
@@ -79,9 +84,11 @@ class ProcessEngine(EngineClient):
         self.max_slots, self.max_waiting = ready.max_slots, ready.max_waiting
         self.max_context, self.vocab_size = ready.max_context, ready.vocab_size
         self.tokenizer_path, self.device, self.pid = ready.tokenizer, ready.device, self._proc.pid
+        self.model_config = ready.model
         self.num_running = self.num_waiting = 0
         self.free_rows = self.max_slots
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lora_replies: deque = deque()  # futures of the LoadLora / UnloadLora sent, answered in order
         self._sender = threading.Thread(target=self._send_loop, name="engine-commands", daemon=True)
         self._sender.start()
 
@@ -89,8 +96,32 @@ class ProcessEngine(EngineClient):
     def _start(self) -> None:  # the first submit: outputs come back on this loop
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
-        self._outbox.put(Add(rid, prompt, params))
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, lora: str | None = None) -> None:
+        self._outbox.put(Add(rid, prompt, params, lora))
+
+    async def load_lora(self, name: str, path: str) -> str | None:
+        """Load a LoRA run's adapters as `name` into the engine's bank: None, or why not in one line.
+        EngineDead if the engine stops meanwhile."""
+        return await self._lora_call(LoadLora(name, path))
+
+    async def unload_lora(self, name: str) -> str | None:
+        """Free adapter `name`'s slot (no request may be using it): None, or why not."""
+        return await self._lora_call(UnloadLora(name))
+
+    async def _lora_call(self, msg) -> str | None:
+        self.check_health()
+        self._ensure_started()
+        reply = self._loop.create_future()
+        self._lora_replies.append(reply)
+        self._outbox.put(msg)
+        return await reply
+
+    def _fail_open(self, error: str, outs: list[Output] = ()) -> None:
+        super()._fail_open(error, outs)
+        while self._lora_replies:
+            reply = self._lora_replies.popleft()
+            if not reply.done():
+                reply.set_exception(EngineDead(self.error))
 
     def _cancel(self, rid: str) -> None:
         self._outbox.put(Abort(rid))
@@ -117,6 +148,8 @@ class ProcessEngine(EngineClient):
                     self._deliver(msg.outputs)
                     if self.on_step is not None and (msg.stats.prefills or msg.stats.decode_batch):
                         self.on_step(msg.stats)
+                elif isinstance(msg, LoraDone):
+                    self._lora_replies.popleft().set_result(msg.error)
                 elif isinstance(msg, Dead):
                     self._fail_open(msg.error, msg.outputs)
         except (EOFError, OSError):
@@ -149,9 +182,33 @@ def build_engine(spec: EngineSpec) -> tuple[Engine, Ready]:
     use_decode_layout(model)  # the LM head's fast layout for decode steps (CPU)
     engine = Engine(model, spec.max_slots, spec.max_context, spec.max_waiting, decode=tokenizer.decode,
                     prefix_cache_blocks=spec.prefix_cache_blocks, speculative=spec.speculative,
-                    grammars=GrammarCompiler(tokenizer, model.config.vocab_size))  # structured outputs
+                    grammars=GrammarCompiler(tokenizer, model.config.vocab_size),  # structured outputs
+                    loras=LoraBank(model, spec.max_loras))  # layers are wrapped by the first adapter targeting them
+    for name, path in spec.lora_adapters.items():
+        if (error := load_lora(engine, name, path)) is not None:
+            raise UserError(f"lora_adapters.{name}: {error}")
     return engine, Ready(engine.max_slots, engine.max_waiting, engine.max_context, engine.vocab_size,
-                         str(tokenizer.path), str(device))
+                         str(tokenizer.path), str(device), model.config)
+
+
+def load_lora(engine: Engine, name: str, path: str) -> str | None:
+    """Read a LoRA run's adapters into the engine's bank: None, or why not in one line (the engine goes on)."""
+    try:
+        engine.loras.load(name, read_adapter(path, engine.model.config))
+    except (UserError, ValueError) as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - an unreadable adapter must not stop the engine
+        return f"{path}: cannot read the adapters ({type(err).__name__}: {err})"
+    return None
+
+
+def unload_lora(engine: Engine, name: str) -> str | None:
+    if name not in engine.loras:
+        return f"LoRA adapter {name!r} is not loaded"
+    if engine.uses_lora(name):
+        return f"LoRA adapter {name!r} has requests running"
+    engine.loras.unload(name)
+    return None
 
 
 def serve_steps(conn: Connection) -> int:
@@ -175,9 +232,13 @@ def serve_steps(conn: Connection) -> int:
                 if isinstance(msg, Shutdown):
                     return 0
                 if isinstance(msg, Add):
-                    engine.add(msg.prompt, msg.params, request_id=msg.request_id)
+                    engine.add(msg.prompt, msg.params, request_id=msg.request_id, lora=msg.lora)
                 elif isinstance(msg, Abort):
                     engine.abort(msg.request_id)
+                elif isinstance(msg, LoadLora):
+                    conn.send(LoraDone(msg.name, load_lora(engine, msg.name, msg.path)))
+                elif isinstance(msg, UnloadLora):
+                    conn.send(LoraDone(msg.name, unload_lora(engine, msg.name)))
                 handled = True
             last[0] = StepStats()
             if engine.has_work:

@@ -4,17 +4,19 @@ They cross one socket pair as pickled objects (multiprocessing `Connection`), be
 of this package only; a field added on one side is a field on the other, and a handler matches on
 the class, never on a position in a tuple.
 
-    replica -> engine process    EngineSpec (once), then Add | Abort | Shutdown
-    engine process -> replica    Ready | LoadFailed (once), then a StepResult per step, or Dead
-                                 (a step raised; the process then exits)
+    replica -> engine process    EngineSpec (once), then Add | Abort | LoadLora | UnloadLora | Shutdown
+    engine process -> replica    Ready | LoadFailed (once), then a StepResult per step, a LoraDone per
+                                 LoadLora / UnloadLora (in their order), or Dead (a step raised; the
+                                 process then exits)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: this module stays import-light
+    from mtnlg_ray.config import ModelConfig
     from mtnlg_ray.config.serve import SpeculativeConfig
     from mtnlg_ray.serve.engine import Output, StepStats
     from mtnlg_ray.serve.sampling import SamplingParams
@@ -32,6 +34,8 @@ class EngineSpec:
     max_waiting: int  # queued requests beyond the rows
     prefix_cache_blocks: int | None = None  # 16-token KV blocks of the prefix cache; None: default, 0: off
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None: off
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded at start: name -> path
+    max_loras: int = 4  # adapter slots of the model's LoRA bank
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Add:
     request_id: str
     prompt: list[int]  # token ids
     params: SamplingParams
+    lora: str | None = None  # a loaded LoRA adapter's name; None: the base model
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,21 @@ class Abort:
     """Drop a request now (the client left); its row is free at the next step."""
 
     request_id: str
+
+
+@dataclass(frozen=True)
+class LoadLora:
+    """Read a LoRA run's adapters (checkpoint/lora_adapter.py) into a free slot of the bank, as `name`."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class UnloadLora:
+    """Free adapter `name`'s slot (the replica sends it once no request uses the adapter)."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,7 @@ class Ready:
     vocab_size: int
     tokenizer: str  # path of the checkpoint's tokenizer.model, for the replica to load
     device: str
+    model: ModelConfig | None = None  # the served model's architecture (LoRA adapters are checked against it)
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,14 @@ class LoadFailed:
     """The checkpoint could not be loaded; `message` is one line for the operator."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class LoraDone:
+    """The answer to a LoadLora or UnloadLora: `error` is one line when it failed, else None."""
+
+    name: str
+    error: str | None = None
 
 
 @dataclass(frozen=True)

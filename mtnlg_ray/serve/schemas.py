@@ -222,6 +222,20 @@ class DetokenizeRequest(RequestBody):
     tokens: list[int] = Field(max_length=MAX_TOKENS_LIMIT)
 
 
+class LoadLoraAdapterRequest(RequestBody):
+    """vLLM's /v1/load_lora_adapter body: serve a LoRA fine-tune run's adapters as model `lora_name`."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, description="a LoRA fine-tune run directory or checkpoint on the server")
+
+
+class UnloadLoraAdapterRequest(RequestBody):
+    """vLLM's /v1/unload_lora_adapter body (`lora_int_id` is accepted and ignored, as names identify adapters)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
 # ------------------------------------------------------------------------------------ responses
 class ResponseBody(BaseModel):
     """Base of every response body."""
@@ -357,6 +371,8 @@ class ModelCard(ResponseBody):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "mtnlg"
+    root: str | None = None  # a LoRA adapter's path (as vLLM)
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int
 
 

@@ -44,8 +44,8 @@ class ThreadEngine(EngineClient):
         self._thread = threading.Thread(target=self._run, name="engine-steps", daemon=True)
         self._thread.start()
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
-        self._inbox.append(Add(rid, prompt, params))
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, lora: str | None = None) -> None:
+        self._inbox.append(Add(rid, prompt, params, lora))
         self._wake.set()
 
     def _cancel(self, rid: str) -> None:
@@ -69,7 +69,7 @@ class ThreadEngine(EngineClient):
                 while self._inbox:
                     msg = self._inbox.popleft()
                     if isinstance(msg, Add):
-                        engine.add(msg.prompt, msg.params, request_id=msg.request_id)
+                        engine.add(msg.prompt, msg.params, request_id=msg.request_id, lora=msg.lora)
                     else:
                         engine.abort(msg.request_id)
                 if not engine.has_work:
