@@ -8,6 +8,7 @@ keeps the names clients may send as `model`, least recently used first, and deci
     load(name, path)      checks the path (checkpoint/lora_adapter.py: a LoRA run of the served model's
                           shape) before anything changes; at the bound, unloads the least recently used
                           adapter that has no request in flight (503 if every one has); then the engine loads it
+                          (a load that fails there leaves that adapter unloaded)
     unload(name)          the name stops resolving at once; the slot is freed once its requests finish
 
 A request's adapter cannot be unloaded under it: `resolve` and the engine client's `submit` run with no
@@ -51,7 +52,10 @@ class LoraAdapters:
         return model
 
     async def load(self, name: str, path: str) -> None:
-        if name == self.base_name or name in self.paths:
+        if name == self.base_name:
+            raise APIError(400, f"lora_name: `{name}` is the base model's name", param="lora_name",
+                           code="invalid_value")
+        if name in self.paths:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name",
                            code="invalid_value")
         try:  # the path's files only (no tensors), off the event loop: a remote run is fetched first

@@ -93,6 +93,8 @@ def test_runtime_load_and_unload_need_the_key_and_the_bound_unloads_the_least_re
 
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "poem", "lora_path": str(tiny_loras["poem"][0])})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": NAME, "lora_path": str(tiny_loras["chat"][0])})
+    assert r.status_code == 400 and r.json()["error"]["message"] == f"lora_name: `{NAME}` is the base model's name"
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "base", "lora_path": str(tiny_checkpoint)})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
     assert "not a LoRA fine-tune run" in r.json()["error"]["message"]
