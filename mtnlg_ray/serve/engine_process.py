@@ -149,7 +149,9 @@ class ProcessEngine(EngineClient):
                     if self.on_step is not None and (msg.stats.prefills or msg.stats.decode_batch):
                         self.on_step(msg.stats)
                 elif isinstance(msg, LoraDone):
-                    self._lora_replies.popleft().set_result(msg.error)
+                    reply = self._lora_replies.popleft()
+                    if not reply.done():  # its caller may have been cancelled
+                        reply.set_result(msg.error)
                 elif isinstance(msg, Dead):
                     self._fail_open(msg.error, msg.outputs)
         except (EOFError, OSError):

@@ -62,6 +62,20 @@ class LoraAdapters:
             await asyncio.to_thread(check_adapter, path, self.base)
         except UserError as err:
             raise APIError(400, f"lora_path: {err}", param="lora_path", code="invalid_value") from None
+        await asyncio.shield(self._load(name, path))  # a client that leaves cannot cut it half-way
+
+    async def unload(self, name: str) -> None:
+        if name not in self.paths:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
+                           code="model_not_found")
+        await asyncio.shield(self._unload_if_served(name))
+
+    async def _unload_if_served(self, name: str) -> None:
+        async with self._lock:
+            if name in self.paths:  # not unloaded meanwhile
+                await self._unload(name)
+
+    async def _load(self, name: str, path: str) -> None:
         async with self._lock:
             if name in self.paths:  # loaded meanwhile
                 raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name",
@@ -72,14 +86,6 @@ class LoraAdapters:
             if error is not None:
                 raise APIError(400, f"lora_path: {error}", param="lora_path", code="invalid_value")
             self.paths[name] = path
-
-    async def unload(self, name: str) -> None:
-        if name not in self.paths:
-            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
-                           code="model_not_found")
-        async with self._lock:
-            if name in self.paths:
-                await self._unload(name)
 
     def _idle_victim(self) -> str:
         """The least recently used adapter with no request in flight; 503 when every one has some."""
