@@ -56,8 +56,9 @@ class MultiLoraLinear(nn.Module):
         self.base, self.batch, self.max_loras = base, batch, max_loras
         self.in_features, self.out_features = base.in_features, base.out_features
         w = base.weight
-        self.register_buffer("lora_A", torch.zeros(max_loras, 0, self.in_features, dtype=w.dtype, device=w.device))
-        self.register_buffer("lora_B", torch.zeros(max_loras, self.out_features, 0, dtype=w.dtype, device=w.device))
+        kw = dict(dtype=w.dtype if w.is_floating_point() else torch.float32, device=w.device)  # int8 base: float32
+        self.register_buffer("lora_A", torch.zeros(max_loras, 0, self.in_features, **kw))
+        self.register_buffer("lora_B", torch.zeros(max_loras, self.out_features, 0, **kw))
 
     @property
     def weight(self) -> torch.Tensor:  # the base weight (code that inspects a linear's weight still finds it)
