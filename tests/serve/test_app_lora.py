@@ -1,7 +1,7 @@
 """Multi-LoRA serving over real HTTP, on a deployment built from `mtnlg serve --lora-modules sql=RUN
 --max-loras 2 --api-key KEY`: /v1/models lists the adapters, a request's `model` picks one (its output is
-the merged model's), vLLM's runtime load / unload routes need the key, a load at the bound unloads the
-least recently used adapter, and unknown names get OpenAI errors with the right status."""
+the merged model's; structured outputs hold), vLLM's runtime load / unload routes need the key, a load at
+the bound unloads the least recently used adapter, and unknown names get OpenAI errors with the right status."""
 
 from __future__ import annotations
 
@@ -70,6 +70,9 @@ def test_models_list_the_adapters_and_each_request_gets_its_merged_models_output
     for m, r in zip(["sql", NAME, "sql", NAME], answers):
         assert r.status_code == 200, r.text
         assert (r.json()["model"], r.json()["choices"][0]["text"]) == (m, want[m])
+    r = http.post("/v1/completions", json={"model": "sql", "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                           "structured_outputs": {"choice": ["yes", "no"]}})
+    assert r.json()["choices"][0]["text"] in ("yes", "no")  # structured outputs hold for adapter requests
     r = complete(http, "nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found" and "`sql`" in r.text
 
