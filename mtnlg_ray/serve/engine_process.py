@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import os
 import queue
-from collections import deque
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections import deque
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -36,8 +36,8 @@ from mtnlg_ray.config.serve import SpeculativeConfig
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.model.generate import use_decode_layout
-from mtnlg_ray.serve.engine import Engine, Output, StepStats
 from mtnlg_ray.model.multi_lora import LoraBank
+from mtnlg_ray.serve.engine import Engine, Output, StepStats
 from mtnlg_ray.serve.engine_client import EngineClient, EngineDead
 from mtnlg_ray.serve.messages import (Abort, Add, Dead, EngineSpec, LoadFailed, LoadLora, LoraDone, Ready, Shutdown,
                                       StepResult, UnloadLora)
