@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mtnlg_ray.config.serve import SpeculativeConfig
+from mtnlg_ray.model import decode_layout
 from mtnlg_ray.model.kv_cache import KVCache
 
 
@@ -47,8 +48,14 @@ def sample_next(
 
 
 @torch.no_grad()
-def use_decode_layout(model) -> None:
-    """Store the LM head weight column-major, in place: same values, shape and name, strides (1, V).
+def use_decode_layout(model, quantization: str | None = None) -> None:
+    """Prepare `model` for decoding: the LM head's column-major layout and the decode plan.
+
+    The plan (model/decode_layout.py) runs every later KV-cached eval forward with fused q/k/v
+    products and fewer ops, same logits; `quantization="int8"` makes its products int8
+    (model/quantize.py), None keeps the model's current choice ("none" the first time).
+
+    The LM head weight is stored column-major, in place: same values, shape and name, strides (1, V).
 
     A decode step multiplies a few hidden states by the (V, d) head, a memory-bound matrix-vector
     product over the model's largest matrix. CPU BLAS streams a weight laid out as a contiguous
@@ -59,10 +66,16 @@ def use_decode_layout(model) -> None:
     """
     head = getattr(model, "lm_head", None)
     w = getattr(head, "weight", None)
-    if w is None or w.device.type != "cpu" or type(w.data) is not torch.Tensor or w.dim() != 2:
-        return
-    if w.stride() != (1, w.shape[0]):
-        w.data = w.data.t().contiguous().t()
+    if w is not None and w.device.type == "cpu" and type(w.data) is torch.Tensor and w.dim() == 2:
+        if w.stride() != (1, w.shape[0]):
+            w.data = w.data.t().contiguous().t()
+    if not hasattr(model, "decode_plan"):
+        return  # not a GPT (a pipeline stage's wrapper, a test double)
+    plan = decode_layout.current_plan(model)
+    if quantization is None:
+        quantization = plan.quantization if plan is not None else "none"
+    if plan is None or plan.quantization != quantization:
+        decode_layout.plan_decode(model, quantization)
 
 
 @torch.no_grad()
@@ -78,6 +91,7 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     speculative: SpeculativeConfig | dict | None = None,
+    quantization: str | None = None,
 ):
     """Continue prompts with incremental decoding.
 
@@ -86,6 +100,8 @@ def generate(
     `pad_id`, default eos), or a list of lists (prompt + generated, ending at eos if produced).
     Decoding also stops at the model's context length. `speculative`: a SpeculativeConfig (or its
     fields, e.g. {"num_speculative_tokens": 4, "prompt_lookup_max": 3}) for n-gram speculative decoding.
+    `quantization`: "int8" decodes with int8 weights (model/quantize.py), "none" in float; None keeps
+    the model's current choice (see `use_decode_layout`).
     """
     device = next(model.parameters()).device
     as_tensor = isinstance(input_ids, torch.Tensor)
@@ -101,7 +117,7 @@ def generate(
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)
     was_training = model.training
     model.eval()
-    use_decode_layout(model)
+    use_decode_layout(model, quantization)
     cache = KVCache.for_model(model, B, max_len=longest + max(max_new_tokens, 0))
 
     # Prefill: all rows at once when they have one length, else row by row into their own rows.

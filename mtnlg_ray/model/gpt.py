@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtnlg_ray.config import ModelConfig
+from mtnlg_ray.model import decode_layout
 from mtnlg_ray.model import generate as decoding
 from mtnlg_ray.model.kv_cache import KVCache
 
@@ -151,6 +152,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
+        self.decode_plan = None  # cached eval forwards run it when set (model/decode_layout.py)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -204,6 +206,11 @@ class GPT(nn.Module):
         the tokens continue rows `rows` of the cache (None: rows 0..B-1) and those rows advance.
         `last_only` skips the LM head for all but the last position (a prompt prefill needs only it).
         """
+        plan = getattr(self, "decode_plan", None) if kv_cache is not None and not self.training else None
+        if plan is not None and not torch.is_grad_enabled():
+            plan = decode_layout.current_plan(self)  # same logits, fewer and fused ops
+            if plan is not None:
+                return plan(self, input_ids, kv_cache, rows, last_only)
         B, T = input_ids.shape[:2]
         if rows is not None:
             rows = torch.as_tensor(rows, device=input_ids.device, dtype=torch.long)

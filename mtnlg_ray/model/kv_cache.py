@@ -91,6 +91,14 @@ class KVCache:
             return kl[: k.shape[0], :, :length], vl[: k.shape[0], :, :length]
         return kl[rows, :, :length], vl[rows, :, :length]
 
+    def write_column(self, layer: int, batch: int, length: int, k: torch.Tensor, v: torch.Tensor):
+        """`update` for rows 0..B-1 that all write one token at position length - 1: k, v (B, H, 1, D)
+        in, views k, v (B, H, length, D) out, through slices (no index tensors: a decode step's case)."""
+        kl, vl = self.k[layer, :batch], self.v[layer, :batch]  # (B, H, max_len, D)
+        kl[:, :, length - 1] = k[:, :, 0]
+        vl[:, :, length - 1] = v[:, :, 0]
+        return kl[:, :, :length], vl[:, :, :length]
+
     def advance(self, rows: torch.Tensor | None, batch: int, n_new: int) -> None:
         if rows is None:
             self.lengths[:batch] += n_new
