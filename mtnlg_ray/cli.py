@@ -123,7 +123,7 @@ def cmd_eval(args):
 # `mtnlg serve` flags (vLLM's names where vLLM has one) -> the serve keys they set
 SERVE_FLAGS = {"host": "host", "port": "port", "api_key": "api_key", "served_model_name": "model_name",
                "max_model_len": "max_context", "max_num_seqs": "max_batch_slots", "chat_template": "chat_template",
-               "max_loras": "max_loras"}
+               "max_loras": "max_loras", "quantization": "quantization"}
 
 
 def serve_job(args):
@@ -297,6 +297,8 @@ def _serve_args(p):
     p.add_argument("--max-loras", type=int, default=None, metavar="N",
                    help="LoRA adapters a replica holds; a runtime load beyond it unloads the least recently used "
                    "(serve.max_loras, default: 4)")
+    p.add_argument("--quantization", choices=["none", "int8"], default=None,
+                   help="int8: decode with int8 weights, CPU (serve.quantization, default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ServeJob key, e.g. --set serve.max_batch_slots=16 (repeatable)")
 

@@ -87,6 +87,8 @@ class ServeConfig(Section):
                                           "(--lora-modules name=path)")
     max_loras: int = Field(4, gt=0, description="LoRA adapters one replica holds; loading one more at runtime "
                            "unloads the least recently used idle one (--max-loras)")
+    quantization: Literal["none", "int8"] = Field("none", description="int8: decode with int8 weights (per output "
+                                                  "channel, CPU; model/quantize.py); none: float (--quantization)")
 
     @property
     def engine_prefix_blocks(self) -> int | None:

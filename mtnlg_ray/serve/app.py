@@ -77,7 +77,8 @@ class OpenAIServer(Tokenization):
         device = cfg.device if cfg.device != "auto" else ("auto" if cfg.num_gpus else "cpu")
         # The model and its engine live in a child process (engine_process.py); this one does HTTP.
         self.engine = ProcessEngine(cfg.checkpoint, device, cfg.max_batch_slots, cfg.max_context, cfg.max_waiting,
-                                    cfg.engine_prefix_blocks, cfg.speculative, cfg.lora_adapters, cfg.max_loras)
+                                    cfg.engine_prefix_blocks, cfg.speculative, cfg.lora_adapters, cfg.max_loras,
+                                    quantization=cfg.quantization)
         self.loras = LoraAdapters(self.engine, cfg.model_name, self.engine.model_config, cfg.max_loras,
                                   cfg.lora_adapters, cfg.retry_after_s)
         self.tok = load_tokenizer(self.engine.tokenizer_path)

@@ -61,7 +61,7 @@ class ProcessEngine(EngineClient):
     def __init__(self, checkpoint: str, device: str = "cpu", max_slots: int = 8, max_context: int | None = None,
                  max_waiting: int = 64, prefix_cache_blocks: int | None = None,
                  speculative: SpeculativeConfig | None = None, lora_adapters: dict[str, str] | None = None,
-                 max_loras: int = 4):
+                 max_loras: int = 4, quantization: str = "none"):
         super().__init__()
         ours, theirs = socket.socketpair()
         env = dict(os.environ)  # the replica's (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES), and our package
@@ -72,7 +72,7 @@ class ProcessEngine(EngineClient):
         theirs.close()
         self._conn = Connection(ours.detach())
         self._conn.send(EngineSpec(checkpoint, device, max_slots, max_context, max_waiting, prefix_cache_blocks,
-                                   speculative, dict(lora_adapters or {}), max_loras))
+                                   speculative, dict(lora_adapters or {}), max_loras, quantization))
         try:
             ready = self._conn.recv()  # blocks while the child loads the model
         except EOFError:
@@ -181,7 +181,7 @@ def build_engine(spec: EngineSpec) -> tuple[Engine, Ready]:
     if tokenizer is None:
         raise UserError(f"{spec.checkpoint}: has no tokenizer; the server needs one to read text")
     model = source.model(device)
-    use_decode_layout(model)  # the LM head's fast layout for decode steps (CPU)
+    use_decode_layout(model, spec.quantization)  # decode plan: fused products, int8 weights if asked (CPU)
     engine = Engine(model, spec.max_slots, spec.max_context, spec.max_waiting, decode=tokenizer.decode,
                     prefix_cache_blocks=spec.prefix_cache_blocks, speculative=spec.speculative,
                     grammars=GrammarCompiler(tokenizer, model.config.vocab_size),  # structured outputs

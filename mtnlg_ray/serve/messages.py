@@ -36,6 +36,7 @@ class EngineSpec:
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None: off
     lora_adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded at start: name -> path
     max_loras: int = 4  # adapter slots of the model's LoRA bank
+    quantization: str = "none"  # "int8": int8 weights for decoding (model/quantize.py)
 
 
 @dataclass(frozen=True)
