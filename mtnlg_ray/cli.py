@@ -159,16 +159,10 @@ def cmd_serve(args):
     check_exists(args.checkpoint)
     job = serve_job(args)  # validated before importing Ray and torch
     if job.serve.lora_adapters:  # each a LoRA run of the served model's shape (config files only)
-        from mtnlg_ray.checkpoint.lora_adapter import check_adapter
+        from mtnlg_ray.checkpoint.lora_adapter import check_adapters
         from mtnlg_ray.checkpoint.source import open_source
-        from mtnlg_ray.errors import UserError
 
-        base = open_source(job.serve.checkpoint).config()
-        for name, path in job.serve.lora_adapters.items():
-            try:
-                check_adapter(path, base)
-            except UserError as err:
-                raise type(err)(f"serve.lora_adapters.{name}: {err}") from None
+        check_adapters(job.serve.lora_adapters, open_source(job.serve.checkpoint).config())
     from mtnlg_ray.serve.deploy import run_serve
 
     run_serve(job)

@@ -30,6 +30,15 @@ def check_adapter(location: str, base: ModelConfig | None = None) -> LoraConfig:
     return _open(location, base)[1]
 
 
+def check_adapters(adapters: dict[str, str], base: ModelConfig) -> None:
+    """`check_adapter` of each of serve.lora_adapters ({name: location}); the error names the key."""
+    for name, location in adapters.items():
+        try:
+            check_adapter(location, base)
+        except UserError as err:
+            raise type(err)(f"serve.lora_adapters.{name}: {err}") from None
+
+
 def read_adapter(location: str, base: ModelConfig | None = None):
     """The adapter's tensors as `LoraWeights` (after `check_adapter`'s checks)."""
     from mtnlg_ray.checkpoint import sharded  # torch: see the module docstring

@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve import Application
 
 from mtnlg_ray import console
+from mtnlg_ray.checkpoint.lora_adapter import check_adapters
 from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import ServeJob, ServeConfig, validate
 from mtnlg_ray.data.chat import load_chat_template
@@ -76,11 +77,14 @@ def build_app(args: ServeJob) -> Application:
 
 def check_job(job: ServeJob) -> None:
     """Refuse, in one line and before Ray starts, a checkpoint no replica could load (else Serve retries its
-    constructor over and over) and a chat template that is missing or does not compile. No weights are
-    loaded; a run's checkpoint is chosen by its manifest, and one on remote storage is fetched to this node."""
+    constructor over and over), a LoRA adapter that is not a LoRA run of the served model, and a chat
+    template that is missing or does not compile. No weights are loaded; a run's checkpoint is chosen by
+    its manifest, and one on remote storage is fetched to this node."""
     path = job.serve.checkpoint
-    if open_source(path).tokenizer_path is None:
+    source = open_source(path)
+    if source.tokenizer_path is None:
         raise UserError(f"{path}: has no tokenizer.model; the server needs a tokenizer to read text")
+    check_adapters(job.serve.lora_adapters, source.config())
     load_chat_template(job.serve.chat_template)
 
 

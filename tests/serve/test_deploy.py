@@ -72,6 +72,9 @@ def test_mtnlg_serve_args(tiny_checkpoint, tmp_path):
         check_job(job_of(*flags, checkpoint="/no/such/dir"))
     with pytest.raises(UserError, match="no checkpoint_"):  # a directory that is not any checkpoint
         check_job(job_of(*flags, checkpoint=str(tmp_path)))
+    # a Serve YAML's adapters are checked as --lora-modules are (else the replica's constructor fails forever)
+    with pytest.raises(UserError, match=r"serve.lora_adapters.sql: .*not a LoRA fine-tune run"):
+        check_job(job_of(*flags, "--lora-modules", f"sql={tiny_checkpoint}"))
 
 
 def test_mtnlg_serve_command_serves_until_sigterm_and_drains(tiny_checkpoint, port):
