@@ -165,7 +165,7 @@ def test_a_shipped_config_by_name_and_its_errors_before_ray(tmp_path):
 
 
 def test_serve_lora_modules_flags_and_their_errors_before_ray_or_torch(tmp_path):
-    from mtnlg_ray.cli import serve_job
+    from mtnlg_ray.serve.flags import serve_job
 
     torch.manual_seed(0)
     cfg = ModelConfig(preset="debug", vocab_size=64)

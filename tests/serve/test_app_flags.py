@@ -18,7 +18,8 @@ import pytest
 
 from mtnlg_ray import __version__
 from mtnlg_ray.checkpoint.native import build_model
-from mtnlg_ray.cli import build_parser, serve_job
+from mtnlg_ray.cli import build_parser
+from mtnlg_ray.serve.flags import serve_job
 from mtnlg_ray.data.chat import render_chat
 from mtnlg_ray.model.generate import generate
 

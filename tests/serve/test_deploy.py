@@ -52,7 +52,8 @@ def test_serve_configs_validate_and_misspelled_keys_are_refused():
 
 
 def test_mtnlg_serve_args(tiny_checkpoint, tmp_path):
-    from mtnlg_ray.cli import build_parser, serve_job
+    from mtnlg_ray.cli import build_parser
+    from mtnlg_ray.serve.flags import serve_job
     from mtnlg_ray.errors import ConfigError, UserError
     from mtnlg_ray.serve.deploy import check_job
 
