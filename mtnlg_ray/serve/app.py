@@ -62,6 +62,13 @@ log = logging.getLogger(__name__)
 EXIT_GRACE_S = 2.0  # after its engine died, a replica exits once its open responses are written, at most this late
 
 
+def _usage_chunk(req, cls: type[BaseModel], rid: str, created: int, model: str):
+    """stream_options.include_usage: usage -> the stream's last chunk (no choices, the usage); else None."""
+    if req.stream_options is None or not req.stream_options.include_usage:
+        return None
+    return lambda u: cls(id=rid, created=created, model=model, choices=[], usage=u)
+
+
 def _sse(obj: BaseModel | dict) -> str:
     body = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
     return f"data: {body}\n\n"
@@ -140,17 +147,21 @@ class OpenAIServer(Tokenization):
         self._auth(request)
         return await read_body(request, model_cls, self.cfg.max_body_bytes)
 
-    def _check_model(self, name: str | None) -> str | None:
-        """The LoRA adapter the request's `model` names (None: the base model); 404 if it is neither."""
-        return self.loras.resolve(name)
+    async def _open(self, request: Request, model_cls: type[BaseModel]):
+        """A generation request's start: (arrival time, its validated body, its LoRA adapter, its renderer)."""
+        arrival = time.perf_counter()
+        req = await self._body(request, model_cls)
+        return (arrival, req, *self._model_of(req.model))
 
-    def _renderer(self, lora: str | None) -> Renderer:
-        """The response renderer; an adapter's responses name the adapter as their `model` (as vLLM)."""
+    def _model_of(self, name: str | None) -> tuple[str | None, Renderer]:
+        """(the LoRA adapter the request's `model` names, None: the base model; 404 if it is neither, and
+        the response renderer: an adapter's responses name the adapter as their `model`, as vLLM's)."""
+        lora = self.loras.resolve(name)
         if lora is None:
-            return self.render
+            return None, self.render
         render = copy.copy(self.render)  # shares the token-string cache
         render.model = lora
-        return render
+        return lora, render
 
     def _max_tokens(self, value: int | None, prompt_len: int, param: str) -> int:
         if value is None:  # all the room left (a prompt that leaves none is refused at submit)
@@ -233,10 +244,7 @@ class OpenAIServer(Tokenization):
     @api.post("/v1/completions", response_model=CompletionResponse, tags=["generation"],
               openapi_extra=body_doc(CompletionRequest))
     async def completions(self, request: Request):
-        arrival = time.perf_counter()
-        req: CompletionRequest = await self._body(request, CompletionRequest)
-        lora = self._check_model(req.model)
-        render = self._renderer(lora)
+        arrival, req, lora, render = await self._open(request, CompletionRequest)
         prompts = [self.truncate(self.encode_text(p, req.split_special_tokens) if isinstance(p, str) else list(p),
                                  req.truncate_prompt_tokens) for p in req.prompts]
         max_tokens = self._max_tokens(16 if req.max_tokens is None else req.max_tokens, 0, "max_tokens")  # OpenAI: 16
@@ -253,9 +261,7 @@ class OpenAIServer(Tokenization):
             await self._collect(group, choices, tracker)
             return JSONResponse(render.completion(choices, req.echo, logprobs).model_dump())
         rid, created = new_id("cmpl")
-        include = req.stream_options is not None and req.stream_options.include_usage
-        usage_chunk = (lambda u: CompletionResponse(id=rid, created=created, model=render.model, choices=[],
-                                                    usage=u)) if include else None
+        usage_chunk = _usage_chunk(req, CompletionResponse, rid, created, render.model)
         chunks = lambda c, out: [render.completion_chunk(rid, created, c, out, req.echo, logprobs)]  # noqa: E731
         return StreamingResponse(self._stream(group, choices, tracker, chunks, usage_chunk),
                                  media_type="text/event-stream")
@@ -263,10 +269,7 @@ class OpenAIServer(Tokenization):
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["generation"],
               openapi_extra=body_doc(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
-        arrival = time.perf_counter()
-        req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
-        lora = self._check_model(req.model)
-        render = self._renderer(lora)
+        arrival, req, lora, render = await self._open(request, ChatCompletionRequest)
         ids = self.encode_messages(req.chat_messages(), True, req.split_special_tokens)
         ids = self.truncate(ids, req.truncate_prompt_tokens)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -281,9 +284,7 @@ class OpenAIServer(Tokenization):
             await self._collect(group, choices, tracker)
             return JSONResponse(render.chat(choices, req.logprobs).model_dump())
         rid, created = new_id("chatcmpl")
-        include = req.stream_options is not None and req.stream_options.include_usage
-        usage_chunk = (lambda u: ChatCompletionChunk(id=rid, created=created, model=render.model, choices=[],
-                                                     usage=u)) if include else None
+        usage_chunk = _usage_chunk(req, ChatCompletionChunk, rid, created, render.model)
         chunks = lambda c, out: render.chat_chunks(rid, created, c, out, req.logprobs)  # noqa: E731
         return StreamingResponse(self._stream(group, choices, tracker, chunks, usage_chunk),
                                  media_type="text/event-stream")

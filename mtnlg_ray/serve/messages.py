@@ -60,8 +60,8 @@ class Abort:
 class LoadLora:
     """Read a LoRA run's adapters (checkpoint/lora_adapter.py) into a free slot of the bank, as `name`."""
 
-    name: str
-    path: str
+    name: str  # the `model` requests name it by
+    path: str  # a LoRA fine-tune's run directory, checkpoint_* or remote URI
 
 
 @dataclass(frozen=True)

@@ -272,20 +272,17 @@ class CompletionLogprobs(ResponseBody):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(ResponseBody):
+class ChoiceBody(ResponseBody):
+    """What every choice carries beside its text, message or delta."""
+
     index: int
+    logprobs: Any = None  # CompletionLogprobs or ChatLogprobs
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while streaming
+
+
+class CompletionChoice(ChoiceBody):
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class CompletionResponse(ResponseBody):
-    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class TopLogprob(ResponseBody):
@@ -312,36 +309,42 @@ class DeltaMessage(ResponseBody):
     content: str | None = None
 
 
-class ChatChoice(ResponseBody):
-    index: int
+class ChatChoice(ChoiceBody):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
 
 
-class ChatChunkChoice(ResponseBody):
-    index: int
+class ChatChunkChoice(ChoiceBody):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
 
 
-class ChatCompletionResponse(ResponseBody):
+class GenerationResponse(ResponseBody):
+    """What completions, chat completions and their stream chunks share (each narrows id, object, choices)."""
+
+    id: str
+    object: str
+    created: int = Field(default_factory=lambda: int(time.time()))  # Unix seconds
+    model: str
+    choices: list
+    usage: Usage | None = None
+
+
+class CompletionResponse(GenerationResponse):
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ChatCompletionResponse(GenerationResponse):
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
 
 
-class ChatCompletionChunk(ResponseBody):
-    id: str
+class ChatCompletionChunk(GenerationResponse):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class TokenizeResponse(ResponseBody):

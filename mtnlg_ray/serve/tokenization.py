@@ -29,7 +29,7 @@ TOKENIZER_CLASSES = {"Tokenizer": "SentencePieceTokenizer", "GPT2BPETokenizer": 
 
 
 class Tokenization:
-    """Mixin: needs `tok`, `chat_template`, `context`, `cfg`, `_body` and `_check_model` from the class."""
+    """Mixin: needs `tok`, `chat_template`, `context`, `cfg`, `_body` and `_model_of` from the class."""
 
     def encode_text(self, text: str, split_special_tokens: bool) -> list[int]:
         return self.tok.encode(text, parse_special=not split_special_tokens)
@@ -63,7 +63,7 @@ class Tokenization:
     @api.post("/tokenize", response_model=TokenizeResponse, tags=["tokenization"], openapi_extra=body_doc(TokenizeRequest))
     async def tokenize(self, request: Request):
         req: TokenizeRequest = await self._body(request, TokenizeRequest)
-        self._check_model(req.model)
+        self._model_of(req.model)
         if req.prompt is not None:
             ids = self.encode_text(req.prompt, req.split_special_tokens)
         else:
@@ -77,7 +77,7 @@ class Tokenization:
               openapi_extra=body_doc(DetokenizeRequest))
     async def detokenize(self, request: Request):
         req: DetokenizeRequest = await self._body(request, DetokenizeRequest)
-        self._check_model(req.model)
+        self._model_of(req.model)
         if (message := outside_vocabulary(req.tokens, self.tok.vocab_size)) is not None:
             raise APIError(400, f"tokens: {message}", param="tokens", code="invalid_value")
         return {"prompt": self.tok.decode(req.tokens)}
