@@ -6,9 +6,12 @@ plain module graph pays three q/k/v products, a dozen module calls and a few sma
 for that; the plan below runs the same math with:
 
 - one fused (3d, d) q/k/v product per layer (one weight stream, one dispatch instead of three);
-- direct functional calls (no `nn.Module.__call__` per sub-module);
-- the LM head in the column-major layout (`generate.use_decode_layout`);
+- each product in the form CPU BLAS runs fastest for its row count (`_Product`: one row on both
+  cores as two half-matrix products, a few rows as (out, in) @ (in, N));
+- direct functional calls (no `nn.Module.__call__` per sub-module), and slice writes into the KV
+  cache when every row writes the same position (generate's steps);
 - optionally int8 weights (model/quantize.py) for every Linear and the LM head.
+Where a step's time goes before and after: docs/benchmarks.md ("Decoding").
 
 The plan is derived data, never the model's parameters: module names, state_dict and training
 stay as they are. `GPT.forward` hands a cached forward to the plan when the model has one and is
@@ -45,7 +48,7 @@ class _Product:
 
     Measured on 2 cores (MKL, weights read from memory, not cache; docs/benchmarks.md):
     - one row: MKL runs a matrix-vector product on one thread. The same product as a batch of two
-      half-matrices (2, out/2, in) @ (in, 1) runs on both, 1.2-1.5x faster than `F.linear` in
+      half-matrices (2, out/2, in) @ (in, 1) runs on both, 1.2-2x faster than `F.linear` in
       either layout. The halves are views of W (row-major), or of W^T for a column-major W (the
       LM head after use_decode_layout), so no copy.
     - 2-16 rows: the row-major (out, in) @ (in, N) product, transposed back as a view, is 1.2-3x
