@@ -81,6 +81,9 @@ class ServeConfig(Section):
                                         "earlier requests (outputs unchanged)")
     prefix_cache_blocks: int | None = Field(None, gt=0, description="16-token KV blocks the prefix cache keeps "
                                             "per replica; None: half the tokens of the KV-cache rows")
+    prefix_affinity_routing: bool = Field(True, description="send requests whose prompts start alike to the same "
+                                          "replica, where their prefix is cached (serve/router.py); false: Serve's "
+                                          "default router")
     speculative: SpeculativeConfig | None = Field(None, description="n-gram speculative decoding; None: off")
     lora_adapters: dict[str, str] = Field(default_factory=dict, description="LoRA fine-tune runs (or checkpoints) "
                                           "served unmerged beside the base model, by the `model` name clients send "

@@ -27,6 +27,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from mtnlg_ray import console
 from mtnlg_ray.checkpoint.lora_adapter import check_adapters
@@ -36,6 +37,7 @@ from mtnlg_ray.data.chat import load_chat_template
 from mtnlg_ray.errors import UserError
 from mtnlg_ray.serve.app import OpenAIServer
 from mtnlg_ray.serve.proxy import CONTROLLER_OPTIONS
+from mtnlg_ray.serve.router import PrefixAffinityRouter
 
 log = logging.getLogger(__name__)
 APP_NAME = "mtnlg"
@@ -64,6 +66,8 @@ def deployment_options(cfg: ServeConfig) -> dict:
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         ray_actor_options=actor,
+        **({"request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter)}
+           if cfg.prefix_affinity_routing else {}),
     )
 
 

@@ -1,4 +1,5 @@
-"""What runs in Ray Serve's HTTP proxy: an ASGI middleware that ends a response whose replica died.
+"""What runs in Ray Serve's HTTP proxy: an ASGI middleware that ends a response whose replica died (and
+router.py's, which names requests for prefix-affinity routing).
 
 Why here and not in the app: once a replica has started a response (a stream's first SSE chunk),
 the proxy has nothing to send if that replica's process dies. It drops the connection (Ray's
@@ -30,6 +31,8 @@ from __future__ import annotations
 import json
 
 from starlette.middleware import Middleware
+
+from mtnlg_ray.serve.router import PrefixKey
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "mtnlg_ray.serve.proxy:middlewares"
@@ -94,5 +97,6 @@ class EndCutResponses:
 
 
 def middlewares() -> list[Middleware]:
-    """The proxy callback named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH."""
-    return [Middleware(EndCutResponses)]
+    """The proxy callback named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: this module's middleware,
+    and router.py's, which names a generation request by its prompt's prefix for prefix-affinity routing."""
+    return [Middleware(EndCutResponses), Middleware(PrefixKey)]

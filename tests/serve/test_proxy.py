@@ -9,6 +9,7 @@ import json
 import yaml
 
 from mtnlg_ray.serve.proxy import CALLBACK, CONTROLLER_OPTIONS, PROXY_ENV, EndCutResponses
+from mtnlg_ray.serve.router import PrefixKey
 
 SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
 JSON_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
@@ -71,7 +72,7 @@ def test_the_callback_is_what_serve_loads_and_the_yamls_name_it():
     from ray.serve.config import ControllerOptions
 
     mws = validate_http_proxy_callback_return(call_function_from_import_path(CALLBACK))  # Serve's own checks
-    assert [m.cls for m in mws] == [EndCutResponses]
+    assert [m.cls for m in mws] == [EndCutResponses, PrefixKey]
     ControllerOptions.model_validate(CONTROLLER_OPTIONS)
     root = Path(__file__).resolve().parents[2]
     config = yaml.safe_load((root / "jobs/configs/serve/serve_config.yaml").read_text())
