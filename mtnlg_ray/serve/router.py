@@ -92,7 +92,7 @@ class PrefixKey:
         if held[-1]["type"] == "http.request" and not held[-1].get("more_body", False):
             try:
                 key = prefix_key(json.loads(b"".join(m.get("body", b"") for m in held)))
-            except ValueError:  # not JSON: the replica answers with its 400
+            except Exception:  # not JSON, nested too deeply, odd field types: unnamed; the replica gives the 400
                 pass
         if key is not None:
             scope = {**scope, "headers": [*headers, (HEADER, key.encode())]}

@@ -44,7 +44,7 @@ def pretrain(cluster: LocalCluster, config: Path, *sets: str) -> subprocess.Comp
     return run(cmd, cluster)
 
 
-def test_pretraining_spreads_over_two_worker_nodes_and_resumes(cluster_pretrain_data, tmp_path):
+def test_pretraining_spreads_over_two_worker_nodes(cluster_pretrain_data, tmp_path):
     storage = tmp_path / "shared" / "runs"  # one filesystem: every "node" of this cluster sees it
     config = write_pretrain_config(tmp_path / "multinode.yaml", cluster_pretrain_data, storage, "spread",
                                    scaling={"placement_strategy": "SPREAD"})
@@ -66,16 +66,10 @@ def test_pretraining_spreads_over_two_worker_nodes_and_resumes(cluster_pretrain_
         assert len(where["train_workers"]) == 2 and len(set(where["train_workers"])) == 2  # SPREAD
         assert not set(where["train_workers"]) & set(head)
 
-        resumed = pretrain(cluster, config, "scaling.shared_storage=true", "train.max_steps=6")
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-
-    steps, events = read_metrics(storage / "spread")
-    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    assert [(e["from_step"], e["world_size"]) for e in events if e["event"] == "resume"] == [(4, 2)]
-    lines = [json.loads(line) for line in (storage / "spread" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(1 for r in lines if r.get("step") == 1) == 1  # the second run did not start over
+    steps, _ = read_metrics(storage / "spread")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
     checkpoints = sorted(p.name[:19] for p in (storage / "spread").glob("checkpoint_*") if p.is_dir())
-    assert checkpoints == ["checkpoint_00000004", "checkpoint_00000006"]  # num_to_keep: 2
+    assert checkpoints == ["checkpoint_00000002", "checkpoint_00000004"]  # on the shared storage
 
 
 def test_autoscaler_adds_a_node_for_workers_the_head_cannot_hold(cluster_pretrain_data, tmp_path):

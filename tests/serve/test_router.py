@@ -57,7 +57,8 @@ def test_middleware_names_generation_requests_and_passes_their_bodies_on_unchang
     assert seen == body and dict(scope["headers"])[HEADER] == prefix_key(json.loads(body)).encode()
     scope, _ = run_middleware("POST", "/v1/completions", [body], headers=[(b"X-Session-Id", b"mine")])
     assert scope["headers"] == [(b"X-Session-Id", b"mine")]  # the client's own session wins
-    for method, path, chunks in (("POST", "/v1/completions", [b"{not json"]), ("GET", "/v1/models", [b""]),
+    odd = [b"{not json"], [b"[" * 30000 + b"]" * 30000], [b'{"messages": [{"content": [{"text": 5}]}]}']
+    for method, path, chunks in (*(("POST", "/v1/completions", c) for c in odd), ("GET", "/v1/models", [b""]),
                                  ("POST", "/tokenize", [body])):
         scope, seen = run_middleware(method, path, chunks)
         assert HEADER not in dict(scope["headers"]) and seen == b"".join(chunks)
