@@ -56,6 +56,7 @@ from thread_engine import ThreadEngine  # noqa: E402  (the bare engine: an Engin
 import shared_prefix  # noqa: E402  (--shared-prefix; this script's directory is on sys.path)
 import speculative  # noqa: E402  (--speculative)
 import structured_outputs  # noqa: E402  (--structured)
+from tables import print_load  # noqa: E402
 
 LEVELS = (1, 4, 16)
 REPLICA_THREADS = 1  # the replica reserves num_cpus=1, so Ray gives it OMP_NUM_THREADS=1
@@ -235,7 +236,7 @@ def report(http: dict, bare: dict, per_round: list[float], args) -> None:
     print(f"\nServing benchmark: {args.n_layers}x{args.d_model} GPT (random weights), prompts {args.input_len} tokens, "
           f"{args.output_len} generated (ignore_eos, greedy), streaming; {args.replicas} replica(s), "
           f"{REPLICA_THREADS} torch thread each")
-    print(f"load average at start: {args.load:.2f} on {os.cpu_count()} cores\n")
+    print_load(args.load)
     head = (f"| {'path':<13} | {'conc':>4} | {'req/s':>6} | {'out tok/s':>9} | {'TTFT ms med / p99':>17} | "
             f"{'TPOT ms med / p99':>17} | {'ITL ms med / p99':>17} |")
     print(head)

@@ -22,7 +22,6 @@ the repetitive workload, no more than 5% slower on the non-repetitive one.
 from __future__ import annotations
 
 import ast
-import os
 import random
 import sysconfig
 import time
@@ -35,7 +34,7 @@ from mtnlg_ray.model.generate import generate, use_decode_layout
 from mtnlg_ray.model.gpt import GPT, lm_loss
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
-from tables import print_head  # this script's directory is on sys.path
+from tables import print_head, print_load  # this script's directory is on sys.path
 
 SPEC = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=2)
 COPY_STEPS, COPY_WINDOW = 500, 128  # training steps, tokens per copied window
@@ -151,7 +150,7 @@ def report(results: dict, args) -> None:
           f"{SPEC.prompt_lookup_max}), concurrency 1, {torch.get_num_threads()} torch thread(s); repetitive: a "
           f"2 x 256 GPT trained to copy, greedy, copying {COPY_WINDOW}-token function heads; non-repetitive: "
           f"random-weight {args.n_layers} x {args.d_model}, temperature 1.0; {OUTPUT_LEN} output tokens")
-    print(f"load average at start: {args.load:.2f}, at end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n")
+    print_load(args.load)
     head = (f"| {'workload':<14} | {'path':<10} | {'tok/s off':>9} | {'tok/s on':>8} | {'on / off':>8} | "
             f"{'acceptance':>10} |")
     print_head(head)
