@@ -21,7 +21,7 @@ import torch
 
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
-from tables import print_head, print_load  # this script's directory is on sys.path
+from tables import print_head  # this script's directory is on sys.path
 
 OUTPUT_LEN = 8  # tokens per request: TTFT is the measure, the rest only closes the request
 
@@ -58,10 +58,9 @@ def report(results: dict, prompt_len: int, args) -> None:
           f"{len(results['on'][0])} requests one at a time, each a 512-token shared system prompt + a distinct "
           f"32-token question ({prompt_len} tokens), {OUTPUT_LEN} output tokens; {torch.get_num_threads()} torch "
           f"thread(s)")
-    print_load(args.load)
     head = (f"| {'prefix caching':<14} | {'TTFT ms first':>13} | {'TTFT ms median, later':>21} | "
             f"{'prefill work, later':>19} |")
-    print_head(head)
+    print_head(head, args.load)
     medians = {}
     for name, (ttfts, cached) in results.items():
         medians[name] = statistics.median(ttfts[1:])

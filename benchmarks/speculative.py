@@ -34,7 +34,7 @@ from mtnlg_ray.model.generate import generate, use_decode_layout
 from mtnlg_ray.model.gpt import GPT, lm_loss
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
-from tables import print_head, print_load  # this script's directory is on sys.path
+from tables import print_head  # this script's directory is on sys.path
 
 SPEC = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=2)
 COPY_STEPS, COPY_WINDOW = 500, 128  # training steps, tokens per copied window
@@ -150,10 +150,9 @@ def report(results: dict, args) -> None:
           f"{SPEC.prompt_lookup_max}), concurrency 1, {torch.get_num_threads()} torch thread(s); repetitive: a "
           f"2 x 256 GPT trained to copy, greedy, copying {COPY_WINDOW}-token function heads; non-repetitive: "
           f"random-weight {args.n_layers} x {args.d_model}, temperature 1.0; {OUTPUT_LEN} output tokens")
-    print_load(args.load)
     head = (f"| {'workload':<14} | {'path':<10} | {'tok/s off':>9} | {'tok/s on':>8} | {'on / off':>8} | "
             f"{'acceptance':>10} |")
-    print_head(head)
+    print_head(head, args.load)
     ratios = {}
     for workload, r in results.items():
         acceptance = r["accepted"] / r["drafted"] if r["drafted"] else 0.0

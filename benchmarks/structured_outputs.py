@@ -21,7 +21,7 @@ import torch
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
 from mtnlg_ray.serve.structured import JSON_WHITESPACE, GrammarCompiler, GrammarSpec, mask_rows
-from tables import print_head, print_load  # this script's directory is on sys.path
+from tables import print_head  # this script's directory is on sys.path
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "size": {"type": "integer"},
                                            "code": {"type": "string"}},
@@ -89,10 +89,9 @@ def run(tokenizer, model, prompts: list[list[int]], output_len: int, rounds: int
 def report(results: dict, args) -> None:
     print(f"\nStructured outputs: {args.n_layers}x{args.d_model} GPT (random weights), bare engine, greedy, "
           f"{args.output_len} tokens per request, one torch thread; json_schema {json.dumps(SCHEMA)}")
-    print_load(args.load)
     head = (f"| {'batch':>5} | {'step ms free':>12} | {'step ms json':>12} | {'difference':>10} | "
             f"{'per row us':>10} | {'mask us/token':>13} | {'json tokens':>11} |")
-    print_head(head)
+    print_head(head, args.load)
     for batch, (free, constrained, us, length) in results.items():
         diff = (constrained - free) * 1e3
         print(f"| {batch:>5} | {free * 1e3:12.2f} | {constrained * 1e3:12.2f} | {diff:+10.2f} | "
