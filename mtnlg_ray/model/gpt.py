@@ -206,8 +206,7 @@ class GPT(nn.Module):
         the tokens continue rows `rows` of the cache (None: rows 0..B-1) and those rows advance.
         `last_only` skips the LM head for all but the last position (a prompt prefill needs only it).
         """
-        plan = getattr(self, "decode_plan", None) if kv_cache is not None and not self.training else None
-        if plan is not None and not torch.is_grad_enabled():
+        if kv_cache is not None and self.decode_plan is not None and not self.training and not torch.is_grad_enabled():
             plan = decode_layout.current_plan(self)  # same logits, fewer and fused ops
             if plan is not None:
                 return plan(self, input_ids, kv_cache, rows, last_only)

@@ -42,21 +42,26 @@ HEADER = b"x-session-id"  # Serve's session header (RAY_SERVE_SESSION_ID_HEADER_
 
 def prefix_text(body: dict) -> str:
     """The text that stands for a request body's prompt: `model`, then the prompt (completions: the first
-    prompt, token ids as numbers) or every message's role and content (chat)."""
+    prompt, token ids as numbers) or the messages' roles and contents (chat), at least its first
+    PREFIX_CHARS characters (what `prefix_key` hashes)."""
     parts = [str(body.get("model", ""))]
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of prompts: the first names it
     if isinstance(prompt, str):
-        parts.append(prompt)
-    elif isinstance(prompt, list):  # token ids
-        parts.append(",".join(str(t) for t in prompt))
+        parts.append(prompt[:PREFIX_CHARS])
+    elif isinstance(prompt, list):  # token ids: each at least one character
+        parts.append(",".join(str(t) for t in prompt[:PREFIX_CHARS]))
+    length = sum(map(len, parts))
     for m in body.get("messages") or ():
+        if length >= PREFIX_CHARS:  # the name is made of the first PREFIX_CHARS characters only
+            break
         if isinstance(m, dict):
             content = m.get("content")
             if isinstance(content, list):  # content parts
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             parts.append(f"<{m.get('role')}>{content}")
+            length += len(parts[-1]) + 1
     return "\x00".join(parts)
 
 
