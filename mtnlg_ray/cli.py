@@ -366,5 +366,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `mtnlg` console script: `main()`, then `exit_now` with its code."""
+    exit_now(main())
+
+
+def exit_now(code: int) -> None:
+    """End the process once the command is done: stop the Ray it started, flush the console, and
+    leave with os._exit. Everything a command writes is closed before it returns; what this skips
+    is the interpreter's teardown of torch's, Ray's and Arrow's modules, 1.5 s after every
+    training run on 2 cores."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

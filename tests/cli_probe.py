@@ -7,10 +7,11 @@ import subprocess
 import sys
 import time
 
-# What `python -m mtnlg_ray.cli ARGS` runs, then one last stdout line naming the heavy modules imported.
-PROBE = ("import runpy, sys\n"
-         "try:\n    runpy.run_module('mtnlg_ray.cli', run_name='__main__', alter_sys=True)\n"
-         "finally:\n    print('heavy:', sorted(m for m in ('torch', 'ray') if m in sys.modules))\n")
+# What `mtnlg ARGS` runs (cli.main), then one last stdout line naming the heavy modules imported.
+PROBE = ("import sys\nfrom mtnlg_ray.cli import main\n"
+         "try:\n    code = main(sys.argv[1:])\n"
+         "finally:\n    print('heavy:', sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
+         "sys.exit(code)\n")
 
 
 def probe(*args: str) -> tuple[subprocess.CompletedProcess, float]:

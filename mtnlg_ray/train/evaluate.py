@@ -1,6 +1,7 @@
 """Evaluation on the validation stream: the rows every rank keeps, and the token-weighted loss.
 
-`load_eval_set` reads the first `train.eval_batches` micro-batches (or the whole split) once;
+`load_eval_set` reads the first `train.eval_batches` micro-batches (or the whole split) once
+(`EvalSet`: in the background, from the start of the training function);
 `evaluate` runs them on every rank (dp rank r takes batches r, r+dp, ...) and returns the loss in
 nats per token, the perplexity and bits per byte. Fine-tuning's baseline uses the same rows.
 """
@@ -8,6 +9,7 @@ nats per token, the perplexity and bits per byte. Fine-tuning's baseline uses th
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,28 @@ def load_eval_set(shard, micro_batch: int, batches: int | str) -> list[dict[str,
         inp, lab = pad_rows(ids, out[-1].get("labels", ids), micro_batch - len(ids))
         out[-1] = {"input_ids": inp, "labels": lab}
     return out
+
+
+class EvalSet:
+    """`load_eval_set` run in a background thread from construction; `rows()` waits for its result.
+
+    Reading the split is a Ray Data execution that takes seconds to start on a small machine (its
+    executor, a read task's worker process); begun before the model is built and the train stream
+    opened, it overlaps both instead of delaying the first step. A read error is raised by `rows()`."""
+
+    def __init__(self, shard, micro_batch: int, batches: int | str):
+        self._rows = None
+        if shard is None:
+            self._rows = []
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="eval-set")
+        self._future = pool.submit(load_eval_set, shard, micro_batch, batches)
+        pool.shutdown(wait=False)  # the read goes on; the thread ends with it
+
+    def rows(self) -> list[dict[str, torch.Tensor]]:
+        if self._rows is None:
+            self._rows = self._future.result()
+        return self._rows
 
 
 def world_mean(values: list[float], device: torch.device) -> list[float]:

@@ -67,7 +67,7 @@ from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.model.lora import apply_lora
 from mtnlg_ray.parallel import build_mesh, parallelize
 from mtnlg_ray.train.batching import accumulate, deal
-from mtnlg_ray.train.evaluate import evaluate, load_eval_set, world_mean
+from mtnlg_ray.train.evaluate import EvalSet, evaluate, world_mean
 from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops,
                                      token_byte_lengths)
 from mtnlg_ray.train.optim import Optimizers
@@ -150,8 +150,12 @@ def train_loop(config: dict) -> None:
     # training progress is the per-step metrics line instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
     device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
-    dims, model, optimizers = setup_model(job, model_cfg, device)
     tc, seq_len = job.train, run.seq_len
+    peak = peak_flops_total(job, device)  # first: nothing else of this run uses the cores yet
+    # read while the model is built and the train stream starts (evaluate.py)
+    eval_set = EvalSet(ray.train.get_dataset_shard("val") if run.has_val else None, tc.micro_batch_size,
+                       tc.eval_batches)
+    dims, model, optimizers = setup_model(job, model_cfg, device)
     optim = in_tokens(job.optim, tc, seq_len)  # warmup / decay given in steps -> tokens
     mb, dp = tc.micro_batch_size, dims.dp
     metrics_log = MetricsLog(run.metrics_dir) if rank == 0 else None
@@ -161,13 +165,10 @@ def train_loop(config: dict) -> None:
         metrics_log.trackers = open_trackers(job, config["kind"], run.metrics_dir, state.step)
     torch.manual_seed(tc.seed + 1000 * dims.dp_rank + dims.pp_rank + 7919 * state.step)  # dropout; same over tp
     stream = TokenStream(ray.train.get_dataset_shard("train"), state.consumed_samples)
-    val_shard = ray.train.get_dataset_shard("val") if run.has_val else None
-    eval_set = load_eval_set(val_shard, mb, tc.eval_batches)
     token_bytes = torch.from_numpy(token_byte_lengths(Tokenizer(run.tokenizer_path)))
 
     total_tokens = planned_tokens(tc, seq_len)
     fpt = flops_per_token(model_cfg, seq_len)
-    peak = peak_flops_total(job, device)
     if metrics_log is not None and state.step == 0:
         metrics_log.write({"event": "start", "threads_per_worker": threads, "world_size": dims.world_size,
                            "niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None,
@@ -176,8 +177,8 @@ def train_loop(config: dict) -> None:
     window = {"tokens": 0, "time": 0.0, "wait": 0.0}
     every = job.checkpoint.interval
 
-    if tc.eval_at_start and eval_set and state.step == 0:
-        record = {"step": 0, "tokens": 0, "time": clock(), **evaluate(model, eval_set, dims, device, token_bytes)}
+    if tc.eval_at_start and state.step == 0 and eval_set.rows():
+        record = {"step": 0, "tokens": 0, "time": clock(), **evaluate(model, eval_set.rows(), dims, device, token_bytes)}
         if metrics_log is not None:
             metrics_log.write(record)
             _show(_progress_line(record, tc.max_steps))
@@ -213,14 +214,14 @@ def train_loop(config: dict) -> None:
                   "world_size": dims.world_size, "tokens_sha": hasher.hexdigest()[:16], "time": state.elapsed_s}
         last = state.step == tc.max_steps
         do_log = state.step % tc.log_interval == 0 or last
-        do_eval = bool(eval_set) and (state.step % tc.eval_interval == 0 or last)
+        do_eval = (state.step % tc.eval_interval == 0 or last) and bool(eval_set.rows())
         do_ckpt = (every > 0 and state.step % every == 0) or last
         if do_log:
             tps = window["tokens"] / max(window["time"], 1e-9)
             record.update(tokens_per_s=tps, mfu=fpt * tps / peak, data_wait=window["wait"] / max(window["time"], 1e-9))
             window = {"tokens": 0, "time": 0.0, "wait": 0.0}
         if do_eval:
-            record.update(evaluate(model, eval_set, dims, device, token_bytes))
+            record.update(evaluate(model, eval_set.rows(), dims, device, token_bytes))
         if metrics_log is not None:
             metrics_log.write(record)
             if do_log:
