@@ -52,7 +52,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                          n: int | None = None, seconds: float = 0.5) -> float:
-    """Achieved FLOP/s of square matmuls on `device` (the practical peak MFU is measured against)."""
+    """Achieved FLOP/s of square matmuls on `device` (the practical peak MFU is measured against):
+    the fastest of the rounds of 4 products run within `seconds`, so that a slow spell of a shared
+    machine during the measurement does not lower the peak (and raise every MFU after it)."""
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -65,15 +67,16 @@ def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype 
     for _ in range(2):  # warm up (kernel selection, thread pool)
         a @ b
     sync()
-    iters, start = 0, time.perf_counter()
+    best, start = 0.0, time.perf_counter()
     while True:
+        t0 = time.perf_counter()
         for _ in range(4):
             a @ b
-        iters += 4
         sync()
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return 2.0 * n ** 3 * iters / elapsed
+        now = time.perf_counter()
+        best = max(best, 2.0 * n ** 3 * 4 / (now - t0))
+        if now - start >= seconds:
+            return best
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
