@@ -118,3 +118,19 @@ def test_training_forward_untouched():
     loss.backward()
     assert planned.blocks["0"].attn.q_proj.weight.grad is not None
     torch.testing.assert_close(planned(ids), plain.train()(ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_product_forms_equal_linear_for_every_row_count(column_major):
+    """One row (halves), 2-16 rows (oneDNN's blocked copy where torch has oneDNN), more (F.linear)."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 48), torch.randn(96)
+    if column_major:  # the LM head after use_decode_layout
+        w = w.t().contiguous().t()
+    prod = decode_layout._Product(w, None if column_major else b)
+    assert (prod.blocked is not None) == decode_layout.ONEDNN
+    for n in (1, 2, 5, 16, 17, 40):
+        x = torch.randn(n, 48)
+        want = nn.functional.linear(x, w, None if column_major else b)
+        assert torch.allclose(prod(x), want, atol=TOL), n
+        assert torch.allclose(prod(x.view(1, n, 48)), want.view(1, n, 96), atol=TOL), n
