@@ -63,13 +63,13 @@ class _Product:
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None):
         out, inp = w.shape
         self.b = b
-        self.rows = w if w.is_contiguous() else w.contiguous()  # (out, in) row-major
-        self.b_col = None if b is None else b[:, None]  # (out, 1)
+        rows = w if w.is_contiguous() else w.contiguous()  # (out, in) row-major
         # oneDNN-blocked copy for 2-16 rows: float32 CPU weights only
-        self.blocked = (torch.ops.mkldnn._reorder_linear_weight(self.rows, SMALL_BATCH)
+        self.blocked = (torch.ops.mkldnn._reorder_linear_weight(rows, SMALL_BATCH)
                         if ONEDNN and w.dtype == torch.float32 and w.device.type == "cpu" else None)
-        if self.blocked is not None and not w.is_contiguous():
-            self.rows = w  # the row-major copy is not needed: only F.linear (prefill) reads it, in any layout
+        # with the blocked copy only F.linear (prefill) reads this, in any layout: no row-major copy kept
+        self.rows = w if self.blocked is not None else rows
+        self.b_col = None if b is None else b[:, None]  # (out, 1)
         self.halves = self.halves_t = None
         if out % 2 == 0 and w.is_contiguous():
             self.halves = w.view(2, out // 2, inp)  # (2, out/2, in) @ (2, in, 1)

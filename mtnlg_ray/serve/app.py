@@ -53,9 +53,10 @@ from mtnlg_ray.serve.lora_adapters import LoraAdapters
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.proxy import RETRY_AFTER_S
 from mtnlg_ray.serve.render import Choice, Renderer, new_id, usage
-from mtnlg_ray.serve.schemas import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                     CompletionRequest, CompletionResponse, LoadLoraAdapterRequest, ModelCard,
-                                     ModelList, UnloadLoraAdapterRequest, VersionResponse, error_body)
+from mtnlg_ray.serve.responses import (ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ModelCard,
+                                       ModelList, VersionResponse, error_body)
+from mtnlg_ray.serve.schemas import (ChatCompletionRequest, CompletionRequest, LoadLoraAdapterRequest,
+                                     UnloadLoraAdapterRequest)
 from mtnlg_ray.serve.tokenization import Tokenization
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtnlg_ray import __version__
-from mtnlg_ray.serve.schemas import ErrorResponse, describe_error, error_body
+from mtnlg_ray.serve.responses import ErrorResponse, error_body
+from mtnlg_ray.serve.schemas import describe_error
 
 log = logging.getLogger(__name__)
 PUBLIC_ROUTES = {"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect"}  # never need the key

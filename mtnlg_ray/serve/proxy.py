@@ -46,7 +46,7 @@ MESSAGE = "the server replica handling this request stopped before finishing it 
 
 
 def error_json() -> bytes:
-    """The OpenAI error object (same shape as schemas.error_body, kept import-light for the proxy)."""
+    """The OpenAI error object (same shape as responses.error_body, kept import-light for the proxy)."""
     return json.dumps({"error": {"message": MESSAGE, "type": "server_error", "param": None,
                                  "code": "replica_failed"}}).encode()
 

@@ -18,10 +18,10 @@ import time
 import uuid
 
 from mtnlg_ray.serve.engine import Output
-from mtnlg_ray.serve.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
-                                     ChatLogprobs, ChatMessageOut, CompletionChoice, CompletionLogprobs,
-                                     CompletionResponse, DeltaMessage, PromptTokensDetails, TokenLogprob,
-                                     TopLogprob, Usage)
+from mtnlg_ray.serve.responses import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
+                                       ChatLogprobs, ChatMessageOut, CompletionChoice, CompletionLogprobs,
+                                       CompletionResponse, DeltaMessage, PromptTokensDetails, TokenLogprob, TopLogprob,
+                                       Usage)
 
 
 class Choice:

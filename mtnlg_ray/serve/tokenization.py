@@ -19,8 +19,8 @@ from fastapi import Request
 from mtnlg_ray.data.chat import check_messages, render_chat
 from mtnlg_ray.serve.engine_client import outside_vocabulary
 from mtnlg_ray.serve.ingress import APIError, api, body_doc
-from mtnlg_ray.serve.schemas import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
-                                     TokenizerInfoResponse)
+from mtnlg_ray.serve.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfoResponse
+from mtnlg_ray.serve.schemas import DetokenizeRequest, TokenizeRequest
 
 
 # tokenizer_class: the algorithm's name (transformers' GPT2Tokenizer is the GPT-2 BPE we implement)

@@ -45,18 +45,14 @@ class EvalSet:
     opened, it overlaps both instead of delaying the first step. A read error is raised by `rows()`."""
 
     def __init__(self, shard, micro_batch: int, batches: int | str):
-        self._rows = None
-        if shard is None:
-            self._rows = []
-            return
-        pool = ThreadPoolExecutor(1, thread_name_prefix="eval-set")
-        self._future = pool.submit(load_eval_set, shard, micro_batch, batches)
-        pool.shutdown(wait=False)  # the read goes on; the thread ends with it
+        self._future = None
+        if shard is not None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="eval-set")
+            self._future = pool.submit(load_eval_set, shard, micro_batch, batches)
+            pool.shutdown(wait=False)  # the read goes on; the thread ends with it
 
     def rows(self) -> list[dict[str, torch.Tensor]]:
-        if self._rows is None:
-            self._rows = self._future.result()
-        return self._rows
+        return [] if self._future is None else self._future.result()  # the future keeps its result
 
 
 def world_mean(values: list[float], device: torch.device) -> list[float]:

@@ -7,7 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from mtnlg_ray.serve.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, error_body
+from mtnlg_ray.serve.responses import error_body
+from mtnlg_ray.serve.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from mtnlg_ray.serve.structured import JSON_WHITESPACE, GrammarSpec
 
 
