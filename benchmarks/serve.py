@@ -5,7 +5,7 @@ tokenizer trained on stdlib sources), starts a local Ray + Serve on a free port 
 and sends prompts of `--input-len` tokens, each generating exactly `--output-len` tokens
 (ignore_eos, greedy), keeping `concurrency` requests in flight. Per level: request throughput,
 output tokens/s, TTFT, TPOT and ITL (median and p99). The same workload also runs on the bare
-engine (tests/serve/thread_engine.py: the Engine stepped by a thread of this process, no HTTP or
+engine (mtnlg_ray/serve/thread_engine.py: the Engine stepped by a thread of this process, no HTTP or
 Serve; same thread count, decode layout and malloc settings as the replica's engine process), which
 gives the HTTP/Serve overhead on TTFT. The levels run in `--rounds` interleaved rounds (1, 4, 16,
 1, 4, 16, ...), so that a slow spell of a shared machine falls on every level rather than on one; at
@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import sysconfig
 import tempfile
 import time
@@ -50,13 +49,12 @@ from mtnlg_ray.model.gpt import GPT
 from mtnlg_ray.serve.deploy import deploy, shutdown
 from mtnlg_ray.serve.engine import Engine
 from mtnlg_ray.serve.sampling import SamplingParams
+from mtnlg_ray.serve.thread_engine import ThreadEngine  # the bare engine: an Engine stepped by a thread
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-from thread_engine import ThreadEngine  # noqa: E402  (the bare engine: an Engine stepped by a thread)
-import shared_prefix  # noqa: E402  (--shared-prefix; this script's directory is on sys.path)
-import speculative  # noqa: E402  (--speculative)
-import structured_outputs  # noqa: E402  (--structured)
-from tables import print_load  # noqa: E402
+import shared_prefix  # --shared-prefix (this script's directory is on sys.path)
+import speculative  # --speculative
+import structured_outputs  # --structured
+from tables import print_load
 
 LEVELS = (1, 4, 16)
 REPLICA_THREADS = 1  # the replica reserves num_cpus=1, so Ray gives it OMP_NUM_THREADS=1

@@ -1,4 +1,4 @@
-"""The engine client, over an engine stepped by a thread (thread_engine.py), without Ray: requests are
+"""The engine client, over an engine stepped by a thread (serve/thread_engine.py), without Ray: requests are
 validated at submit, streams, cancellation frees the rows, the in-flight bound, and a step loop that
 dies fails its requests and the health check and calls on_dead once."""
 
@@ -9,11 +9,10 @@ import asyncio
 import pytest
 import torch
 
-from thread_engine import ThreadEngine
-
 from mtnlg_ray.serve.engine import Engine, QueueFull
 from mtnlg_ray.serve.engine_client import EngineDead, InvalidRequest
 from mtnlg_ray.serve.sampling import SamplingParams
+from mtnlg_ray.serve.thread_engine import ThreadEngine
 
 GREEDY = dict(temperature=0.0)
 

@@ -6,11 +6,10 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from thread_engine import ThreadEngine
-
 from mtnlg_ray.serve.engine import Engine, StepStats
 from mtnlg_ray.serve.metrics import ServeMetrics, Tracker
 from mtnlg_ray.serve.sampling import SamplingParams
+from mtnlg_ray.serve.thread_engine import ThreadEngine
 
 
 def samples(metrics: ServeMetrics) -> dict:

@@ -1,6 +1,6 @@
 """`ThreadEngine`: an `Engine` stepped by a background thread of this process, behind the `EngineClient`
-interface the server uses. For tests of the client side without a child process, and for the
-serving benchmark's bare engine (benchmarks/serve.py puts this directory on sys.path).
+interface the server uses: the client side without a child process (its tests), and the serving
+benchmark's bare engine (benchmarks/serve.py), which the HTTP path is measured against.
 
 The thread owns the Engine; the event loop appends requests to an inbox and receives each step's
 outputs through one `loop.call_soon_threadsafe`, so a slow forward never blocks it. The thread
