@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg_ray.model import gpt  # gpt.py imports this module: names are looked up at call time
+from mtnlg_ray.model import native_step
 
 
 def _plain_linear(m) -> bool:
@@ -104,10 +105,11 @@ class _Layer:
         attn, mlp = block.attn, block.mlp
         self.index = index  # cache layer number (the block's key)
         self.ln_1, self.ln_2 = block.ln_1, block.ln_2
-        qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # (3d, d)
-        qkv_b = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # (3d, d)
+        self.qkv_b = (None if attn.q_proj.bias is None
+                      else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
         make = quantize or _Product
-        self.qkv = make(qkv_w, qkv_b)
+        self.qkv = make(self.qkv_w, self.qkv_b)
         self.out, self.up, self.down = (make(m.weight, m.bias) for m in (attn.out_proj, mlp.up_proj, mlp.down_proj))
 
 
@@ -126,6 +128,10 @@ class DecodePlan:
         # (V, d), column-major after use_decode_layout (CPU): one row reads the parameter, a few rows
         # a blocked copy (_Product)
         self.head = (quantize or _Product)(model.lm_head.weight, None)
+        lib = native_step.library()
+        # one-token steps of up to 16 rows: the whole step in one native call (model/native_step.py)
+        self.native = (native_step.NativeStep(lib, model, self, quantization == "int8")
+                       if lib is not None and native_step.NativeStep.supports(model) else None)
         self._modules, self._sources = self._watch(model)
         self._stamps = [_stamp(t) for t in self._sources]
 
@@ -139,18 +145,15 @@ class DecodePlan:
                                   b.mlp.down_proj)]
         return all(_plain_linear(m) for m in lin) and type(model.tok_emb.weight.data) is torch.Tensor
 
-    def _watch(self, model):
-        """(owner, name, module) triples and the tensors the plan's derived weights came from."""
-        mods, sources = [], []
+    @staticmethod
+    def _watch(model):
+        """(owner, name, module) triples and the tensors the plan reads or derived weights from."""
+        mods = [(model, n, getattr(model, n)) for n in ("tok_emb", "pos_emb", "ln_f", "lm_head")]
         for b in model.blocks.values():
-            for owner, names in ((b.attn, ("q_proj", "k_proj", "v_proj", "out_proj")), (b.mlp, ("up_proj", "down_proj"))):
-                for n in names:
-                    m = getattr(owner, n)
-                    mods.append((owner, n, m))
-                    if self.quantization != "none" or n in ("q_proj", "k_proj", "v_proj"):
-                        sources += [m.weight, m.bias]
-        mods.append((model, "lm_head", model.lm_head))
-        sources.append(model.lm_head.weight)
+            mods += [(b, n, getattr(b, n)) for n in ("ln_1", "ln_2")]
+            mods += [(b.attn, n, getattr(b.attn, n)) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+            mods += [(b.mlp, n, getattr(b.mlp, n)) for n in ("up_proj", "down_proj")]
+        sources = [t for _, _, m in mods if m is not None for t in (m.weight, getattr(m, "bias", None))]
         return mods, sources
 
     def current(self) -> bool:
@@ -162,6 +165,8 @@ class DecodePlan:
         B, T = input_ids.shape
         if rows is not None:
             rows = torch.as_tensor(rows, device=input_ids.device, dtype=torch.long)
+        if T == 1 and self.native is not None and self.native.fits(kv_cache, B):
+            return self.native(input_ids, kv_cache, rows)
         step = model._cache_step(kv_cache, rows, B, T)
         d, eps = self.d, self.eps
         # one new token per row, all rows 0..B-1 at one position (generate's steps): _cache_step sets

@@ -1,0 +1,334 @@
+/* One KV-cached decode step of a GPT on a CPU, fused into one call (model/native_step.py builds
+ * and loads this file). B rows each feed one token; every row has its own cache row and length.
+ *
+ * A decode step reads every weight once and does little arithmetic, so its time is the weights
+ * streamed from memory plus whatever runs between the products. Here the whole step is one OpenMP
+ * parallel region: each product is split by output rows over the threads (AVX2 FMA kernels that
+ * keep a few weight rows and a few batch rows in registers), small work (LayerNorm, embedding)
+ * runs on one thread, and threads meet at a barrier only where a result is needed by all.
+ *
+ * Shapes: d = n_heads * head_dim, x and h (B, d), qkv (B, 3d) as [q | k | v] with head h at
+ * h*head_dim, u (B, d_mlp), logits (B, V). Caches k, v (n_layers, slots, n_heads, max_len,
+ * head_dim) contiguous float32. Products: float32 (out, in) row-major, float32 column-major
+ * (the LM head after use_decode_layout: element (o, i) at i*ld + o), or int8 (out, in) with one
+ * float32 scale per output row (W ~= scale[o] * Q[o, :]; activations stay float32).
+ * Requires in % 8 == 0 and head_dim % 8 == 0 (checked by the loader).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+enum { F32_ROWS = 0, F32_COLS = 1, I8_ROWS = 2 };
+
+typedef struct {
+    const void *w;       /* weights, see the kinds above */
+    const float *scale;  /* (out,) int8 scales, else NULL */
+    const float *bias;   /* (out,) or NULL */
+    int64_t out, in, ld; /* ld: column-major row stride (elements) */
+    int64_t kind;
+} Mat;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b; /* biases may be NULL */
+    Mat qkv, proj, up, down;
+    int64_t cache_layer; /* the block's index in the cache */
+} Layer;
+
+typedef struct {
+    int64_t n_layers, d, n_heads, head_dim, d_mlp, vocab;
+    double eps;
+    const float *tok_emb; int64_t emb_s0, emb_s1; /* element (t, i) at t*s0 + i*s1 */
+    const float *pos_emb;                         /* (max_seq_len, d) or NULL */
+    const float *rope_cos, *rope_sin;             /* (max_seq_len, head_dim/2) or NULL */
+    const float *lnf_w, *lnf_b;
+    Mat head;
+    const Layer *layers;
+} Model;
+
+typedef struct { /* the KV cache the step reads and writes */
+    float *k, *v;
+    int64_t slots, max_len;
+} Cache;
+
+/* ---- vector math ---- */
+
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+/* exp(x) for 8 floats, Cephes' polynomial: relative error ~1e-7 on [-87, 88] */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* tanh GELU as x * sigmoid(2u), u = C (x + K x^3) (gpt.gelu_tanh) */
+static void gelu(float *y, int64_t n) {
+    const __m256 c2 = _mm256_set1_ps(2 * 0.7978845608028654f), k = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(y + i);
+        __m256 two_u = _mm256_mul_ps(_mm256_mul_ps(c2, x), _mm256_fmadd_ps(_mm256_mul_ps(k, x), x, one));
+        __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), two_u))));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(x, s));
+    }
+    for (; i < n; i++) {
+        float x = y[i], two_u = 2 * 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        y[i] = x / (1.0f + expf(-two_u));
+    }
+}
+
+static void layer_norm(const float *x, float *y, int64_t B, int64_t d, const float *w, const float *b, double eps) {
+    for (int64_t r = 0; r < B; r++) {
+        const float *xr = x + r * d;
+        float *yr = y + r * d;
+        double mean = 0, var = 0;
+        for (int64_t i = 0; i < d; i++) mean += xr[i];
+        mean /= d;
+        for (int64_t i = 0; i < d; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        float inv = (float)(1.0 / sqrt(var / d + eps)), m = (float)mean;
+        for (int64_t i = 0; i < d; i++) yr[i] = (xr[i] - m) * inv * w[i] + (b ? b[i] : 0.0f);
+    }
+}
+
+/* ---- products ---- */
+
+static inline __m256 load8(const void *w, int I8, int64_t off) {
+    if (I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + off))));
+    return _mm256_loadu_ps((const float *)w + off);
+}
+
+/* row-major kinds: dots[r][b] = W[o + r] . X[b] for R weight rows and NB batch rows, in registers */
+static inline __attribute__((always_inline)) void rows_tile(const void *w, int I8, int64_t in, int64_t o,
+                                                            const float *X, int64_t ldx, int R, int NB,
+                                                            float dots[4][4]) {
+    __m256 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < in; i += 8) {
+        __m256 xv[4];
+        for (int b = 0; b < NB; b++) xv[b] = _mm256_loadu_ps(X + b * ldx + i);
+        for (int r = 0; r < R; r++) {
+            __m256 wv = load8(w, I8, (o + r) * in + i);
+            for (int b = 0; b < NB; b++) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) dots[r][b] = hsum(acc[r][b]);
+}
+
+#define TILE(I8, R, NB) case R * 10 + NB: rows_tile(m->w, I8, m->in, o, X, ldx, R, NB, dots); break;
+#define TILES(I8) TILE(I8, 4, 1) TILE(I8, 4, 2) TILE(I8, 4, 3) TILE(I8, 4, 4) TILE(I8, 2, 1) TILE(I8, 2, 2) \
+    TILE(I8, 2, 3) TILE(I8, 2, 4) TILE(I8, 1, 1) TILE(I8, 1, 2) TILE(I8, 1, 3) TILE(I8, 1, 4)
+/* R in {1, 2, 4} weight rows x NB in 1..4 batch rows, each its own unrolled kernel */
+static void rows_tile_any(const Mat *m, int64_t o, const float *X, int64_t ldx, int R, int NB, float dots[4][4]) {
+    if (m->kind == I8_ROWS)
+        switch (R * 10 + NB) { TILES(1) }
+    else
+        switch (R * 10 + NB) { TILES(0) }
+}
+#undef TILES
+#undef TILE
+
+/* column-major float32 (the LM head): Y[b][o .. o + 8 NV) = X[b] . W[:, o ..] for NB batch rows */
+static inline __attribute__((always_inline)) void cols_tile(const Mat *m, int64_t o, const float *X, int64_t ldx,
+                                                            int NV, int NB, float *Y, int64_t ldy) {
+    __m256 acc[4][8];
+    const float *w = (const float *)m->w;
+    for (int b = 0; b < NB; b++)
+        for (int v = 0; v < NV; v++) acc[b][v] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < m->in; i++) {
+        const float *wi = w + i * m->ld + o;
+        __m256 xb[4];
+        for (int b = 0; b < NB; b++) xb[b] = _mm256_broadcast_ss(X + b * ldx + i);
+        for (int v = 0; v < NV; v++) {
+            __m256 wv = _mm256_loadu_ps(wi + 8 * v);
+            for (int b = 0; b < NB; b++) acc[b][v] = _mm256_fmadd_ps(wv, xb[b], acc[b][v]);
+        }
+    }
+    for (int b = 0; b < NB; b++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(Y + b * ldy + o + 8 * v, acc[b][v]);
+}
+
+enum { STORE = 0, ADD = 1, GELU = 2 }; /* Y = XW^T + b, Y += XW^T + b, Y = gelu(XW^T + b) */
+
+/* columns [lo, hi) of Y for X (B, in) with row stride ldx, Y with row stride ldy */
+static void product(const Mat *m, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy,
+                    int64_t lo, int64_t hi, int mode) {
+    if (lo >= hi) return;
+    /* weight tiles outermost: a tile is read from memory once and from cache for every batch tile */
+    if (m->kind == F32_COLS) { /* STORE only (the LM head) */
+        int64_t o = lo;
+        if (B == 1)
+            for (; o + 64 <= hi; o += 64) cols_tile(m, o, X, ldx, 8, 1, Y, ldy);
+        else
+            for (; o + 16 <= hi; o += 16)
+                for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                    int nb = B - b0 < 4 ? (int)(B - b0) : 4;
+                    const float *Xb = X + b0 * ldx;
+                    float *Yb = Y + b0 * ldy;
+                    if (nb == 1) cols_tile(m, o, Xb, ldx, 2, 1, Yb, ldy);
+                    else if (nb == 2) cols_tile(m, o, Xb, ldx, 2, 2, Yb, ldy);
+                    else if (nb == 3) cols_tile(m, o, Xb, ldx, 2, 3, Yb, ldy);
+                    else cols_tile(m, o, Xb, ldx, 2, 4, Yb, ldy);
+                }
+        for (; o < hi; o++) /* the last columns */
+            for (int64_t b = 0; b < B; b++) {
+                float s = 0;
+                for (int64_t i = 0; i < m->in; i++) s += ((const float *)m->w)[i * m->ld + o] * X[b * ldx + i];
+                Y[b * ldy + o] = s;
+            }
+    } else {
+        int R = B <= 2 ? 4 : 2; /* weight rows per tile: 4 streams for one row, registers for more */
+        for (int64_t o = lo; o < hi;) {
+            int r_n = hi - o < R ? (int)(hi - o) : R;
+            if (r_n == 3) r_n = 2; /* tiles of 4, 2 or 1 rows */
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                int nb = B - b0 < 4 ? (int)(B - b0) : 4;
+                float dots[4][4];
+                rows_tile_any(m, o, X + b0 * ldx, ldx, r_n, nb, dots);
+                for (int r = 0; r < r_n; r++)
+                    for (int b = 0; b < nb; b++) {
+                        float s = m->scale ? dots[r][b] * m->scale[o + r] : dots[r][b];
+                        float *y = Y + (b0 + b) * ldy + o + r;
+                        if (mode == ADD) *y += s; else *y = s;
+                    }
+            }
+            o += r_n;
+        }
+    }
+    for (int64_t b = 0; b < B; b++) { /* bias, then GELU, over this thread's columns */
+        float *y = Y + b * ldy;
+        if (m->bias)
+            for (int64_t o = lo; o < hi; o++) y[o] += m->bias[o];
+        if (mode == GELU) gelu(y + lo, hi - lo);
+    }
+}
+
+/* this thread's share [lo, hi) of n outputs, in multiples of `align` */
+static void share(int64_t n, int64_t align, int64_t *lo, int64_t *hi) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t units = (n + align - 1) / align, per = units / nt, extra = units % nt;
+    int64_t a = t * per + (t < extra ? t : extra), c = per + (t < extra);
+    *lo = a * align < n ? a * align : n;
+    *hi = (a + c) * align < n ? (a + c) * align : n;
+}
+
+static void parallel_product(const Mat *m, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy, int mode) {
+    int64_t lo, hi;
+    share(m->out, m->kind == F32_COLS ? 64 : 4, &lo, &hi);
+    product(m, X, ldx, B, Y, ldy, lo, hi, mode);
+}
+
+/* ---- attention for one (row, head): write k, v at pos, attend over 0..pos ---- */
+
+static void attend(const Model *m, const Cache *c, const Layer *L, const float *qkv, int64_t row, int64_t pos, int64_t h, float *out) {
+    const int64_t d = m->d, hs = m->head_dim, half = hs / 2;
+    const float *q0 = qkv + h * hs, *k0 = qkv + d + h * hs, *v0 = qkv + 2 * d + h * hs;
+    int64_t base = (((L->cache_layer * c->slots + row) * m->n_heads + h) * c->max_len) * hs;
+    float *K = c->k + base, *V = c->v + base;
+    float q[hs];
+    if (m->rope_cos) { /* NeoX half-split rotation at `pos` (gpt.apply_rotary) */
+        const float *cs = m->rope_cos + pos * half, *sn = m->rope_sin + pos * half;
+        for (int64_t i = 0; i < half; i++) {
+            q[i] = q0[i] * cs[i] - q0[i + half] * sn[i];
+            q[i + half] = q0[i + half] * cs[i] + q0[i] * sn[i];
+            K[pos * hs + i] = k0[i] * cs[i] - k0[i + half] * sn[i];
+            K[pos * hs + i + half] = k0[i + half] * cs[i] + k0[i] * sn[i];
+        }
+    } else {
+        for (int64_t i = 0; i < hs; i++) q[i] = q0[i], K[pos * hs + i] = k0[i];
+    }
+    for (int64_t i = 0; i < hs; i++) V[pos * hs + i] = v0[i];
+
+    /* online softmax over chunks of 64 keys: running max mx, sum l, output acc (hs) */
+    const float scale = 1.0f / sqrtf((float)hs);
+    float acc[hs], sc[64], mx = -INFINITY, l = 0;
+    for (int64_t i = 0; i < hs; i++) acc[i] = 0;
+    for (int64_t j0 = 0; j0 <= pos; j0 += 64) {
+        int64_t n = pos + 1 - j0 < 64 ? pos + 1 - j0 : 64;
+        float cmax = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            const float *kj = K + (j0 + j) * hs;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t i = 0; i < hs; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i), a);
+            sc[j] = hsum(a) * scale;
+            cmax = sc[j] > cmax ? sc[j] : cmax;
+        }
+        float nmx = cmax > mx ? cmax : mx, corr = expf(mx - nmx);
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(sc + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(nmx))));
+        for (; j < n; j++) sc[j] = expf(sc[j] - nmx);
+        l *= corr;
+        for (int64_t i = 0; i < hs; i++) acc[i] *= corr;
+        for (j = 0; j < n; j++) {
+            const float *vj = V + (j0 + j) * hs;
+            __m256 p = _mm256_set1_ps(sc[j]);
+            l += sc[j];
+            for (int64_t i = 0; i < hs; i += 8)
+                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + i), _mm256_loadu_ps(acc + i)));
+        }
+        mx = nmx;
+    }
+    for (int64_t i = 0; i < hs; i++) out[h * hs + i] = acc[i] / l;
+}
+
+/* floats of workspace a step of B rows needs */
+int64_t mt_workspace_floats(const Model *m, int64_t B) {
+    return B * (3 * m->d + 3 * m->d + m->d_mlp);
+}
+
+/* ids (B,), rows (B,) cache rows, positions (B,) their lengths before the step; logits (B, V).
+ * Writes k, v at each row's position in every layer; the caller advances the lengths. */
+void mt_decode_step(const Model *m, const Cache *c, const int64_t *ids, const int64_t *rows, const int64_t *positions, int64_t B,
+                    float *logits, float *work, int nthreads) {
+    const int64_t d = m->d, H = m->n_heads;
+    float *x = work, *h = x + B * d, *att = h + B * d, *qkv = att + B * d, *u = qkv + 3 * B * d;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp single
+        for (int64_t b = 0; b < B; b++) /* embedding (+ learned position) */
+            for (int64_t i = 0; i < d; i++)
+                x[b * d + i] = m->tok_emb[ids[b] * m->emb_s0 + i * m->emb_s1]
+                               + (m->pos_emb ? m->pos_emb[positions[b] * d + i] : 0.0f);
+        for (int64_t l = 0; l < m->n_layers; l++) {
+            const Layer *L = m->layers + l;
+            #pragma omp single
+            layer_norm(x, h, B, d, L->ln1_w, L->ln1_b, m->eps);
+            parallel_product(&L->qkv, h, d, B, qkv, 3 * d, STORE);
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int64_t p = 0; p < B * H; p++)
+                attend(m, c, L, qkv + (p / H) * 3 * d, rows[p / H], positions[p / H], p % H, att + (p / H) * d);
+            parallel_product(&L->proj, att, d, B, x, d, ADD);
+            #pragma omp barrier
+            #pragma omp single
+            layer_norm(x, h, B, d, L->ln2_w, L->ln2_b, m->eps);
+            parallel_product(&L->up, h, d, B, u, m->d_mlp, GELU);
+            #pragma omp barrier
+            parallel_product(&L->down, u, m->d_mlp, B, x, d, ADD);
+            #pragma omp barrier
+        }
+        #pragma omp single
+        layer_norm(x, h, B, d, m->lnf_w, m->lnf_b, m->eps);
+        parallel_product(&m->head, h, d, B, logits, m->vocab, STORE);
+    }
+}

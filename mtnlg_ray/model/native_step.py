@@ -1,0 +1,195 @@
+"""The fused native decode step: decode_step.c, built with the system C compiler and called by ctypes.
+
+A decode step on a CPU is the weights streamed from memory plus a fixed cost per operator; the
+decode plan (model/decode_layout.py) still dispatches about 35 torch calls per layer, 3-8 us each,
+which at batch 1 on a small model is as long as the products themselves. `decode_step.c` runs the
+whole step (embedding, every layer, final norm and LM head) in one OpenMP parallel region with
+AVX2 kernels (docs/benchmarks.md, "Decoding"), so the step costs one call.
+
+Build: the first use in a process compiles the file with `cc -O3 -mavx2 -mfma -fopenmp` (about a
+second) into `$MTNLG_CACHE_DIR` (default `~/.cache/mtnlg_ray`), named by a hash of the source
+and flags, and later processes load that file. The library links `libgomp.so.1`, the OpenMP
+runtime torch has already loaded, so the step and torch's own ops share one thread pool. Without
+an x86-64 CPU with AVX2 and FMA, without a compiler, or with `MTNLG_NATIVE_DECODE=0`, `library()`
+returns None and the plan's torch ops run instead (same logits).
+
+Used for steps of one token per row and at most MAX_ROWS rows, float32 or int8 weights (the int8
+products multiply int8 weights by float32 activations, with the per-row scales of
+model/quantize.py); prefill and speculative verification (several tokens per row) run the plan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_step.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 16  # beyond this many rows a step is compute bound and torch's GEMMs run it
+F32_ROWS, F32_COLS, I8_ROWS = 0, 1, 2
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("w", _p), ("scale", _p), ("bias", _p), ("out", _i64), ("in_", _i64), ("ld", _i64), ("kind", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1_w", _p), ("ln1_b", _p), ("ln2_w", _p), ("ln2_b", _p), ("qkv", _Mat), ("proj", _Mat),
+                ("up", _Mat), ("down", _Mat), ("cache_layer", _i64)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layers", _i64), ("d", _i64), ("n_heads", _i64), ("head_dim", _i64), ("d_mlp", _i64),
+                ("vocab", _i64), ("eps", ctypes.c_double), ("tok_emb", _p), ("emb_s0", _i64), ("emb_s1", _i64),
+                ("pos_emb", _p), ("rope_cos", _p), ("rope_sin", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Mat),
+                ("layers", ctypes.POINTER(_Layer))]
+
+
+class _Cache(ctypes.Structure):
+    _fields_ = [("k", _p), ("v", _p), ("slots", _i64), ("max_len", _i64)]
+
+
+def _cpu_ok() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags.split())
+
+
+def _build(cc: str) -> Path:
+    """Compile decode_step.c once into the cache directory (atomically: concurrent builders race safely)."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    out_dir = Path(os.environ.get("MTNLG_CACHE_DIR", Path.home() / ".cache" / "mtnlg_ray"))
+    out = out_dir / f"decode_step-{key}.so"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled step, or None where it cannot run here (see the module docstring)."""
+    if os.environ.get("MTNLG_NATIVE_DECODE", "1") == "0" or not _cpu_ok():
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("no C compiler: decoding runs on torch ops")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("the native decode step did not build (%s); decoding runs on torch ops", detail.strip()[:300])
+        return None
+    lib.mt_workspace_floats.argtypes = [ctypes.POINTER(_Model), _i64]
+    lib.mt_workspace_floats.restype = _i64
+    lib.mt_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Cache), _p, _p, _p, _i64, _p, _p,
+                                   ctypes.c_int]
+    lib.mt_decode_step.restype = None
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeStep:
+    """The step for one model: ctypes descriptions of its weights, and the tensors they point into
+    (held here so they stay alive). Built by the decode plan, which rebuilds it with itself."""
+
+    def __init__(self, lib: ctypes.CDLL, model, plan, int8: bool):
+        from mtnlg_ray.model.quantize import quantize_rows
+
+        self.lib, self.keep = lib, []
+        cfg = model.config
+
+        def mat(w: torch.Tensor, b: torch.Tensor | None) -> _Mat:
+            w = w.detach()
+            if int8:
+                q, s = quantize_rows(w)
+                q = q.contiguous()  # (out, in) row-major, whatever w's layout
+                self.keep += [q, s]
+                return _Mat(q.data_ptr(), s.data_ptr(), _ptr(b), q.shape[0], q.shape[1], q.shape[1], I8_ROWS)
+            if w.stride() == (1, w.shape[0]):  # column-major (the LM head after use_decode_layout)
+                return _Mat(w.data_ptr(), None, _ptr(b), w.shape[0], w.shape[1], w.shape[0], F32_COLS)
+            w = w.contiguous()
+            self.keep.append(w)
+            return _Mat(w.data_ptr(), None, _ptr(b), w.shape[0], w.shape[1], w.shape[1], F32_ROWS)
+
+        layers = []
+        for L in plan.layers:
+            blk = model.blocks[str(L.index)]
+            attn, mlp = blk.attn, blk.mlp
+            layers.append(_Layer(_ptr(blk.ln_1.weight), _ptr(blk.ln_1.bias), _ptr(blk.ln_2.weight),
+                                 _ptr(blk.ln_2.bias), mat(L.qkv_w, L.qkv_b), mat(attn.out_proj.weight, attn.out_proj.bias),
+                                 mat(mlp.up_proj.weight, mlp.up_proj.bias),
+                                 mat(mlp.down_proj.weight, mlp.down_proj.bias), L.index))
+        self.layers = (_Layer * len(layers))(*layers)
+        emb = model.tok_emb.weight
+        pos = None if model.pos_emb is None else model.pos_emb.weight.detach().contiguous()
+        rope = (model.rope_cos.contiguous(), model.rope_sin.contiguous()) if cfg.position == "rotary" else (None, None)
+        self.keep += [pos, *rope]
+        head = model.lm_head.weight
+        self.vocab = head.shape[0]
+        self.max_pos = cfg.max_seq_len
+        self.model = _Model(len(layers), cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_mlp, self.vocab,
+                            cfg.layernorm_eps, emb.data_ptr(), emb.stride(0), emb.stride(1), _ptr(pos),
+                            _ptr(rope[0]), _ptr(rope[1]), _ptr(model.ln_f.weight), _ptr(model.ln_f.bias),
+                            mat(head, None), self.layers)
+        self.model_ref = ctypes.byref(self.model)
+
+    @staticmethod
+    def supports(model) -> bool:
+        """float32 CPU weights, and widths the AVX2 kernels take (multiples of 8)."""
+        cfg, w = model.config, model.tok_emb.weight
+        return (w.dtype == torch.float32 and w.device.type == "cpu" and cfg.n_heads * cfg.head_dim == cfg.d_model
+                and all(n % 8 == 0 for n in (cfg.d_model, cfg.head_dim, cfg.d_mlp)))
+
+    @staticmethod
+    def fits(kv_cache, B: int) -> bool:
+        k = kv_cache.k
+        return B <= MAX_ROWS and k.dtype == torch.float32 and k.device.type == "cpu" and k.is_contiguous()
+
+    def __call__(self, input_ids: torch.Tensor, kv_cache, rows: torch.Tensor | None) -> torch.Tensor:
+        """input_ids (B, 1) continuing cache rows `rows` (None: 0..B-1) -> logits (B, 1, V); rows advance."""
+        B = input_ids.shape[0]
+        row_ids = torch.arange(B) if rows is None else rows.contiguous()
+        positions = kv_cache.lengths[row_ids]  # (B,) int64, a copy
+        top = int(positions.max())
+        if top >= min(kv_cache.max_len, self.max_pos):
+            raise ValueError(f"KV cache overflow: position {top} >= max_len {min(kv_cache.max_len, self.max_pos)}")
+        ids = input_ids.reshape(B).to(torch.long).contiguous()
+        logits = torch.empty(B, 1, self.vocab)
+        work = torch.empty(self.lib.mt_workspace_floats(self.model_ref, B))
+        cache = _Cache(kv_cache.k.data_ptr(), kv_cache.v.data_ptr(), kv_cache.k.shape[1], kv_cache.max_len)
+        self.lib.mt_decode_step(self.model_ref, ctypes.byref(cache), ids.data_ptr(), row_ids.data_ptr(),
+                                positions.data_ptr(), B, logits.data_ptr(), work.data_ptr(), torch.get_num_threads())
+        kv_cache.advance(rows, B, 1)
+        return logits
