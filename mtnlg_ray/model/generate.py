@@ -137,21 +137,22 @@ def generate(
         speculative_decode(model, cache, out, prompts, max_new_tokens, spec, eos_id, temperature=temperature,
                            top_k=top_k, top_p=top_p, generator=generator)
         max_new_tokens = 0  # done: skip the one-token loop
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    going = list(range(B))  # rows that have not produced eos
+    vocab = cfg.vocab_size
     for step in range(max_new_tokens):
-        nxt = sample_next(last[:, : cfg.vocab_size], temperature, top_k, top_p, generator)  # (B,)
-        active = (~done).nonzero().squeeze(-1)
-        for i in active.tolist():
-            out[i].append(int(nxt[i]))
-        if eos_id is not None:
-            done |= nxt == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+        nxt = sample_next(last[:, :vocab], temperature, top_k, top_p, generator)  # (B,); finished rows too
+        toks = nxt.tolist()
+        for i in going:
+            out[i].append(toks[i])
+        if eos_id is not None and eos_id in toks:
+            going = [i for i in going if toks[i] != eos_id]
+        if not going or step == max_new_tokens - 1:
             break
-        if bool(done.any()):  # decode only the rows still going; finished rows stay as they are
-            going = (~done).nonzero().squeeze(-1)
-            logits = model(nxt[going][:, None], kv_cache=cache, rows=going)[:, -1]
+        if len(going) < B:  # decode only the rows still going; finished rows stay as they are
+            rows = torch.tensor(going, device=device)
+            logits = model(nxt[rows][:, None], kv_cache=cache, rows=rows)[:, -1]
             last = torch.zeros(B, logits.shape[-1], device=device, dtype=logits.dtype)
-            last[going] = logits
+            last[rows] = logits
         else:
             last = model(nxt[:, None], kv_cache=cache)[:, -1]
     model.train(was_training)
