@@ -80,13 +80,16 @@ def timed(fns: dict, repeats: int = 3) -> dict:
 
 @torch.no_grad()
 def int8_error(fp32, int8, prompt: torch.Tensor, n: int) -> tuple[float, float, float]:
-    """(max |logit diff|, max |fp32 logit|, greedy agreement): both models step through fp32's
-    greedy tokens from the same prompt, so every step compares logits over the same context."""
+    """(max |logit diff|, max |fp32 logit|, greedy agreement): both models prefill the prompt, then
+    step one token at a time through fp32's greedy tokens (the decode steps `generate` runs), so
+    every step compares logits over the same context."""
     seqs = fp32.generate(prompt, n)  # (B, T + n)
     logits = []
     for model in (fp32, int8):
         cache = KVCache.for_model(model, seqs.shape[0], seqs.shape[1])
-        logits.append(model(seqs[:, :-1], kv_cache=cache)[:, prompt.shape[1] - 1:, : model.config.vocab_size])
+        steps = [model(prompt, kv_cache=cache, last_only=True)]
+        steps += [model(seqs[:, t:t + 1], kv_cache=cache) for t in range(prompt.shape[1], seqs.shape[1] - 1)]
+        logits.append(torch.cat(steps, 1)[..., : model.config.vocab_size])
     a, b = logits
     return float((a - b).abs().max()), float(a.abs().max()), float((a.argmax(-1) == b.argmax(-1)).float().mean())
 

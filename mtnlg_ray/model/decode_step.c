@@ -36,7 +36,7 @@ typedef struct {
 } Layer;
 
 typedef struct {
-    int64_t n_layers, d, n_heads, head_dim, d_mlp, vocab;
+    int64_t n_layers, d, n_heads, head_dim, d_mlp, vocab, max_pos; /* max_pos: positions the model has */
     double eps;
     const float *tok_emb; int64_t emb_s0, emb_s1; /* element (t, i) at t*s0 + i*s1 */
     const float *pos_emb;                         /* (max_seq_len, d) or NULL */
@@ -48,6 +48,7 @@ typedef struct {
 
 typedef struct { /* the KV cache the step reads and writes */
     float *k, *v;
+    int64_t *lengths; /* (slots,) tokens cached per row */
     int64_t slots, max_len;
 } Cache;
 
@@ -296,10 +297,16 @@ int64_t mt_workspace_floats(const Model *m, int64_t B) {
     return B * (3 * m->d + 3 * m->d + m->d_mlp);
 }
 
-/* ids (B,), rows (B,) cache rows, positions (B,) their lengths before the step; logits (B, V).
- * Writes k, v at each row's position in every layer; the caller advances the lengths. */
-void mt_decode_step(const Model *m, const Cache *c, const int64_t *ids, const int64_t *rows, const int64_t *positions, int64_t B,
-                    float *logits, float *work, int nthreads) {
+/* ids (B,) continue cache rows `rows` (B,) (NULL: rows 0..B-1), each at its own length; logits (B, V).
+ * Writes k, v at each row's position in every layer and advances the rows' lengths. Returns -1, or
+ * (before doing anything) the first position the cache or the model has no room for. */
+int64_t mt_decode_step(const Model *m, const Cache *c, const int64_t *ids, const int64_t *rows, int64_t B,
+                       float *logits, float *work, int nthreads) {
+    int64_t positions[B];
+    for (int64_t b = 0; b < B; b++) {
+        positions[b] = c->lengths[rows ? rows[b] : b];
+        if (positions[b] >= c->max_len || positions[b] >= m->max_pos) return positions[b];
+    }
     const int64_t d = m->d, H = m->n_heads;
     float *x = work, *h = x + B * d, *att = h + B * d, *qkv = att + B * d, *u = qkv + 3 * B * d;
     #pragma omp parallel num_threads(nthreads)
@@ -317,7 +324,8 @@ void mt_decode_step(const Model *m, const Cache *c, const int64_t *ids, const in
             #pragma omp barrier
             #pragma omp for schedule(static)
             for (int64_t p = 0; p < B * H; p++)
-                attend(m, c, L, qkv + (p / H) * 3 * d, rows[p / H], positions[p / H], p % H, att + (p / H) * d);
+                attend(m, c, L, qkv + (p / H) * 3 * d, rows ? rows[p / H] : p / H, positions[p / H], p % H,
+                       att + (p / H) * d);
             parallel_product(&L->proj, att, d, B, x, d, ADD);
             #pragma omp barrier
             #pragma omp single
@@ -331,4 +339,6 @@ void mt_decode_step(const Model *m, const Cache *c, const int64_t *ids, const in
         layer_norm(x, h, B, d, m->lnf_w, m->lnf_b, m->eps);
         parallel_product(&m->head, h, d, B, logits, m->vocab, STORE);
     }
+    for (int64_t b = 0; b < B; b++) c->lengths[rows ? rows[b] : b] = positions[b] + 1;
+    return -1;
 }

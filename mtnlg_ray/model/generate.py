@@ -137,6 +137,13 @@ def generate(
         speculative_decode(model, cache, out, prompts, max_new_tokens, spec, eos_id, temperature=temperature,
                            top_k=top_k, top_p=top_p, generator=generator)
         max_new_tokens = 0  # done: skip the one-token loop
+    plan = getattr(model, "decode_plan", None)  # checked current by use_decode_layout above
+    if plan is not None:  # the steps call the plan directly: the weights cannot change inside this call
+        def step_forward(ids, rows=None):
+            return plan(model, ids, cache, rows, False)
+    else:
+        def step_forward(ids, rows=None):
+            return model(ids, kv_cache=cache, rows=rows)
     going = list(range(B))  # rows that have not produced eos
     vocab = cfg.vocab_size
     for step in range(max_new_tokens):
@@ -150,11 +157,11 @@ def generate(
             break
         if len(going) < B:  # decode only the rows still going; finished rows stay as they are
             rows = torch.tensor(going, device=device)
-            logits = model(nxt[rows][:, None], kv_cache=cache, rows=rows)[:, -1]
+            logits = step_forward(nxt[rows][:, None], rows)[:, -1]
             last = torch.zeros(B, logits.shape[-1], device=device, dtype=logits.dtype)
             last[rows] = logits
         else:
-            last = model(nxt[:, None], kv_cache=cache)[:, -1]
+            last = step_forward(nxt[:, None])[:, -1]
     model.train(was_training)
 
     if not as_tensor:

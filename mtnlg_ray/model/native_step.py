@@ -53,13 +53,13 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("d", _i64), ("n_heads", _i64), ("head_dim", _i64), ("d_mlp", _i64),
-                ("vocab", _i64), ("eps", ctypes.c_double), ("tok_emb", _p), ("emb_s0", _i64), ("emb_s1", _i64),
+                ("vocab", _i64), ("max_pos", _i64), ("eps", ctypes.c_double), ("tok_emb", _p), ("emb_s0", _i64), ("emb_s1", _i64),
                 ("pos_emb", _p), ("rope_cos", _p), ("rope_sin", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Mat),
                 ("layers", ctypes.POINTER(_Layer))]
 
 
 class _Cache(ctypes.Structure):
-    _fields_ = [("k", _p), ("v", _p), ("slots", _i64), ("max_len", _i64)]
+    _fields_ = [("k", _p), ("v", _p), ("lengths", _p), ("slots", _i64), ("max_len", _i64)]
 
 
 def _cpu_ok() -> bool:
@@ -110,9 +110,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.mt_workspace_floats.argtypes = [ctypes.POINTER(_Model), _i64]
     lib.mt_workspace_floats.restype = _i64
-    lib.mt_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Cache), _p, _p, _p, _i64, _p, _p,
-                                   ctypes.c_int]
-    lib.mt_decode_step.restype = None
+    lib.mt_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Cache), _p, _p, _i64, _p, _p, ctypes.c_int]
+    lib.mt_decode_step.restype = _i64
     return lib
 
 
@@ -158,14 +157,12 @@ class NativeStep:
         self.keep += [pos, *rope]
         head = model.lm_head.weight
         self.vocab = head.shape[0]
-        self.max_pos = cfg.max_seq_len
         self.model = _Model(len(layers), cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_mlp, self.vocab,
-                            cfg.layernorm_eps, emb.data_ptr(), emb.stride(0), emb.stride(1), _ptr(pos),
+                            cfg.max_seq_len, cfg.layernorm_eps, emb.data_ptr(), emb.stride(0), emb.stride(1), _ptr(pos),
                             _ptr(rope[0]), _ptr(rope[1]), _ptr(model.ln_f.weight), _ptr(model.ln_f.bias),
                             mat(head, None), self.layers)
         self.model_ref = ctypes.byref(self.model)
         self.work_floats = [lib.mt_workspace_floats(self.model_ref, b) for b in range(MAX_ROWS + 1)]
-        self._first_rows = torch.arange(MAX_ROWS)  # rows 0..B-1 (generate's steps)
 
     @staticmethod
     def supports(model) -> bool:
@@ -184,24 +181,17 @@ class NativeStep:
 
         About 20 us of Python around the native call (a decode step of a small model is ~1 ms)."""
         B = input_ids.shape[0]
-        same_rows = rows is None
-        if same_rows:
-            rows = self._first_rows[:B]
-            positions = kv_cache.lengths[:B]  # a view: read by the step before the lengths advance
-        else:
-            rows = rows.contiguous()
-            positions = kv_cache.lengths[rows]
-        top, limit = int(positions.max()), min(kv_cache.max_len, self.max_pos)
-        if top >= limit:
-            raise ValueError(f"KV cache overflow: position {top} >= max_len {limit}")
+        if rows is not None:
+            rows = rows if rows.dtype == torch.long and rows.is_contiguous() else rows.long().contiguous()
         ids = input_ids if input_ids.dtype == torch.long and input_ids.is_contiguous() else input_ids.long().contiguous()
         logits = torch.empty(B, 1, self.vocab)
         work = torch.empty(self.work_floats[B])
-        cache = _Cache(kv_cache.k.data_ptr(), kv_cache.v.data_ptr(), kv_cache.k.shape[1], kv_cache.max_len)
-        self.lib.mt_decode_step(self.model_ref, ctypes.byref(cache), ids.data_ptr(), rows.data_ptr(),
-                                positions.data_ptr(), B, logits.data_ptr(), work.data_ptr(), torch.get_num_threads())
-        if same_rows:
-            positions += 1  # the rows advance: positions is a view of the lengths
-        else:
-            kv_cache.lengths[rows] = positions + 1
+        c = kv_cache
+        cache = _Cache(c.k.data_ptr(), c.v.data_ptr(), c.lengths.data_ptr(), c.k.shape[1], c.max_len)
+        full = self.lib.mt_decode_step(self.model_ref, ctypes.byref(cache), ids.data_ptr(),
+                                       None if rows is None else rows.data_ptr(), B, logits.data_ptr(),
+                                       work.data_ptr(), torch.get_num_threads())
+        if full >= 0:
+            limit = min(c.max_len, self.model.max_pos)
+            raise ValueError(f"KV cache overflow: position {full} >= max_len {limit}")
         return logits
