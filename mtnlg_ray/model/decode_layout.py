@@ -3,7 +3,9 @@
 A decode step feeds one token per row, so on a CPU its time is the weights streamed through the
 matrix-vector products (memory bound) plus a fixed cost per operator dispatched from Python. The
 plain module graph pays three q/k/v products, a dozen module calls and a few small ops per layer
-for that; the plan below runs the same math with:
+for that. The plan below runs a one-token step of up to 16 rows as one native call (the whole
+step in C with AVX2 kernels: model/native_step.py) where the machine can build it; otherwise, and
+for prefill and several tokens per row, it runs the same math on torch ops with:
 
 - one fused (3d, d) q/k/v product per layer (one weight stream, one dispatch instead of three);
 - each product in the form CPU BLAS runs fastest for its row count (`_Product`: one row on both

@@ -9,8 +9,7 @@
  *
  * Shapes: d = n_heads * head_dim, x and h (B, d), qkv (B, 3d) as [q | k | v] with head h at
  * h*head_dim, u (B, d_mlp), logits (B, V). Caches k, v (n_layers, slots, n_heads, max_len,
- * head_dim) contiguous float32. Products: float32 (out, in) row-major, float32 column-major
- * (the LM head after use_decode_layout: element (o, i) at i*ld + o), or int8 (out, in) with one
+ * head_dim) contiguous float32. Products: float32 (out, in) row-major, or int8 (out, in) with one
  * float32 scale per output row (W ~= scale[o] * Q[o, :]; activations stay float32).
  * Requires in % 8 == 0 and head_dim % 8 == 0 (checked by the loader).
  */
@@ -19,13 +18,13 @@
 #include <stdint.h>
 #include <omp.h>
 
-enum { F32_ROWS = 0, F32_COLS = 1, I8_ROWS = 2 };
+enum { F32_ROWS = 0, I8_ROWS = 1 };
 
 typedef struct {
     const void *w;       /* weights, see the kinds above */
     const float *scale;  /* (out,) int8 scales, else NULL */
     const float *bias;   /* (out,) or NULL */
-    int64_t out, in, ld; /* ld: column-major row stride (elements) */
+    int64_t out, in;
     int64_t kind;
 } Mat;
 
@@ -148,26 +147,6 @@ static void rows_tile_any(const Mat *m, int64_t o, const float *X, int64_t ldx, 
 #undef TILES
 #undef TILE
 
-/* column-major float32 (the LM head): Y[b][o .. o + 8 NV) = X[b] . W[:, o ..] for NB batch rows */
-static inline __attribute__((always_inline)) void cols_tile(const Mat *m, int64_t o, const float *X, int64_t ldx,
-                                                            int NV, int NB, float *Y, int64_t ldy) {
-    __m256 acc[4][8];
-    const float *w = (const float *)m->w;
-    for (int b = 0; b < NB; b++)
-        for (int v = 0; v < NV; v++) acc[b][v] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < m->in; i++) {
-        const float *wi = w + i * m->ld + o;
-        __m256 xb[4];
-        for (int b = 0; b < NB; b++) xb[b] = _mm256_broadcast_ss(X + b * ldx + i);
-        for (int v = 0; v < NV; v++) {
-            __m256 wv = _mm256_loadu_ps(wi + 8 * v);
-            for (int b = 0; b < NB; b++) acc[b][v] = _mm256_fmadd_ps(wv, xb[b], acc[b][v]);
-        }
-    }
-    for (int b = 0; b < NB; b++)
-        for (int v = 0; v < NV; v++) _mm256_storeu_ps(Y + b * ldy + o + 8 * v, acc[b][v]);
-}
-
 enum { STORE = 0, ADD = 1, GELU = 2 }; /* Y = XW^T + b, Y += XW^T + b, Y = gelu(XW^T + b) */
 
 /* columns [lo, hi) of Y for X (B, in) with row stride ldx, Y with row stride ldy */
@@ -175,45 +154,22 @@ static void product(const Mat *m, const float *X, int64_t ldx, int64_t B, float 
                     int64_t lo, int64_t hi, int mode) {
     if (lo >= hi) return;
     /* weight tiles outermost: a tile is read from memory once and from cache for every batch tile */
-    if (m->kind == F32_COLS) { /* STORE only (the LM head) */
-        int64_t o = lo;
-        if (B == 1)
-            for (; o + 64 <= hi; o += 64) cols_tile(m, o, X, ldx, 8, 1, Y, ldy);
-        else
-            for (; o + 16 <= hi; o += 16)
-                for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                    int nb = B - b0 < 4 ? (int)(B - b0) : 4;
-                    const float *Xb = X + b0 * ldx;
-                    float *Yb = Y + b0 * ldy;
-                    if (nb == 1) cols_tile(m, o, Xb, ldx, 2, 1, Yb, ldy);
-                    else if (nb == 2) cols_tile(m, o, Xb, ldx, 2, 2, Yb, ldy);
-                    else if (nb == 3) cols_tile(m, o, Xb, ldx, 2, 3, Yb, ldy);
-                    else cols_tile(m, o, Xb, ldx, 2, 4, Yb, ldy);
+    int R = B <= 2 ? 4 : 2; /* weight rows per tile: 4 streams for one row, registers for more */
+    for (int64_t o = lo; o < hi;) {
+        int r_n = hi - o < R ? (int)(hi - o) : R;
+        if (r_n == 3) r_n = 2; /* tiles of 4, 2 or 1 rows */
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
+            float dots[4][4];
+            rows_tile_any(m, o, X + b0 * ldx, ldx, r_n, nb, dots);
+            for (int r = 0; r < r_n; r++)
+                for (int b = 0; b < nb; b++) {
+                    float s = m->scale ? dots[r][b] * m->scale[o + r] : dots[r][b];
+                    float *y = Y + (b0 + b) * ldy + o + r;
+                    if (mode == ADD) *y += s; else *y = s;
                 }
-        for (; o < hi; o++) /* the last columns */
-            for (int64_t b = 0; b < B; b++) {
-                float s = 0;
-                for (int64_t i = 0; i < m->in; i++) s += ((const float *)m->w)[i * m->ld + o] * X[b * ldx + i];
-                Y[b * ldy + o] = s;
-            }
-    } else {
-        int R = B <= 2 ? 4 : 2; /* weight rows per tile: 4 streams for one row, registers for more */
-        for (int64_t o = lo; o < hi;) {
-            int r_n = hi - o < R ? (int)(hi - o) : R;
-            if (r_n == 3) r_n = 2; /* tiles of 4, 2 or 1 rows */
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                int nb = B - b0 < 4 ? (int)(B - b0) : 4;
-                float dots[4][4];
-                rows_tile_any(m, o, X + b0 * ldx, ldx, r_n, nb, dots);
-                for (int r = 0; r < r_n; r++)
-                    for (int b = 0; b < nb; b++) {
-                        float s = m->scale ? dots[r][b] * m->scale[o + r] : dots[r][b];
-                        float *y = Y + (b0 + b) * ldy + o + r;
-                        if (mode == ADD) *y += s; else *y = s;
-                    }
-            }
-            o += r_n;
         }
+        o += r_n;
     }
     for (int64_t b = 0; b < B; b++) { /* bias, then GELU, over this thread's columns */
         float *y = Y + b * ldy;
@@ -234,7 +190,7 @@ static void share(int64_t n, int64_t align, int64_t *lo, int64_t *hi) {
 
 static void parallel_product(const Mat *m, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy, int mode) {
     int64_t lo, hi;
-    share(m->out, m->kind == F32_COLS ? 64 : 4, &lo, &hi);
+    share(m->out, 4, &lo, &hi);
     product(m, X, ldx, B, Y, ldy, lo, hi, mode);
 }
 

@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode_step.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # beyond this many rows a step is compute bound and torch's GEMMs run it
-F32_ROWS, F32_COLS, I8_ROWS = 0, 1, 2
+F32_ROWS, I8_ROWS = 0, 1  # weight kinds: (out, in) float32, (out, in) int8 with row scales
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 
 
 class _Mat(ctypes.Structure):
-    _fields_ = [("w", _p), ("scale", _p), ("bias", _p), ("out", _i64), ("in_", _i64), ("ld", _i64), ("kind", _i64)]
+    _fields_ = [("w", _p), ("scale", _p), ("bias", _p), ("out", _i64), ("in_", _i64), ("kind", _i64)]
 
 
 class _Layer(ctypes.Structure):
@@ -135,12 +135,10 @@ class NativeStep:
                 q, s = quantize_rows(w)
                 q = q.contiguous()  # (out, in) row-major, whatever w's layout
                 self.keep += [q, s]
-                return _Mat(q.data_ptr(), s.data_ptr(), _ptr(b), q.shape[0], q.shape[1], q.shape[1], I8_ROWS)
-            if w.stride() == (1, w.shape[0]):  # column-major (the LM head after use_decode_layout)
-                return _Mat(w.data_ptr(), None, _ptr(b), w.shape[0], w.shape[1], w.shape[0], F32_COLS)
-            w = w.contiguous()
+                return _Mat(q.data_ptr(), s.data_ptr(), _ptr(b), q.shape[0], q.shape[1], I8_ROWS)
+            w = w.contiguous()  # a view of the parameter when it is row-major already
             self.keep.append(w)
-            return _Mat(w.data_ptr(), None, _ptr(b), w.shape[0], w.shape[1], w.shape[1], F32_ROWS)
+            return _Mat(w.data_ptr(), None, _ptr(b), w.shape[0], w.shape[1], F32_ROWS)
 
         layers = []
         for L in plan.layers:
@@ -155,6 +153,8 @@ class NativeStep:
         pos = None if model.pos_emb is None else model.pos_emb.weight.detach().contiguous()
         rope = (model.rope_cos.contiguous(), model.rope_sin.contiguous()) if cfg.position == "rotary" else (None, None)
         self.keep += [pos, *rope]
+        # the LM head row-major: a column-major (V, d) head streams 10-25% slower in the kernels at
+        # one row (its 256-byte pieces of d rows lie far apart), so float32 keeps a row-major copy
         head = model.lm_head.weight
         self.vocab = head.shape[0]
         self.model = _Model(len(layers), cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_mlp, self.vocab,
