@@ -169,8 +169,9 @@ class DecodePlan:
         B, T = input_ids.shape
         if rows is not None:
             rows = torch.as_tensor(rows, device=input_ids.device, dtype=torch.long)
-        if T == 1 and self.native is not None and self.native.fits(kv_cache, B):
-            return self.native(input_ids, kv_cache, rows)
+        if self.native is not None and self.native.fits(kv_cache, B * T):  # decode, verify, short prefill
+            logits = self.native(input_ids, kv_cache, rows)
+            return logits[:, -1:] if last_only else logits
         step = model._cache_step(kv_cache, rows, B, T)
         d, eps = self.d, self.eps
         # one new token per row, all rows 0..B-1 at one position (generate's steps): _cache_step sets

@@ -194,26 +194,41 @@ static void parallel_product(const Mat *m, const float *X, int64_t ldx, int64_t 
     product(m, X, ldx, B, Y, ldy, lo, hi, mode);
 }
 
-/* ---- attention for one (row, head): write k, v at pos, attend over 0..pos ---- */
+/* ---- attention for one (token, head) ---- */
 
-static void attend(const Model *m, const Cache *c, const Layer *L, const float *qkv, int64_t row, int64_t pos, int64_t h, float *out) {
-    const int64_t d = m->d, hs = m->head_dim, half = hs / 2;
-    const float *q0 = qkv + h * hs, *k0 = qkv + d + h * hs, *v0 = qkv + 2 * d + h * hs;
-    int64_t base = (((L->cache_layer * c->slots + row) * m->n_heads + h) * c->max_len) * hs;
-    float *K = c->k + base, *V = c->v + base;
-    float q[hs];
-    if (m->rope_cos) { /* NeoX half-split rotation at `pos` (gpt.apply_rotary) */
-        const float *cs = m->rope_cos + pos * half, *sn = m->rope_sin + pos * half;
-        for (int64_t i = 0; i < half; i++) {
-            q[i] = q0[i] * cs[i] - q0[i + half] * sn[i];
-            q[i + half] = q0[i + half] * cs[i] + q0[i] * sn[i];
-            K[pos * hs + i] = k0[i] * cs[i] - k0[i + half] * sn[i];
-            K[pos * hs + i + half] = k0[i + half] * cs[i] + k0[i] * sn[i];
-        }
-    } else {
-        for (int64_t i = 0; i < hs; i++) q[i] = q0[i], K[pos * hs + i] = k0[i];
+/* NeoX half-split rotation at `pos` (gpt.apply_rotary), or a copy without rotary positions */
+static void rotate(const Model *m, const float *x, int64_t pos, float *y) {
+    const int64_t hs = m->head_dim, half = hs / 2;
+    if (!m->rope_cos) {
+        for (int64_t i = 0; i < hs; i++) y[i] = x[i];
+        return;
     }
-    for (int64_t i = 0; i < hs; i++) V[pos * hs + i] = v0[i];
+    const float *cs = m->rope_cos + pos * half, *sn = m->rope_sin + pos * half;
+    for (int64_t i = 0; i < half; i++) {
+        y[i] = x[i] * cs[i] - x[i + half] * sn[i];
+        y[i + half] = x[i + half] * cs[i] + x[i] * sn[i];
+    }
+}
+
+static int64_t cache_base(const Model *m, const Cache *c, const Layer *L, int64_t row, int64_t h) {
+    return (((L->cache_layer * c->slots + row) * m->n_heads + h) * c->max_len) * m->head_dim;
+}
+
+/* write the token's k (rotated) and v for head h at `pos` of cache row `row` */
+static void write_kv(const Model *m, const Cache *c, const Layer *L, const float *qkv, int64_t row, int64_t pos,
+                     int64_t h) {
+    const int64_t d = m->d, hs = m->head_dim, base = cache_base(m, c, L, row, h) + pos * hs;
+    rotate(m, qkv + d + h * hs, pos, c->k + base);
+    for (int64_t i = 0; i < hs; i++) c->v[base + i] = qkv[2 * d + h * hs + i];
+}
+
+/* the token's head-h attention over positions 0..pos of its cache row (its own k, v written) */
+static void attend(const Model *m, const Cache *c, const Layer *L, const float *qkv, int64_t row, int64_t pos,
+                   int64_t h, float *out) {
+    const int64_t hs = m->head_dim, base = cache_base(m, c, L, row, h);
+    const float *K = c->k + base, *V = c->v + base;
+    float q[hs];
+    rotate(m, qkv + h * hs, pos, q);
 
     /* online softmax over chunks of 64 keys: running max mx, sum l, output acc (hs) */
     const float scale = 1.0f / sqrtf((float)hs);
@@ -253,48 +268,53 @@ int64_t mt_workspace_floats(const Model *m, int64_t B) {
     return B * (3 * m->d + 3 * m->d + m->d_mlp);
 }
 
-/* ids (B,) continue cache rows `rows` (B,) (NULL: rows 0..B-1), each at its own length; logits (B, V).
- * Writes k, v at each row's position in every layer and advances the rows' lengths. Returns -1, or
+/* ids (B, T): T new tokens for each of the cache rows `rows` (B,) (NULL: rows 0..B-1), each row
+ * continuing at its own length; logits (B, T, V). The N = B T tokens are the rows of every product;
+ * token t of row b sits at position length + t and attends to the row's positions up to its own.
+ * Writes k, v of every token in every layer and advances the rows' lengths by T. Returns -1, or
  * (before doing anything) the first position the cache or the model has no room for. */
 int64_t mt_decode_step(const Model *m, const Cache *c, const int64_t *ids, const int64_t *rows, int64_t B,
-                       float *logits, float *work, int nthreads) {
-    int64_t positions[B];
-    for (int64_t b = 0; b < B; b++) {
-        positions[b] = c->lengths[rows ? rows[b] : b];
-        if (positions[b] >= c->max_len || positions[b] >= m->max_pos) return positions[b];
+                       int64_t T, float *logits, float *work, int nthreads) {
+    const int64_t N = B * T, d = m->d, H = m->n_heads;
+    int64_t pos[N], row[N]; /* each token's position and cache row */
+    for (int64_t n = 0; n < N; n++) {
+        row[n] = rows ? rows[n / T] : n / T;
+        pos[n] = c->lengths[row[n]] + n % T;
+        if (pos[n] >= c->max_len || pos[n] >= m->max_pos) return pos[n];
     }
-    const int64_t d = m->d, H = m->n_heads;
-    float *x = work, *h = x + B * d, *att = h + B * d, *qkv = att + B * d, *u = qkv + 3 * B * d;
+    float *x = work, *h = x + N * d, *att = h + N * d, *qkv = att + N * d, *u = qkv + 3 * N * d;
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp single
-        for (int64_t b = 0; b < B; b++) /* embedding (+ learned position) */
+        for (int64_t n = 0; n < N; n++) /* embedding (+ learned position) */
             for (int64_t i = 0; i < d; i++)
-                x[b * d + i] = m->tok_emb[ids[b] * m->emb_s0 + i * m->emb_s1]
-                               + (m->pos_emb ? m->pos_emb[positions[b] * d + i] : 0.0f);
+                x[n * d + i] = m->tok_emb[ids[n] * m->emb_s0 + i * m->emb_s1]
+                               + (m->pos_emb ? m->pos_emb[pos[n] * d + i] : 0.0f);
         for (int64_t l = 0; l < m->n_layers; l++) {
             const Layer *L = m->layers + l;
             #pragma omp single
-            layer_norm(x, h, B, d, L->ln1_w, L->ln1_b, m->eps);
-            parallel_product(&L->qkv, h, d, B, qkv, 3 * d, STORE);
+            layer_norm(x, h, N, d, L->ln1_w, L->ln1_b, m->eps);
+            parallel_product(&L->qkv, h, d, N, qkv, 3 * d, STORE);
             #pragma omp barrier
+            #pragma omp for schedule(static) /* every token's k, v first: a later token reads them */
+            for (int64_t p = 0; p < N * H; p++)
+                write_kv(m, c, L, qkv + (p / H) * 3 * d, row[p / H], pos[p / H], p % H);
             #pragma omp for schedule(static)
-            for (int64_t p = 0; p < B * H; p++)
-                attend(m, c, L, qkv + (p / H) * 3 * d, rows ? rows[p / H] : p / H, positions[p / H], p % H,
-                       att + (p / H) * d);
-            parallel_product(&L->proj, att, d, B, x, d, ADD);
+            for (int64_t p = 0; p < N * H; p++)
+                attend(m, c, L, qkv + (p / H) * 3 * d, row[p / H], pos[p / H], p % H, att + (p / H) * d);
+            parallel_product(&L->proj, att, d, N, x, d, ADD);
             #pragma omp barrier
             #pragma omp single
-            layer_norm(x, h, B, d, L->ln2_w, L->ln2_b, m->eps);
-            parallel_product(&L->up, h, d, B, u, m->d_mlp, GELU);
+            layer_norm(x, h, N, d, L->ln2_w, L->ln2_b, m->eps);
+            parallel_product(&L->up, h, d, N, u, m->d_mlp, GELU);
             #pragma omp barrier
-            parallel_product(&L->down, u, m->d_mlp, B, x, d, ADD);
+            parallel_product(&L->down, u, m->d_mlp, N, x, d, ADD);
             #pragma omp barrier
         }
         #pragma omp single
-        layer_norm(x, h, B, d, m->lnf_w, m->lnf_b, m->eps);
-        parallel_product(&m->head, h, d, B, logits, m->vocab, STORE);
+        layer_norm(x, h, N, d, m->lnf_w, m->lnf_b, m->eps);
+        parallel_product(&m->head, h, d, N, logits, m->vocab, STORE);
     }
-    for (int64_t b = 0; b < B; b++) c->lengths[rows ? rows[b] : b] = positions[b] + 1;
+    for (int64_t b = 0; b < B; b++) c->lengths[rows ? rows[b] : b] += T;
     return -1;
 }

@@ -16,6 +16,8 @@ returns None and the plan's torch ops run instead (same logits).
 Used for steps of one token per row and at most MAX_ROWS rows, float32 or int8 weights (the int8
 products multiply int8 weights by float32 activations, with the per-row scales of
 model/quantize.py); prefill and speculative verification (several tokens per row) run the plan.
+Memory: float32 keeps one row-major copy of the LM head (the parameter is column-major for the
+plan's torch ops); int8 keeps its int8 weights and scales.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_step.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-MAX_ROWS = 16  # beyond this many rows a step is compute bound and torch's GEMMs run it
+MAX_ROWS = 16  # tokens per step (rows x tokens per row); beyond, a step is compute bound: torch's GEMMs
 F32_ROWS, I8_ROWS = 0, 1  # weight kinds: (out, in) float32, (out, in) int8 with row scales
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -110,7 +112,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.mt_workspace_floats.argtypes = [ctypes.POINTER(_Model), _i64]
     lib.mt_workspace_floats.restype = _i64
-    lib.mt_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Cache), _p, _p, _i64, _p, _p, ctypes.c_int]
+    lib.mt_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Cache), _p, _p, _i64, _i64, _p, _p,
+                                   ctypes.c_int]
     lib.mt_decode_step.restype = _i64
     return lib
 
@@ -172,24 +175,24 @@ class NativeStep:
                 and all(n % 8 == 0 for n in (cfg.d_model, cfg.head_dim, cfg.d_mlp)))
 
     @staticmethod
-    def fits(kv_cache, B: int) -> bool:
+    def fits(kv_cache, n_tokens: int) -> bool:
         k = kv_cache.k
-        return B <= MAX_ROWS and k.dtype == torch.float32 and k.device.type == "cpu" and k.is_contiguous()
+        return n_tokens <= MAX_ROWS and k.dtype == torch.float32 and k.device.type == "cpu" and k.is_contiguous()
 
     def __call__(self, input_ids: torch.Tensor, kv_cache, rows: torch.Tensor | None) -> torch.Tensor:
-        """input_ids (B, 1) continuing cache rows `rows` (None: 0..B-1) -> logits (B, 1, V); rows advance.
+        """input_ids (B, T) continuing cache rows `rows` (None: 0..B-1) -> logits (B, T, V); rows advance by T.
 
         About 20 us of Python around the native call (a decode step of a small model is ~1 ms)."""
-        B = input_ids.shape[0]
+        B, T = input_ids.shape
         if rows is not None:
             rows = rows if rows.dtype == torch.long and rows.is_contiguous() else rows.long().contiguous()
         ids = input_ids if input_ids.dtype == torch.long and input_ids.is_contiguous() else input_ids.long().contiguous()
-        logits = torch.empty(B, 1, self.vocab)
-        work = torch.empty(self.work_floats[B])
+        logits = torch.empty(B, T, self.vocab)
+        work = torch.empty(self.work_floats[B * T])
         c = kv_cache
         cache = _Cache(c.k.data_ptr(), c.v.data_ptr(), c.lengths.data_ptr(), c.k.shape[1], c.max_len)
         full = self.lib.mt_decode_step(self.model_ref, ctypes.byref(cache), ids.data_ptr(),
-                                       None if rows is None else rows.data_ptr(), B, logits.data_ptr(),
+                                       None if rows is None else rows.data_ptr(), B, T, logits.data_ptr(),
                                        work.data_ptr(), torch.get_num_threads())
         if full >= 0:
             limit = min(c.max_len, self.model.max_pos)

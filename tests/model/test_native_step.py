@@ -29,7 +29,8 @@ def model(seed=0, **kw):
 @torch.no_grad()
 def steps(m, native: bool, lengths: list[int], rows: list[int] | None, n: int = 6, slots: int = 20):
     """Prefill `lengths` random prompts into `rows`, then n one-token steps of them all; returns
-    (logits of the steps (B, n, V), the cache). The native step runs only the one-token steps."""
+    (logits of the steps (B, n, V), the cache). With `native` the prefills of up to 16 tokens and
+    the steps run natively; without, on the plan's torch ops."""
     plan = m.decode_plan
     saved, plan.native = plan.native, (plan.native if native else None)
     try:
@@ -62,6 +63,25 @@ def test_native_equals_torch_plan(kw, lengths, rows):
     torch.testing.assert_close(cache_a.k, cache_b.k, atol=TOL, rtol=0)
     torch.testing.assert_close(cache_a.v, cache_b.v, atol=TOL, rtol=0)
     assert torch.equal(cache_a.lengths, cache_b.lengths)
+
+
+@pytest.mark.parametrize("rows", [None, [3, 1]])
+def test_several_tokens_per_row_attend_causally(rows):
+    # speculative verification: T tokens per row, each attending to its row's cache and the tokens before it
+    m = model(position="rotary")
+    outs = []
+    for native in (True, False):
+        m.decode_plan.native, saved = (m.decode_plan.native if native else None), m.decode_plan.native
+        g = torch.Generator().manual_seed(2)
+        cache = KVCache.for_model(m, 4, 64)
+        with torch.no_grad():
+            m(torch.randint(0, 300, (2, 5), generator=g), cache, rows)
+            outs.append((m(torch.randint(0, 300, (2, 4), generator=g), cache, rows), cache))
+        m.decode_plan.native = saved
+    (a, ca), (b, cb) = outs
+    torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+    torch.testing.assert_close(ca.k, cb.k, atol=TOL, rtol=0)
+    assert torch.equal(ca.lengths, cb.lengths) and ca.lengths.sum() == 18
 
 
 def test_more_rows_than_native_takes_run_the_torch_plan():
