@@ -3,9 +3,10 @@
 A decode step feeds one token per row, so on a CPU its time is the weights streamed through the
 matrix-vector products (memory bound) plus a fixed cost per operator dispatched from Python. The
 plain module graph pays three q/k/v products, a dozen module calls and a few small ops per layer
-for that. The plan below runs a one-token step of up to 16 rows as one native call (the whole
-step in C with AVX2 kernels: model/native_step.py) where the machine can build it; otherwise, and
-for prefill and several tokens per row, it runs the same math on torch ops with:
+for that. The plan below runs a forward of up to 16 new tokens (a decode step, a verification, a
+short prefill) as one native call (the whole step in C with AVX2 kernels: model/native_step.py)
+where the machine can build it; otherwise, and for longer forwards, it runs the same math on torch
+ops with:
 
 - one fused (3d, d) q/k/v product per layer (one weight stream, one dispatch instead of three);
 - each product in the form CPU BLAS runs fastest for its row count (`_Product`: one row on both
@@ -127,7 +128,7 @@ class DecodePlan:
         # a blocked copy (_Product)
         self.head = (quantize or _Product)(model.lm_head.weight, None)
         lib = native_step.library()
-        # one-token steps of up to 16 rows: the whole step in one native call (model/native_step.py)
+        # forwards of up to 16 new tokens: the whole step in one native call (model/native_step.py)
         self.native = (native_step.NativeStep(lib, model, self, quantization == "int8")
                        if lib is not None and native_step.NativeStep.supports(model) else None)
         self._modules, self._sources = self._watch(model)

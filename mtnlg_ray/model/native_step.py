@@ -13,9 +13,10 @@ runtime torch has already loaded, so the step and torch's own ops share one thre
 an x86-64 CPU with AVX2 and FMA, without a compiler, or with `MTNLG_NATIVE_DECODE=0`, `library()`
 returns None and the plan's torch ops run instead (same logits).
 
-Used for steps of one token per row and at most MAX_ROWS rows, float32 or int8 weights (the int8
+Used for forwards of at most MAX_ROWS new tokens in all: decode steps, speculative verification
+(several tokens per row, attending causally) and short prefills; float32 or int8 weights (the int8
 products multiply int8 weights by float32 activations, with the per-row scales of
-model/quantize.py); prefill and speculative verification (several tokens per row) run the plan.
+model/quantize.py). Longer forwards run the plan's torch ops.
 Memory: float32 keeps one row-major copy of the LM head (the parameter is column-major for the
 plan's torch ops); int8 keeps its int8 weights and scales.
 """

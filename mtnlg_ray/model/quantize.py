@@ -7,7 +7,7 @@ on fbgemm's int8 GEMM (`quantized::linear_dynamic`, the kernel behind PyTorch's 
 quantization): each call quantizes the activations per tensor to uint8 (7-bit range on CPUs
 without VNNI, so the AVX2 multiply-add cannot saturate), multiplies in int32 and rescales to
 float32 with the weight scales and the float32 bias. That is the scheme CTranslate2's int8 uses on
-CPU. One-token decode steps run instead in the native step (model/native_step.py), which multiplies
+CPU. Forwards of up to 16 tokens (decode steps) run instead in the native step (model/native_step.py), which multiplies
 the same int8 Q by float32 activations and applies the row scales (no activation quantization).
 A decode step streams a quarter of the fp32 bytes; the embedding lookup stays fp32.
 
