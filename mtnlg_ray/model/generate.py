@@ -78,6 +78,18 @@ def use_decode_layout(model, quantization: str | None = None) -> None:
         decode_layout.plan_decode(model, quantization)
 
 
+def cached_forward(model, cache: KVCache):
+    """(ids (B, T), rows=None) -> logits (B, T, V) continuing `cache`, for the steps of one generate call.
+
+    Calls the model's decode plan directly once use_decode_layout has checked it: the weights cannot
+    change inside the call, so the per-forward staleness check (~25 us) and module call are skipped.
+    """
+    plan = getattr(model, "decode_plan", None)
+    if plan is not None:
+        return lambda ids, rows=None: plan(model, ids, cache, rows, False)
+    return lambda ids, rows=None: model(ids, kv_cache=cache, rows=rows)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -137,13 +149,7 @@ def generate(
         speculative_decode(model, cache, out, prompts, max_new_tokens, spec, eos_id, temperature=temperature,
                            top_k=top_k, top_p=top_p, generator=generator)
         max_new_tokens = 0  # done: skip the one-token loop
-    plan = getattr(model, "decode_plan", None)  # checked current by use_decode_layout above
-    if plan is not None:  # the steps call the plan directly: the weights cannot change inside this call
-        def step_forward(ids, rows=None):
-            return plan(model, ids, cache, rows, False)
-    else:
-        def step_forward(ids, rows=None):
-            return model(ids, kv_cache=cache, rows=rows)
+    step_forward = cached_forward(model, cache)
     going = list(range(B))  # rows that have not produced eos
     vocab = cfg.vocab_size
     for step in range(max_new_tokens):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from mtnlg_ray.config.serve import SpeculativeConfig
-from mtnlg_ray.model.generate import filter_logits
+from mtnlg_ray.model.generate import cached_forward, filter_logits
 from mtnlg_ray.model.kv_cache import KVCache
 
 
@@ -119,6 +119,7 @@ def speculative_decode(model, cache: KVCache, out: list[list[int]], prompts: lis
     until every row has max_new_tokens tokens or ended at eos. `sampling`: verify's keywords."""
     proposers = [NgramProposer(p + o, spec) for p, o in zip(prompts, out)]
     V = model.config.vocab_size
+    forward = cached_forward(model, cache)
     active = [i for i in range(len(out)) if len(out[i]) < max_new_tokens and out[i][-1] != eos_id]
     while active:
         lengths = [len(prompts[i]) + len(out[i]) - 1 for i in active]  # cached tokens of each row
@@ -126,7 +127,7 @@ def speculative_decode(model, cache: KVCache, out: list[list[int]], prompts: lis
         drafts = [proposers[i].propose(max_new_tokens - len(out[i]) - 1) for i in active]
         ids, drafts = draft_batch([out[i][-1] for i in active], drafts, cache.max_len - 1 - max(lengths))
         rows = None if active[-1] == len(active) - 1 else active  # rows 0..B-1: the cache hands out views
-        logits = model(torch.tensor(ids, device=cache.k.device), kv_cache=cache, rows=rows)[:, :, :V]
+        logits = forward(torch.tensor(ids, device=cache.k.device), rows)[:, :, :V]
         written = [n + len(ids[0]) for n in lengths]
         for j, i in enumerate(active):
             kept = verify(logits[j, : len(drafts[j]) + 1], drafts[j], **sampling)
