@@ -58,19 +58,24 @@ class _Product:
       (out, in) @ (in, N) product, transposed back as a view, 1.2-3x faster than (N, in) @ (in, out);
       a column-major W keeps a row-major copy for it.
     - more rows (prefill): `F.linear`, compute bound either way.
+    With `small_batch=False` (the native step runs every forward of up to 16 rows) only F.linear's
+    form is kept: no blocked or row-major copies.
     """
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None):
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, small_batch: bool = True):
         out, inp = w.shape
         self.b = b
+        self.halves = self.halves_t = self.blocked = None
+        self.b_col = None if b is None else b[:, None]  # (out, 1)
+        self.rows = w
+        if not small_batch:
+            return
         rows = w if w.is_contiguous() else w.contiguous()  # (out, in) row-major
         # oneDNN-blocked copy for 2-16 rows: float32 CPU weights only
         self.blocked = (torch.ops.mkldnn._reorder_linear_weight(rows, SMALL_BATCH)
                         if ONEDNN and w.dtype == torch.float32 and w.device.type == "cpu" else None)
         # with the blocked copy only F.linear (prefill) reads this, in any layout: no row-major copy kept
         self.rows = w if self.blocked is not None else rows
-        self.b_col = None if b is None else b[:, None]  # (out, 1)
-        self.halves = self.halves_t = None
         if out % 2 == 0 and w.is_contiguous():
             self.halves = w.view(2, out // 2, inp)  # (2, out/2, in) @ (2, in, 1)
             self.b_halves = None if b is None else b.view(2, out // 2, 1)
@@ -100,14 +105,13 @@ class _Product:
 class _Layer:
     """One block's norms and products for decoding (float32, or int8 packed weights)."""
 
-    def __init__(self, block, index: int, quantize):
+    def __init__(self, block, index: int, make):
         attn, mlp = block.attn, block.mlp
         self.index = index  # cache layer number (the block's key)
         self.ln_1, self.ln_2 = block.ln_1, block.ln_2
         self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # (3d, d)
         self.qkv_b = (None if attn.q_proj.bias is None
                       else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
-        make = quantize or _Product
         self.qkv = make(self.qkv_w, self.qkv_b)
         self.out, self.up, self.down = (make(m.weight, m.bias) for m in (attn.out_proj, mlp.up_proj, mlp.down_proj))
 
@@ -119,18 +123,19 @@ class DecodePlan:
         from mtnlg_ray.model.quantize import int8_linear  # quantize.py builds on this module's users
 
         self.quantization = quantization
-        quantize = int8_linear if quantization == "int8" else None
         cfg = model.config
         self.d, self.n_heads, self.eps = cfg.d_model, cfg.n_heads, cfg.layernorm_eps
         self.rotary = cfg.position == "rotary"
-        self.layers = [_Layer(b, int(k), quantize) for k, b in model.blocks.items()]
+        # forwards of up to 16 new tokens: the whole step in one native call (model/native_step.py);
+        # then the torch products below run only longer forwards and keep no small-batch copies
+        lib = native_step.library()
+        native = lib is not None and native_step.NativeStep.supports(model)
+        make = int8_linear if quantization == "int8" else lambda w, b: _Product(w, b, small_batch=not native)
+        self.layers = [_Layer(b, int(k), make) for k, b in model.blocks.items()]
         # (V, d), column-major after use_decode_layout (CPU): one row reads the parameter, a few rows
         # a blocked copy (_Product)
-        self.head = (quantize or _Product)(model.lm_head.weight, None)
-        lib = native_step.library()
-        # forwards of up to 16 new tokens: the whole step in one native call (model/native_step.py)
-        self.native = (native_step.NativeStep(lib, model, self, quantization == "int8")
-                       if lib is not None and native_step.NativeStep.supports(model) else None)
+        self.head = make(model.lm_head.weight, None)
+        self.native = native_step.NativeStep(lib, model, self, quantization == "int8") if native else None
         self._modules, self._sources = self._watch(model)
         self._versions = [t._version for t in self._sources]
         self._ptrs = [t.data_ptr() for t in self._sources]

@@ -17,8 +17,8 @@ Used for forwards of at most MAX_ROWS new tokens in all: decode steps, speculati
 (several tokens per row, attending causally) and short prefills; float32 or int8 weights (the int8
 products multiply int8 weights by float32 activations, with the per-row scales of
 model/quantize.py). Longer forwards run the plan's torch ops.
-Memory: float32 keeps one row-major copy of the LM head (the parameter is column-major for the
-plan's torch ops); int8 keeps its int8 weights and scales.
+Memory: the step keeps a copy of every layer and LM head weight (float32, or int8 and scales) in
+one huge-page buffer; with it the plan's torch ops keep no small-batch copies of their own.
 """
 
 from __future__ import annotations
@@ -123,42 +123,66 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+HUGE_PAGE = 2 << 20  # bytes, x86-64's transparent huge page
+MADV_HUGEPAGE = 14
+
+
+def _huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """nbytes uint8 from a 2 MiB boundary, advised for transparent huge pages before the first write.
+
+    A decode step streams every weight: with 4 KiB pages that is a TLB miss every 4 KiB; with 2 MiB
+    pages (and one buffer in the order the step reads, instead of the parameters scattered over the
+    heap) the step took 4-10% less (docs/benchmarks.md). Without THP the advice does nothing."""
+    buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    out = buf[(-buf.data_ptr()) % HUGE_PAGE:][:nbytes]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes, libc.madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    libc.madvise(out.data_ptr(), nbytes, MADV_HUGEPAGE)  # a hint: an error leaves 4 KiB pages
+    return out
+
+
 class NativeStep:
-    """The step for one model: ctypes descriptions of its weights, and the tensors they point into
-    (held here so they stay alive). Built by the decode plan, which rebuilds it with itself."""
+    """The step for one model: its weights copied, in the order a step reads them, into one buffer
+    of huge pages (row-major float32, or int8 with the row scales of model/quantize.py), and ctypes
+    descriptions of them and of the norms and embeddings it reads in place. Built by the decode
+    plan, which rebuilds it with itself when a weight changes."""
 
     def __init__(self, lib: ctypes.CDLL, model, plan, int8: bool):
         from mtnlg_ray.model.quantize import quantize_rows
 
         self.lib, self.keep = lib, []
         cfg = model.config
+        blocks = [(L, model.blocks[str(L.index)]) for L in plan.layers]
+        weights = [w for L, blk in blocks for w in (L.qkv_w, blk.attn.out_proj.weight, blk.mlp.up_proj.weight,
+                                                     blk.mlp.down_proj.weight)] + [model.lm_head.weight]
+        dtype = torch.int8 if int8 else torch.float32
+        size = [-(-w.numel() * dtype.itemsize // 64) * 64 for w in weights]  # bytes, 64-aligned starts
+        self.arena = _huge_page_buffer(sum(size))
+        starts = iter(torch.tensor([0] + size).cumsum(0).tolist())
 
         def mat(w: torch.Tensor, b: torch.Tensor | None) -> _Mat:
-            w = w.detach()
+            start = next(starts)
+            dst = self.arena[start:start + w.numel() * dtype.itemsize].view(dtype).view(w.shape)  # (out, in)
+            scale = None
             if int8:
-                q, s = quantize_rows(w)
-                q = q.contiguous()  # (out, in) row-major, whatever w's layout
-                self.keep += [q, s]
-                return _Mat(q.data_ptr(), s.data_ptr(), _ptr(b), q.shape[0], q.shape[1], I8_ROWS)
-            w = w.contiguous()  # a view of the parameter when it is row-major already
-            self.keep.append(w)
-            return _Mat(w.data_ptr(), None, _ptr(b), w.shape[0], w.shape[1], F32_ROWS)
+                q, scale = quantize_rows(w)
+                dst.copy_(q)
+                self.keep.append(scale)
+            else:
+                dst.copy_(w.detach())
+            return _Mat(dst.data_ptr(), _ptr(scale), _ptr(b), w.shape[0], w.shape[1], I8_ROWS if int8 else F32_ROWS)
 
-        layers = []
-        for L in plan.layers:
-            blk = model.blocks[str(L.index)]
-            attn, mlp = blk.attn, blk.mlp
-            layers.append(_Layer(_ptr(blk.ln_1.weight), _ptr(blk.ln_1.bias), _ptr(blk.ln_2.weight),
-                                 _ptr(blk.ln_2.bias), mat(L.qkv_w, L.qkv_b), mat(attn.out_proj.weight, attn.out_proj.bias),
-                                 mat(mlp.up_proj.weight, mlp.up_proj.bias),
-                                 mat(mlp.down_proj.weight, mlp.down_proj.bias), L.index))
+        layers = [_Layer(_ptr(blk.ln_1.weight), _ptr(blk.ln_1.bias), _ptr(blk.ln_2.weight), _ptr(blk.ln_2.bias),
+                         mat(L.qkv_w, L.qkv_b), mat(blk.attn.out_proj.weight, blk.attn.out_proj.bias),
+                         mat(blk.mlp.up_proj.weight, blk.mlp.up_proj.bias),
+                         mat(blk.mlp.down_proj.weight, blk.mlp.down_proj.bias), L.index) for L, blk in blocks]
         self.layers = (_Layer * len(layers))(*layers)
         emb = model.tok_emb.weight
         pos = None if model.pos_emb is None else model.pos_emb.weight.detach().contiguous()
         rope = (model.rope_cos.contiguous(), model.rope_sin.contiguous()) if cfg.position == "rotary" else (None, None)
         self.keep += [pos, *rope]
-        # the LM head row-major: a column-major (V, d) head streams 10-25% slower in the kernels at
-        # one row (its 256-byte pieces of d rows lie far apart), so float32 keeps a row-major copy
+        # the LM head's copy is row-major: the column-major parameter streamed 10-25% slower in the
+        # kernels at one row (its 256-byte pieces of d rows lie far apart)
         head = model.lm_head.weight
         self.vocab = head.shape[0]
         self.model = _Model(len(layers), cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_mlp, self.vocab,
