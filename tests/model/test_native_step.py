@@ -44,9 +44,13 @@ def steps(m, native: bool, lengths: list[int], rows: list[int] | None, n: int = 
         plan.native = saved
 
 
-def test_builds_here():
+def test_builds_here_with_weights_in_one_huge_page_buffer():
     assert native_step.library() is not None
-    assert model().decode_plan.native is not None
+    plan = model().decode_plan
+    assert plan.native is not None
+    assert plan.native.arena.data_ptr() % native_step.HUGE_PAGE == 0
+    # the native step runs every forward of up to 16 rows: the torch products keep no small-batch copies
+    assert all(p.blocked is None and p.halves is None for L in plan.layers for p in (L.qkv, L.out, L.up, L.down))
 
 
 @pytest.mark.parametrize("kw", [{}, {"position": "rotary", "bias": False}, {"tie_embeddings": False},
