@@ -111,7 +111,10 @@ static void layer_norm(const float *x, float *y, int64_t B, int64_t d, const flo
 /* ---- products ---- */
 
 static inline __m256 load8(const void *w, int I8, int64_t off) {
-    if (I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + off))));
+    if (I8) {
+        __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)w + off));
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    }
     return _mm256_loadu_ps((const float *)w + off);
 }
 

@@ -56,8 +56,8 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("d", _i64), ("n_heads", _i64), ("head_dim", _i64), ("d_mlp", _i64),
-                ("vocab", _i64), ("max_pos", _i64), ("eps", ctypes.c_double), ("tok_emb", _p), ("emb_s0", _i64), ("emb_s1", _i64),
-                ("pos_emb", _p), ("rope_cos", _p), ("rope_sin", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Mat),
+                ("vocab", _i64), ("max_pos", _i64), ("eps", ctypes.c_double),
+                ("tok_emb", _p), ("emb_s0", _i64), ("emb_s1", _i64), ("pos_emb", _p), ("rope_cos", _p), ("rope_sin", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Mat),
                 ("layers", ctypes.POINTER(_Layer))]
 
 
@@ -161,6 +161,7 @@ class NativeStep:
         starts = iter(torch.tensor([0] + size).cumsum(0).tolist())
 
         def mat(w: torch.Tensor, b: torch.Tensor | None) -> _Mat:
+            # Called in the order of `weights` above, so each matrix takes the next slot of the arena.
             start = next(starts)
             dst = self.arena[start:start + w.numel() * dtype.itemsize].view(dtype).view(w.shape)  # (out, in)
             scale = None
@@ -211,7 +212,9 @@ class NativeStep:
         B, T = input_ids.shape
         if rows is not None:
             rows = rows if rows.dtype == torch.long and rows.is_contiguous() else rows.long().contiguous()
-        ids = input_ids if input_ids.dtype == torch.long and input_ids.is_contiguous() else input_ids.long().contiguous()
+        ids = input_ids
+        if ids.dtype != torch.long or not ids.is_contiguous():
+            ids = ids.long().contiguous()
         logits = torch.empty(B, T, self.vocab)
         work = torch.empty(self.work_floats[B * T])
         c = kv_cache
