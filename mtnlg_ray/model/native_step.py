@@ -57,7 +57,8 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("d", _i64), ("n_heads", _i64), ("head_dim", _i64), ("d_mlp", _i64),
                 ("vocab", _i64), ("max_pos", _i64), ("eps", ctypes.c_double),
-                ("tok_emb", _p), ("emb_s0", _i64), ("emb_s1", _i64), ("pos_emb", _p), ("rope_cos", _p), ("rope_sin", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Mat),
+                ("tok_emb", _p), ("emb_s0", _i64), ("emb_s1", _i64), ("pos_emb", _p), ("rope_cos", _p),
+                ("rope_sin", _p), ("lnf_w", _p), ("lnf_b", _p), ("head", _Mat),
                 ("layers", ctypes.POINTER(_Layer))]
 
 
@@ -117,6 +118,11 @@ def library() -> ctypes.CDLL | None:
                                    ctypes.c_int]
     lib.mt_decode_step.restype = _i64
     return lib
+
+
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    """`t` as the contiguous int64 the C side reads; no copy when it already is."""
+    return t if t.dtype == torch.long and t.is_contiguous() else t.long().contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -210,11 +216,8 @@ class NativeStep:
 
         About 20 us of Python around the native call (a decode step of a small model is ~1 ms)."""
         B, T = input_ids.shape
-        if rows is not None:
-            rows = rows if rows.dtype == torch.long and rows.is_contiguous() else rows.long().contiguous()
-        ids = input_ids
-        if ids.dtype != torch.long or not ids.is_contiguous():
-            ids = ids.long().contiguous()
+        rows = None if rows is None else _int64(rows)
+        ids = _int64(input_ids)
         logits = torch.empty(B, T, self.vocab)
         work = torch.empty(self.work_floats[B * T])
         c = kv_cache
