@@ -36,7 +36,13 @@ QUIET_RAY_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "E
 # Train's controller polls the workers every 2 s by default and a worker's report or its end waits
 # for the next poll (0.5 s costs nothing here); no preemption watcher (an autoscaler drains
 # cloud nodes, never this one).
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Settings of a Ray started here. Every periodic wake-up of a Ray process preempts a training thread
+# on a machine whose cores all train, and an OpenMP step waits for its slowest thread: Ray's log
+# monitor globs its log directory 10 times a second (here: once a second, new workers' lines still
+# reach the console within a second) and the raylet checks for garbage 10 times a second (here: 1).
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                 "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1",
+                 "RAY_raylet_check_gc_period_milliseconds": "1000", "RAY_kill_idle_workers_interval_ms": "1000"}
 # Whether a local Ray starts its dashboard (`mtnlg --dashboard`). Off by default: its half-dozen
 # processes take seconds of a 2-core machine's start-up and a steady share of its CPU while
 # training; without it, nothing collects Ray's and Ray Train's metrics either (NO_DASHBOARD_ENV).
