@@ -1,20 +1,83 @@
-"""train/trainer.py: what the driver settles for the workers before Ray Train starts them."""
-
-from __future__ import annotations
+"""build_trainer: the Ray Train objects it builds, and what it refuses before any worker starts."""
 
 import os
+from pathlib import Path
 
+import pytest
 from train_jobs import make_job
 
-from mtnlg_ray.train.trainer import worker_threads_env
+from mtnlg_ray.config import ModelConfig, PretrainJob, validate
+from mtnlg_ray.errors import ConfigError
+from mtnlg_ray.train.trainer import build_trainer, check_scaling, run_of, worker_threads_env
+
+
+def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
+    job = make_job(pretrain_data, tmp_path / "runs", "built", scaling={"num_workers": [1, 2], "max_failures": 2},
+                   checkpoint={"num_to_keep": 3})
+    trainer = build_trainer(job)
+    sc, rc = trainer.scaling_config, trainer.run_config
+    assert sc.num_workers == (1, 2) and sc.resources_per_worker == {"CPU": 0.5} and not sc.use_gpu
+    assert rc.name == "built" and rc.storage_path == str(tmp_path / "runs")
+    assert rc.checkpoint_config.num_to_keep == 3 and rc.failure_config.max_failures == 2
+    cfg, run = trainer.train_loop_config, run_of(trainer)  # the worker's two halves, typed
+    assert cfg["kind"] == "pretrain" and run.model.vocab_size == 512 and run.seq_len == 64 and run.has_val
+    assert validate(PretrainJob, cfg["job"]).train.global_batch_size == 8
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"parallel": {"tp": 3}}, r"parallel: tp=3 x pp=1 = 3 does not divide world size 2"),
+    ({"parallel": {"tp": 2}, "scaling": {"num_workers": [1, 2]}},
+     r"scaling.num_workers: \[1, 2\] lets Ray Train run with 1 workers, which the layout cannot use "
+     r"\(parallel: tp=2 x pp=1 = 2 does not divide world size 1\)"),
+    ({"parallel": {"pp": 2}, "scaling": {"num_workers": 2}}, r"tied embeddings"),
+    ({"parallel": {"pp": 2, "pp_microbatches": 3}, "model": {"tie_embeddings": False}},
+     r"train.micro_batch_size: 4 does not split into parallel.pp_microbatches=3 equal pipeline chunks"),
+    ({"model": {"vocab_size": 1000}}, r"model.vocab_size: the model has vocab_size 1000 but the dataset's tokenizer .* has 512"),
+    ({"model": {"max_seq_len": 32}}, r"model.max_seq_len: 32 is shorter than the dataset's rows \(seq_len 64\)"),
+    ({"scaling": {"num_workers": 4, "cpus_per_worker": 1.0}, "train": {"micro_batch_size": 2}}, r"leave 0 of the cluster's 4 CPUs to Ray Data"),
+])
+def test_refuses_before_launching(ray_session, pretrain_data, tmp_path, sections, message):
+    scaling = {"num_workers": 2, **sections.pop("scaling", {})}
+    job = make_job(pretrain_data, tmp_path / "runs", "bad", scaling=scaling, **sections)
+    with pytest.raises(ConfigError, match=message):
+        build_trainer(job)
+
+
+def scaled(**sections):
+    """(job, its model with the test tokenizer's vocabulary) for check_scaling, which needs no Ray."""
+    job = make_job(Path("data"), Path("runs"), "scaling", **sections)
+    return job, ModelConfig.model_validate(job.model.model_copy(update={"vocab_size": 512}).model_dump())
+
+
+def test_any_global_batch_fits_any_worker_count():
+    # 7 rows over 1..5 data-parallel ranks in micro-batches of at most 4; a ramp from 3 by 2
+    check_scaling(*scaled(train={"global_batch_size": 7, "micro_batch_size": 4,
+                                 "rampup": {"start": 3, "increment": 2, "samples": 20}},
+                          scaling={"num_workers": [1, 5]}))
+    check_scaling(*scaled(parallel={"tp": 2}, scaling={"num_workers": [2, 2]}, train={"global_batch_size": 5}))
+
+
+@pytest.mark.parametrize("sections, seq_len, message", [
+    ({"parallel": {"tp": 2}, "scaling": {"num_workers": [2, 4]}}, None,
+     r"^scaling.num_workers: \[2, 4\] lets Ray Train run with 3 workers, which the layout cannot use "
+     r"\(parallel: tp=2 x pp=1 = 2 does not divide world size 3\); Ray may pick any count in an elastic range"),
+    ({"parallel": {"dp": 2}, "scaling": {"num_workers": [2, 3]}}, None, r"with 3 workers.*dp=2 = 2 does not match world size 3"),
+    ({"parallel": {"tp": 2, "sequence_parallel": True}, "scaling": {"num_workers": 2}}, 63,
+     r"parallel.sequence_parallel: tp=2 must divide the dataset's sequence length 63"),
+    ({"parallel": {"pp": 2, "pp_microbatches": 2}, "model": {"tie_embeddings": False},
+      "train": {"micro_batch_size": 3}, "scaling": {"num_workers": 2}}, None,
+     r"train.micro_batch_size: 3 does not split into parallel.pp_microbatches=2"),
+])
+def test_refuses_a_worker_count_the_layout_cannot_use(sections, seq_len, message):
+    with pytest.raises(ConfigError, match=message):
+        check_scaling(*scaled(**sections), seq_len=seq_len)
 
 
 def test_workers_start_openmp_with_their_thread_count(ray_session, tmp_path):
     """A worker's OMP_NUM_THREADS is the count it will compute with (Ray's would be 1 for 0.5 CPU):
     scaling.threads_per_worker, else this one-node cluster's cores shared among the workers."""
     cores = len(os.sched_getaffinity(0))
-    job = make_job(tmp_path, tmp_path, "t")
-    assert worker_threads_env(job) == {"OMP_NUM_THREADS": str(cores)}
+    assert worker_threads_env(make_job(tmp_path, tmp_path, "t")) == {"OMP_NUM_THREADS": str(cores)}
     two = make_job(tmp_path, tmp_path, "t", scaling={"num_workers": [1, 2]})
     assert worker_threads_env(two) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
     pinned = make_job(tmp_path, tmp_path, "t", scaling={"threads_per_worker": 3})
