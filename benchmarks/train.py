@@ -238,7 +238,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mtnlg-bench-train-"))
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    peak = measure_matmul_flops(args.device, dtype, seconds=3.0)  # the best round of 3 s: a slow spell would raise every MFU
+    # the fastest round within 3 s: a slow spell during the measurement would raise every MFU
+    peak = measure_matmul_flops(args.device, dtype, seconds=3.0)
     where = f"{torch.cuda.get_device_name()}" if cuda else f"{torch.get_num_threads()} CPU threads"
     print(f"matmul peak, {where}: {peak / 1e9:,.1f} GFLOP/s ({dtype})")
     if not args.skip_nanogpt and not cuda:

@@ -104,16 +104,20 @@ def setup_model(job, model_cfg: ModelConfig, device: torch.device):
     return dims, model, Optimizers(model.parts, job.optim)
 
 
+def node_threads(workers_on_node: int) -> int:
+    """A worker's default torch threads: the CPUs this process may run on shared among the
+    training workers of its node."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, workers_on_node))
+
+
 def claim_cores(job, niceness: int) -> int:
     """Set this worker's torch threads; returns their number. scaling.threads_per_worker, or the
     CPUs this process may run on shared among the training workers of its node (Ray sets one
     thread per reserved CPU, so a 0.5-CPU worker would leave the rest of the machine idle). Ray
     also starts workers at niceness 15, below every other process of the machine; a training
     worker is the job itself, so it takes the driver's niceness back when the OS allows it."""
-    n = job.scaling.threads_per_worker
-    if n is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = max(1, cpus // max(1, ray.train.get_context().get_local_world_size()))
+    n = job.scaling.threads_per_worker or node_threads(ray.train.get_context().get_local_world_size())
     torch.set_num_threads(n)
     keep_freed_memory()  # reuse the heap step after step instead of faulting in fresh pages (malloc.py)
     # Linux nices threads one by one: every thread of the worker (torch's pool included) is set.

@@ -36,7 +36,7 @@ from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.parallel import check_layout
 from mtnlg_ray.parallel.mesh import resolve_dims
 from mtnlg_ray.train.failures import RunMonitor, fit_and_report, starting_step, with_traceback
-from mtnlg_ray.train.loop import train_loop
+from mtnlg_ray.train.loop import node_threads, train_loop
 from mtnlg_ray.train.plot import plot_run
 from mtnlg_ray.train.preflight import Start, model_config, plan_pretrain
 from mtnlg_ray.train.resume import identity
@@ -108,8 +108,8 @@ def worker_threads_env(job) -> dict[str, str]:
     thread runs the steps of a later torch.set_num_threads(n) 2-4% slower than when it starts with n."""
     n = job.scaling.threads_per_worker
     nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
-    if n is None and nodes == [ray.get_runtime_context().get_node_id()] and hasattr(os, "sched_getaffinity"):
-        n = max(1, len(os.sched_getaffinity(0)) // worker_range(job)[1])
+    if n is None and nodes == [ray.get_runtime_context().get_node_id()]:
+        n = node_threads(worker_range(job)[1])
     return {} if n is None else {"OMP_NUM_THREADS": str(n)}
 
 
