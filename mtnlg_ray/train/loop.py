@@ -74,6 +74,7 @@ from mtnlg_ray.train.optim import Optimizers
 from mtnlg_ray.train.schedule import global_batch_at, in_tokens, lr_at, planned_tokens
 from mtnlg_ray.train.stream import TokenStream
 from mtnlg_ray.train.trackers import open_trackers
+from mtnlg_ray.train.trainer import node_threads
 
 log = logging.getLogger(__name__)
 JOBS = {"pretrain": PretrainJob, "finetune": FinetuneJob}
@@ -102,13 +103,6 @@ def setup_model(job, model_cfg: ModelConfig, device: torch.device):
                         model_transform=transform, compile_blocks=job.train.compile)
     del init_state
     return dims, model, Optimizers(model.parts, job.optim)
-
-
-def node_threads(workers_on_node: int) -> int:
-    """A worker's default torch threads: the CPUs this process may run on shared among the
-    training workers of its node."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, workers_on_node))
 
 
 def claim_cores(job, niceness: int) -> int:

@@ -33,10 +33,8 @@ from mtnlg_ray.checkpoint.remote import is_uri
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, WorkerRunConfig
 from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.errors import ConfigError, UserError
-from mtnlg_ray.parallel import check_layout
-from mtnlg_ray.parallel.mesh import resolve_dims
+from mtnlg_ray.parallel.mesh import check_layout, resolve_dims
 from mtnlg_ray.train.failures import RunMonitor, fit_and_report, starting_step, with_traceback
-from mtnlg_ray.train.loop import node_threads, train_loop
 from mtnlg_ray.train.plot import plot_run
 from mtnlg_ray.train.preflight import Start, model_config, plan_pretrain
 from mtnlg_ray.train.resume import identity
@@ -99,6 +97,21 @@ def scaling_config(job) -> ScalingConfig:
     workers = s.num_workers if isinstance(s.num_workers, int) else tuple(s.num_workers)
     return ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                          placement_strategy=s.placement_strategy)
+
+
+def node_threads(workers_on_node: int) -> int:
+    """A worker's default torch threads: the CPUs this process may run on shared among the
+    training workers of its node (loop.claim_cores applies it in the worker)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, workers_on_node))
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's function per worker: loop.train_loop, imported there. The driver never needs
+    the loop's model, parallelism and checkpoint code (DTensor, pipelining, DCP: 1-2 s to import)."""
+    from mtnlg_ray.train.loop import train_loop as run_loop
+
+    run_loop(config)
 
 
 def worker_threads_env(job) -> dict[str, str]:
