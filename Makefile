@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mtnlg quickstart --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"

@@ -82,3 +82,19 @@ def test_workers_start_openmp_with_their_thread_count(ray_session, tmp_path):
     assert worker_threads_env(two) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
     pinned = make_job(tmp_path, tmp_path, "t", scaling={"threads_per_worker": 3})
     assert worker_threads_env(pinned) == {"OMP_NUM_THREADS": "3"}
+
+
+def test_the_driver_leaves_the_worker_code_unimported():
+    """The driver imports layout checks (parallel/mesh.py) and a reference to the loop, not the model
+    parallelism, pipelining or checkpoint code its workers import (1-2 s of every run's start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mtnlg_ray.train.trainer as t; t.check_scaling; "
+            "print(' '.join(m for m in ('mtnlg_ray.train.loop', 'mtnlg_ray.parallel.parallelized', "
+            "'torch.distributed.pipelining', 'torch.distributed.checkpoint') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+    from mtnlg_ray.parallel import parallelize  # the package's names still load on first use
+
+    assert parallelize.__module__ == "mtnlg_ray.parallel.parallelized"
