@@ -33,7 +33,6 @@ from mtnlg_ray.parallel.pp import Pipeline, rank_stages, split_stage
 from mtnlg_ray.parallel.tp import apply_tp
 
 
-
 class Parallelized:
     """This rank's share of the model and the forward/backward that matches its layout."""
 
