@@ -2,6 +2,7 @@
 
     python benchmarks/train.py                 # CPU: nanoGPT's CPU shape for 2,000 steps, quickstart shape
     python benchmarks/train.py --steps 500     # a shorter nanoGPT run
+    python benchmarks/train.py --rounds 2      # ours twice on the nanoGPT shape: bare, ours, bare, ours, bare
     python benchmarks/train.py --device cuda   # GPU: the same rows in bf16, then gpt-1.3b (MFU vs 989 TFLOP/s)
 
 Part 1, nanoGPT's CPU configuration (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3
@@ -9,9 +10,10 @@ cosine to 1e-4 over the run, warmup 100, AdamW beta2 0.99, evaluation every 250 
 character-level corpus of stdlib sources: the bare loop (benchmarks/bare_loop.py, random windows,
 its own process) and the `mtnlg pretrain` command (one Ray Train worker, its own process: Ray
 start, data pipeline, evaluations and checkpoints included) are each timed from process start to
-exit; their final weights are then evaluated here on the whole validation split with the same code.
-The bare loop runs once before and once after ours and the reference is the mean of the two: the
-speed of a shared virtual machine drifts by 10-20% over minutes.
+exit; their final weights (the last run of each) are then evaluated here on the whole validation
+split with the same code. The speed of a shared virtual machine drifts by 10-20% over minutes, so
+the runs alternate: bare, ours, bare (`--rounds R`: R runs of ours, each between two bare runs).
+The table gives the means; each round's ratio against the two bare runs around it is printed too.
 Part 2, the quickstart's model and data: tokens/s of the bare loop, one Ray Train worker (eager,
 and with `train.compile: true`: Inductor per block), and two workers sharding with FSDP2.
 Tokens/s of the Ray runs are the mean of their logged intervals after the first (the first
@@ -107,7 +109,7 @@ def logged_rate(run: Path) -> tuple[float, float, float]:
     return tuple(float(np.mean([r[k] for r in logged])) for k in ("tokens_per_s", "mfu", "data_wait"))
 
 
-def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
+def nanogpt_part(work: Path, steps: int, peak: float, rounds: int = 1) -> list[str]:
     """Part 1 (module docstring): the rows of its table."""
     data = preprocess(work / "chars", ["corpus.max_files=80", "tokenizer.model_type=char", "pack.seq_len=64",
                                        "pack.val_fraction=0.1"])
@@ -122,17 +124,22 @@ def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
                       "--out", str(bare_out)], work / f"bare{i}.log")
         return wall, json.loads(bare_out.with_suffix(".json").read_text())["tokens_per_s"]
 
-    before = run_bare(0)
     optim = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "decay_steps": steps, "beta2": 0.99, "weight_decay": 0.1}
-    job = pretrain_job({**NANOGPT}, data, work / "runs", "nanogpt", 1, 12, 12, steps, optim,
-                       {"log_interval": 10, "eval_interval": 250, "eval_batches": 20})
-    job["checkpoint"] = {"interval": 1000, "num_to_keep": 1}
-    config = work / "nanogpt.yaml"
-    config.write_text(yaml.safe_dump(job))
-    ours_wall = timed(MTNLG + ["pretrain", str(config)], work / "ours.log")
-    ours_tps, _, ours_wait = logged_rate(work / "runs" / "nanogpt")
-    after = run_bare(1)  # the machine's speed drifts over minutes: the reference brackets ours
-    bare_wall, bare_tps = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+    bares, ours = [run_bare(0)], []
+    for i in range(1, rounds + 1):  # bare, ours, bare, ours, ..., bare: each of ours between two references
+        job = pretrain_job({**NANOGPT}, data, work / "runs", f"nanogpt{i}", 1, 12, 12, steps, optim,
+                           {"log_interval": 10, "eval_interval": 250, "eval_batches": 20})
+        job["checkpoint"] = {"interval": 1000, "num_to_keep": 1}
+        config = work / f"nanogpt{i}.yaml"
+        config.write_text(yaml.safe_dump(job))
+        wall = timed(MTNLG + ["pretrain", str(config)], work / f"ours{i}.log")
+        ours.append((wall, *logged_rate(work / "runs" / f"nanogpt{i}")[::2]))
+        bares.append(run_bare(i))
+    bare_wall, bare_tps = (float(np.mean([b[k] for b in bares])) for k in (0, 1))
+    ours_wall, ours_tps, ours_wait = (float(np.mean([o[k] for o in ours])) for k in (0, 1, 2))
+    # per round: ours against the mean of the bare runs just before and after it
+    rounds_wall = [o[0] / ((bares[i][0] + bares[i + 1][0]) / 2) for i, o in enumerate(ours)]
+    rounds_tps = [o[1] / ((bares[i][1] + bares[i + 1][1]) / 2) for i, o in enumerate(ours)]
 
     from safetensors.torch import load_model as load_weights
 
@@ -141,21 +148,23 @@ def nanogpt_part(work: Path, steps: int, peak: float) -> list[str]:
 
     bare_model = GPT(cfg)
     load_weights(bare_model, str(bare_out))
-    bare_val, ours_val = val_loss(bare_model, data), val_loss(from_pretrained(work / "runs" / "nanogpt")[1], data)
+    ours_model = from_pretrained(work / "runs" / f"nanogpt{rounds}")[1]  # the last run of each
+    bare_val, ours_val = val_loss(bare_model, data), val_loss(ours_model, data)
     print(f"\nnanoGPT CPU shape: GPT 4x128, block 64, char vocab {vocab}, batch 12, {steps} steps "
           f"({12 * 64 * steps:,} tokens), {fpt / 1e6:.2f} MFLOP/token; val loss over the whole val split")
     rows = ["| run | wall s (process start to exit) | tokens/s | MFU | final val loss (nats/char) |",
             "|---|---:|---:|---:|---:|",
-            f"| bare PyTorch loop (all cores), mean of the runs before and after ours | {bare_wall:.1f} | "
+            f"| bare PyTorch loop (all cores), mean of its {len(bares)} runs | {bare_wall:.1f} | "
             f"{bare_tps:,.0f} | {fpt * bare_tps / peak:.1%} | {bare_val:.4f} |",
-            f"| `mtnlg pretrain`, 1 Ray Train worker | {ours_wall:.1f} | {ours_tps:,.0f} | {fpt * ours_tps / peak:.1%} | "
-            f"{ours_val:.4f} |",
+            f"| `mtnlg pretrain`, 1 Ray Train worker, mean of {len(ours)} runs | {ours_wall:.1f} | {ours_tps:,.0f} | "
+            f"{fpt * ours_tps / peak:.1%} | {ours_val:.4f} |",
             f"| ours / bare | {ours_wall / bare_wall:.2f}x | {ours_tps / bare_tps:.2f}x | | "
             f"{ours_val - bare_val:+.4f} |"]
     print("\n".join(rows))
     print(f"data wait of ours: {ours_wait:.2%} of step time")
-    print(f"bare runs before / after ours: {before[0]:.1f} s / {after[0]:.1f} s wall, "
-          f"{before[1]:,.0f} / {after[1]:,.0f} tokens/s")
+    print("bare runs in order: " + ", ".join(f"{w:.1f} s / {t:,.0f} tokens/s" for w, t in bares))
+    print("ours / bare per round (the bare runs before and after it): wall "
+          + ", ".join(f"{r:.2f}x" for r in rounds_wall) + "; tokens/s " + ", ".join(f"{r:.2f}x" for r in rounds_tps))
     return rows
 
 
@@ -231,6 +240,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--steps", type=int, default=2000, help="steps of the nanoGPT-shape runs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of ours on the nanoGPT shape, each between two bare runs (the machine's speed drifts)")
     ap.add_argument("--quickstart-steps", type=int, default=40, help="steps of the quickstart-shape runs")
     ap.add_argument("--skip-nanogpt", action="store_true")
     ap.add_argument("--skip-quickstart", action="store_true")
@@ -243,7 +254,7 @@ def main() -> int:
     where = f"{torch.cuda.get_device_name()}" if cuda else f"{torch.get_num_threads()} CPU threads"
     print(f"matmul peak, {where}: {peak / 1e9:,.1f} GFLOP/s ({dtype})")
     if not args.skip_nanogpt and not cuda:
-        nanogpt_part(work, args.steps, peak)
+        nanogpt_part(work, args.steps, peak, args.rounds)
     if not args.skip_quickstart:
         quickstart_part(work, args.quickstart_steps, peak, args.device)
     if cuda:

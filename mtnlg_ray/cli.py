@@ -43,7 +43,7 @@ def cmd_pretrain(args):
     start = plan_pretrain(job, args.resume)  # paths, model against data, --resume: still no Ray or torch
     from mtnlg_ray.train.trainer import run_pretrain
 
-    run_pretrain(job, start)
+    run_pretrain(job, start, stop_ray=True)
 
 
 def cmd_finetune(args):

@@ -6,18 +6,21 @@ slowest dimension (they only exchange activations at stage boundaries). For 8 ra
 pp=2, dp=2, tp=2, rank r sits at (pp, dp, tp) = (r // 4, r // 2 % 2, r % 2).
 
 `check_layout` validates a layout before any worker starts (the trainer calls it); `build_mesh`
-runs the same checks on a worker and builds the `DeviceMesh` with `init_device_mesh`.
+runs the same checks on a worker and builds the `DeviceMesh` with `init_device_mesh`. torch is
+imported by build_mesh only: the driver and Ray Train's controller check layouts without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from typing import TYPE_CHECKING
 
 from mtnlg_ray.config import ModelConfig, ParallelConfig
 from mtnlg_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -121,6 +124,9 @@ def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str, model_cfg
     pp, dp, tp = resolve_dims(cfg, world_size)
     if world_size == 1:
         return ParallelDims(pp, dp, tp, 1, None)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
     if not dist.is_initialized():
         raise RuntimeError(f"build_mesh: world size {world_size} needs an initialised torch.distributed process group")
     if dist.get_world_size() != world_size:

@@ -21,6 +21,9 @@ every step appends {"step", "loss", "lr", "grad_norm", "batch_size", "tokens", "
 adds a step-0 record with only the evaluation. A run appends {"event": "start", ...} and a resumed
 one {"event": "resume", ...} and then repeats the steps after its checkpoint: `read_metrics`
 keeps the last record of each step.
+
+torch (and the model) load inside the functions that compute: the driver reads and plots
+metrics.jsonl without them (train/backend.py says why that matters).
 """
 
 from __future__ import annotations
@@ -29,17 +32,24 @@ import json
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from mtnlg_ray.config import ModelConfig
-from mtnlg_ray.model.gpt import GPT
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def matmul_params(cfg: ModelConfig) -> int:
     """N: parameters used in matrix multiplies (no embedding tables; the LM head counted once)."""
+    import torch
+
+    from mtnlg_ray.model.gpt import GPT
+
     with torch.device("meta"):
         model = GPT(cfg)
     return model.num_params(non_embedding=True) + cfg.padded_vocab_size * cfg.d_model
@@ -50,12 +60,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
-def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                          n: int | None = None, seconds: float = 0.5) -> float:
     """Achieved FLOP/s of square matmuls on `device` (the practical peak MFU is measured against):
     the fastest of the rounds of 4 products run within `seconds`, so that a slow spell of a shared
-    machine during the measurement does not lower the peak (and raise every MFU after it)."""
-    device = torch.device(device)
+    machine during the measurement does not lower the peak (and raise every MFU after it).
+    `dtype`: default float32."""
+    import torch
+
+    device, dtype = torch.device(device), dtype or torch.float32
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

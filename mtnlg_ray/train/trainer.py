@@ -1,7 +1,8 @@
 """The one place that builds Ray Train objects: `build_trainer(job)` and `run_pretrain(job)`.
 
     bundle   = open_datasets(job.data, planned)      Ray Data: blended, seeded, every row of the run
-    trainer  = TorchTrainer(train_loop, ...)          ScalingConfig: N or (min, max) workers, CPU/GPU each
+    trainer  = DataParallelTrainer(train_loop, ...)   ScalingConfig: N or (min, max) workers, CPU/GPU each
+                                                      TorchProcessGroup: gloo / nccl (train/backend.py)
                                                       RunConfig: storage_path/name, keep K, max_failures
     result   = trainer.fit()                          resumes when storage_path/name has checkpoints
 
@@ -20,13 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 import ray.train
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from mtnlg_ray import console
 from mtnlg_ray.checkpoint.remote import is_uri
@@ -34,6 +36,7 @@ from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, WorkerRunCon
 from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.parallel.mesh import check_layout, resolve_dims
+from mtnlg_ray.train.backend import TorchProcessGroup
 from mtnlg_ray.train.failures import RunMonitor, fit_and_report, starting_step, with_traceback
 from mtnlg_ray.train.plot import plot_run
 from mtnlg_ray.train.preflight import Start, model_config, plan_pretrain
@@ -151,8 +154,8 @@ def run_dir_of(job) -> tuple[str, Path]:
 
 
 def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
-                  resume_from: str | None = None) -> TorchTrainer:
-    """A TorchTrainer running `train_loop` for `job` (datasets: `bundle`, default open_datasets(job.data)).
+                  resume_from: str | None = None) -> DataParallelTrainer:
+    """A Ray Train trainer running `train_loop` for `job` (datasets: `bundle`, default open_datasets(job.data)).
     `callbacks`: Ray Train callbacks (fine-tuning's Tune trials pass one that forwards reports to Tune).
     `resume_from`: a checkpoint the workers start from while the run has none of its own (--resume PATH)."""
     start_time = time.time()
@@ -196,26 +199,34 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
     )
     # Unsplit, in order: every worker reads the whole stream and keeps its dp slice (see loop.py).
     data_config = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
-    return TorchTrainer(with_traceback(train_loop), train_loop_config=config, scaling_config=scaling_config(job),
-                        run_config=run_config, datasets=datasets, dataset_config=data_config)
+    return DataParallelTrainer(with_traceback(train_loop), train_loop_config=config,
+                               backend_config=TorchProcessGroup(backend="nccl" if job.scaling.use_gpu else "gloo"),
+                               scaling_config=scaling_config(job), run_config=run_config, datasets=datasets,
+                               dataset_config=data_config)
 
 
-def run_of(trainer: TorchTrainer) -> WorkerRunConfig:
+def run_of(trainer: DataParallelTrainer) -> WorkerRunConfig:
     """The run `build_trainer` settled for `trainer`."""
     return WorkerRunConfig.model_validate(trainer.train_loop_config["run"])
 
 
-def run_pretrain(job: PretrainJob, resume: str | Start = "auto") -> ray.train.Result:
+def run_pretrain(job: PretrainJob, resume: str | Start = "auto", stop_ray: bool = False) -> ray.train.Result:
     """Train (or resume) `job` on Ray Train; writes metrics.jsonl and loss.png in the run directory.
     `resume`: auto, never or a checkpoint path (train/resume.py), or the Start that
-    `preflight.plan_pretrain` returned for it (the CLI checks before importing Ray)."""
+    `preflight.plan_pretrain` returned for it (the CLI checks before importing Ray). `stop_ray`:
+    the caller is done with Ray (the CLI); it stops while the plot is drawn (about 1 s of waiting
+    for Ray's processes to exit that the command would otherwise add at its end)."""
     start = resume if isinstance(resume, Start) else plan_pretrain(job, resume)
     trainer = build_trainer(job, resume_from=start.resume_from)
     metrics_dir = Path(run_of(trainer).metrics_dir)
     log.info("run directory: %s (checkpoints, metrics.jsonl, loss.png)", metrics_dir)
     result = fit_and_report(trainer)  # a failed run: one line naming the root cause
-    for path in plot_run(metrics_dir):
-        log.info("wrote %s", path)
+    with ThreadPoolExecutor(1) as pool:
+        plotted = pool.submit(plot_run, metrics_dir)
+        if stop_ray:
+            ray.shutdown()
+        for path in plotted.result():
+            log.info("wrote %s", path)
     if result.checkpoint is not None:
         log.info("latest checkpoint: %s\nexport it with: mtnlg export %s --out %s/export", result.checkpoint.path,
                  metrics_dir, metrics_dir)

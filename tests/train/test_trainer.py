@@ -87,10 +87,11 @@ def test_workers_start_openmp_with_their_thread_count(ray_session, tmp_path):
 
 
 def test_the_driver_leaves_the_worker_code_unimported():
-    """The driver imports layout checks (parallel/mesh.py) and a reference to the loop, not the model
-    parallelism, pipelining or checkpoint code its workers import (1-2 s of every run's start-up)."""
-    code = ("import sys, mtnlg_ray.train.trainer; "
-            "print(' '.join(m for m in ('mtnlg_ray.train.loop', 'mtnlg_ray.parallel.parallelized', "
+    """The driver (and Ray Train's controller, which unpickles the same modules) imports layout
+    checks, a reference to the loop and a torch-free backend config, not torch or the model,
+    parallelism, pipelining and checkpoint code of the workers (2-4 s of every run's start-up)."""
+    code = ("import sys, mtnlg_ray.train.trainer, mtnlg_ray.train.backend; "
+            "print(' '.join(m for m in ('torch', 'mtnlg_ray.train.loop', 'mtnlg_ray.parallel.parallelized', "
             "'torch.distributed.pipelining', 'torch.distributed.checkpoint') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
