@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from mtnlg_ray.model.gpt import GPT
 
@@ -93,6 +92,10 @@ class Pipeline:
     def _get(self, shape: tuple[int, ...], train: bool, n_chunks: int):
         key = (shape, train, n_chunks)
         if key not in self._schedules:
+            # imported here: torch.distributed.pipelining brings in dynamo (about 1 s), which every
+            # worker would otherwise import at start-up, with or without a pipeline
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
             stages = [PipelineStage(part, s, self.n_stages, self.device, group=self.group)
                       for part, s in zip(self.parts, self.stage_ids)]
             kw = dict(n_microbatches=n_chunks, loss_fn=self._chunk_loss, scale_grads=False)

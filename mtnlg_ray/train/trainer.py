@@ -1,7 +1,7 @@
 """The one place that builds Ray Train objects: `build_trainer(job)` and `run_pretrain(job)`.
 
     bundle   = open_datasets(job.data, planned)      Ray Data: blended, seeded, every row of the run
-    trainer  = DataParallelTrainer(train_loop, ...)   ScalingConfig: N or (min, max) workers, CPU/GPU each
+    trainer  = Trainer(train_loop, ...)               ScalingConfig: N or (min, max) workers, CPU/GPU each
                                                       TorchProcessGroup: gloo / nccl (train/backend.py)
                                                       RunConfig: storage_path/name, keep K, max_failures
     result   = trainer.fit()                          resumes when storage_path/name has checkpoints
@@ -28,6 +28,7 @@ import ray
 import ray.train
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from mtnlg_ray import console
@@ -153,8 +154,26 @@ def run_dir_of(job) -> tuple[str, Path]:
     return storage, Path(storage) / s.name
 
 
+class Trainer(DataParallelTrainer):
+    """Ray Train's trainer, without its placement-group cleaner on a cluster that has no dashboard.
+
+    The cleaner (an actor, Ray 2.60) asks the state API every second whether the controller is
+    alive, to remove the placement group of one that died. The state API is served by the
+    dashboard, so without one every query fails and the cleaner can never act, while it costs a
+    process started beside the controller, about 150 wake-ups a second beside the training
+    threads, and up to a second at the end of every run (its stop waits out a 1 s poll). A Ray that
+    `mtnlg` starts has no dashboard unless asked (`mtnlg --dashboard`); when the driver exits, that
+    Ray stops and the placement group goes with it."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if ray._private.worker.get_dashboard_url():
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
 def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
-                  resume_from: str | None = None) -> DataParallelTrainer:
+                  resume_from: str | None = None) -> Trainer:
     """A Ray Train trainer running `train_loop` for `job` (datasets: `bundle`, default open_datasets(job.data)).
     `callbacks`: Ray Train callbacks (fine-tuning's Tune trials pass one that forwards reports to Tune).
     `resume_from`: a checkpoint the workers start from while the run has none of its own (--resume PATH)."""
@@ -199,13 +218,13 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
     )
     # Unsplit, in order: every worker reads the whole stream and keeps its dp slice (see loop.py).
     data_config = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
-    return DataParallelTrainer(with_traceback(train_loop), train_loop_config=config,
-                               backend_config=TorchProcessGroup(backend="nccl" if job.scaling.use_gpu else "gloo"),
-                               scaling_config=scaling_config(job), run_config=run_config, datasets=datasets,
-                               dataset_config=data_config)
+    return Trainer(with_traceback(train_loop), train_loop_config=config,
+                   backend_config=TorchProcessGroup(backend="nccl" if job.scaling.use_gpu else "gloo"),
+                   scaling_config=scaling_config(job), run_config=run_config, datasets=datasets,
+                   dataset_config=data_config)
 
 
-def run_of(trainer: DataParallelTrainer) -> WorkerRunConfig:
+def run_of(trainer: Trainer) -> WorkerRunConfig:
     """The run `build_trainer` settled for `trainer`."""
     return WorkerRunConfig.model_validate(trainer.train_loop_config["run"])
 

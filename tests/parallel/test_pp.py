@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -71,3 +74,11 @@ def test_stage_layers_split_evenly():
     assert stage_layers(4, 2) == [range(0, 2), range(2, 4)]
     assert stage_layers(105, 35) == [range(3 * s, 3 * s + 3) for s in range(35)]  # MT-NLG: 3 layers a stage
     assert [len(r) for r in stage_layers(7, 3)] == [3, 2, 2]
+
+
+def test_a_worker_without_a_pipeline_leaves_pipelining_unimported():
+    """torch.distributed.pipelining (and the dynamo it imports: about 1 s) loads with the first
+    pipeline schedule, not with the training loop every worker imports."""
+    code = "import sys, mtnlg_ray.train.loop; print('torch.distributed.pipelining' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -24,6 +24,10 @@ def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
     cfg, run = trainer.train_loop_config, run_of(trainer)  # the worker's two halves, typed
     assert cfg["kind"] == "pretrain" and run.model.vocab_size == 512 and run.seq_len == 64 and run.has_val
     assert validate(PretrainJob, cfg["job"]).train.global_batch_size == 8
+    assert trainer.backend_config.backend == "gloo"
+    # the session's Ray has no dashboard: no placement-group cleaner (it could never reach the state API)
+    kinds = {type(c).__name__ for c in trainer._create_default_callbacks()}
+    assert "BackendSetupCallback" in kinds and "PlacementGroupCleanerCallback" not in kinds
 
 
 @pytest.mark.parametrize("sections, message", [
