@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
