@@ -133,7 +133,8 @@ def nanogpt_part(work: Path, steps: int, peak: float, rounds: int = 1) -> list[s
         config = work / f"nanogpt{i}.yaml"
         config.write_text(yaml.safe_dump(job))
         wall = timed(MTNLG + ["pretrain", str(config)], work / f"ours{i}.log")
-        ours.append((wall, *logged_rate(work / "runs" / f"nanogpt{i}")[::2]))
+        tps, _, wait = logged_rate(work / "runs" / f"nanogpt{i}")
+        ours.append((wall, tps, wait))
         bares.append(run_bare(i))
     bare_wall, bare_tps = (float(np.mean([b[k] for b in bares])) for k in (0, 1))
     ours_wall, ours_tps, ours_wait = (float(np.mean([o[k] for o in ours])) for k in (0, 1, 2))
