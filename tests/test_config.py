@@ -98,7 +98,7 @@ def test_a_config_of_another_command_says_so(tmp_path, kind, text, other):
 
 def test_the_worker_half_of_the_run_is_typed():
     run = WorkerRunConfig(model=ModelConfig(preset="debug", vocab_size=512), seq_len=64, tokenizer_path="/t.model",
-                          has_val=True, train_rows=10, metrics_dir="/runs/x", start_time=1.0)
+                          train_rows=10, metrics_dir="/runs/x", start_time=1.0)
     again = validate(WorkerRunConfig, run.model_dump(mode="json"), "run (worker)")  # what Ray hands the worker
     assert again == run and again.model.n_layers == 2 and again.resume_from is None
     with pytest.raises(ConfigError, match=r"^run \(worker\): seq_len: required key is missing$"):

@@ -20,7 +20,6 @@ class WorkerRunConfig(Section):
     model: ModelConfig = Field(description="the job's model, vocab_size from the dataset's tokenizer")
     seq_len: int = Field(gt=0, description="tokens per row of the dataset (rows hold seq_len + 1 ids)")
     tokenizer_path: str = Field(description="absolute path of the dataset's tokenizer.model")
-    has_val: bool = Field(description="the run has a validation split")
     train_rows: int = Field(ge=0, description="rows of one epoch of the train split")
     metrics_dir: str = Field(description="the run directory: metrics.jsonl, plots, error.log")
     start_time: float = Field(description="time.time() when the command started the run")

@@ -1,9 +1,9 @@
-"""Blended, seeded, resumable streams of packed token rows: what the trainer hands to Ray Train.
+"""Blended, seeded, resumable streams of packed token rows: what every training worker reads.
 
 `open_datasets(TrainDataConfig, train_samples)` opens one or more dataset directories written by
-`mtnlg preprocess` (or by fine-tuning, which adds a `labels` column) and returns `ray.data.Dataset`s
-for train and validation. Workers read their shard with `train/stream.py` (torch tensors); this
-module imports no torch, so the Ray Data tasks that read blocks start without it.
+`mtnlg preprocess` (or by fine-tuning, which adds a `labels` column) and returns a `BlendedRows`
+for train and validation: the rows of the stream by position. Workers read them with
+`train/stream.py` (torch tensors); this module imports neither torch nor Ray.
 
 Blending (Megatron-LM's `BlendedDataset` semantics)
     Weights are normalised: w_d = weight_d / sum(weight). The train stream is the first
@@ -23,13 +23,14 @@ Order within a dataset (deterministic for `TrainDataConfig.seed`)
     rows of a batch come from all over the corpus, and every epoch has a new order. Rows are read
     by random access into memory-mapped row matrices derived from the shards (data/row_cache.py).
 
-Determinism and resume
-    The blended set is produced by a custom Ray Data datasource in fixed blocks of
-    `ROWS_PER_BLOCK` rows, independent of the cluster size, and `open_datasets` sets
-    `DataContext.execution_options.preserve_order = True` in the driver (Ray Train captures the
-    driver's DataContext when the trainer is built, and `streaming_split(n, equal=True)` then
-    hands the same rows to the same rank in every run with the same worker count). A worker
-    resumes by skipping the rows it has consumed (train/stream.py).
+Reading in the worker, not through Ray Data
+    Sample i of the stream is a pure function of (datasets, weights, seed, i), so a worker needs
+    no one to hand it rows: it computes the index and gathers the rows it trains on itself, and a
+    resumed or resized run starts at any sample. Ray Data remains what preprocessing runs on
+    (data/readers.py, clean.py, shards.py). Streaming training rows through it instead cost, on a
+    2-core machine, a streaming executor, a read task's worker process and Ray Data's actors waking
+    beside the training threads, and seconds of start-up (docs/benchmarks.md), for reads that take
+    microseconds from the page cache.
 
 Datasets must share one tokenizer (manifest `tokenizer_sha256`), one `seq_len` and one set of
 columns; a directory without `manifest.json` is an unfinished preprocess and is refused.
@@ -39,28 +40,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-from ray.data.block import BlockMetadata
-from ray.data.context import DataContext
-from ray.data.datasource import Datasource, ReadTask
 
 from mtnlg_ray.config import TrainDataConfig
 from mtnlg_ray.data.row_cache import ensure_matrix, row_matrix
 from mtnlg_ray.errors import UserError
 
 FORMAT_VERSION = 1
-ROWS_PER_BLOCK = 256  # fixed block size: the rows each rank gets do not depend on the cluster
 SPLITS = ("train", "val")
 
 
 class DatasetBundle(NamedTuple):
-    train: ray.data.Dataset          # blended, order deterministic for cfg.seed
-    val: ray.data.Dataset | None     # blended the same way (datasets without val rows left out)
+    train: BlendedRows               # blended, order deterministic for cfg.seed
+    val: BlendedRows | None          # blended the same way (datasets without val rows left out)
     tokenizer_path: Path             # the (single, shared) tokenizer.model
     seq_len: int                     # rows hold seq_len + 1 token ids
     vocab_size: int                  # tokenizer vocabulary size
@@ -94,7 +89,7 @@ def load_manifest(path: str | Path) -> dict:
     return manifest
 
 
-class _Split(NamedTuple):
+class Split(NamedTuple):
     """One split of one dataset: its Parquet shards and where each one's rows start."""
 
     path: Path
@@ -108,7 +103,7 @@ class _Split(NamedTuple):
         return int(self.starts[-1])
 
 
-def _open_split(root: Path, manifest: dict, split: str) -> _Split:
+def open_split(root: Path, manifest: dict, split: str) -> Split:
     files = sorted(str(p) for p in (root / split).glob("*.parquet"))
     counts, columns = [], None
     for f in files:
@@ -119,7 +114,7 @@ def _open_split(root: Path, manifest: dict, split: str) -> _Split:
         elif names != columns:
             raise UserError(f"{f}: columns {list(names)} differ from {list(columns)} in the same split")
         counts.append(meta.num_rows)
-    out = _Split(root, files, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]), columns or (),
+    out = Split(root, files, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]), columns or (),
                  int(manifest["seq_len"]) + 1)
     expected = manifest["splits"].get(split, {}).get("rows", 0)
     if out.rows != expected:
@@ -163,63 +158,56 @@ def epoch_rows(rows: int, samples: np.ndarray, seed: int, d: int) -> np.ndarray:
     return out
 
 
-class BlendedDatasource(Datasource):
-    """Ray Data source of the first `num_samples` blended rows, in fixed blocks of ROWS_PER_BLOCK."""
+class BlendedRows:
+    """The first `num_samples` rows of the blend of `splits`, read by position: `len`, `read(lo, hi)`.
 
-    def __init__(self, splits: list[_Split], weights: list[float], seed: int, num_samples: int):
-        super().__init__()
+    Picklable and small: the trainer hands it to every worker, which builds the index (dataset and
+    row of every sample: two int64 arrays of num_samples) on its first read and gathers rows from
+    the shards' memory-mapped row matrices (data/row_cache.py), as Megatron-LM's workers read
+    their indexed dataset. A read of n rows copies n x width ids; nothing runs beside the reader."""
+
+    def __init__(self, splits: list[Split], weights: list[float], seed: int, num_samples: int):
         self.splits = splits
+        self.weights = weights
+        self.seed = seed
+        self.num_samples = num_samples
         self.columns = splits[0].columns
         self.width = splits[0].width
-        self.num_rows = num_samples
-        self.owner, sample = blend_index(weights, num_samples)
-        self.row = np.empty(num_samples, np.int64)
-        for d, split in enumerate(splits):
-            sel = self.owner == d
-            self.row[sel] = epoch_rows(split.rows, sample[sel], seed, d)
-        for split in splits:  # convert once here, not in every read task at once
-            for f in split.files:
-                for c in self.columns:
-                    ensure_matrix(f, c, self.width)
-        self.schema = pa.schema([(c, pa.list_(pa.int32())) for c in self.columns])
+        self._index: tuple[np.ndarray, np.ndarray] | None = None  # (owner (N,), row (N,)), built on first read
 
-    def estimate_inmemory_data_size(self) -> int:
-        return self.num_rows * 4 * self.width * len(self.columns)
+    def __len__(self) -> int:
+        return self.num_samples
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        blocks = [(lo, min(lo + ROWS_PER_BLOCK, self.num_rows)) for lo in range(0, self.num_rows, ROWS_PER_BLOCK)]
-        per_task = max(1, -(-len(blocks) // max(1, parallelism)))
-        sources = [(s.files, s.starts) for s in self.splits]
-        tasks = []
-        for t in range(0, len(blocks), per_task):
-            mine = blocks[t:t + per_task]
-            lo, hi = mine[0][0], mine[-1][1]
-            # each task carries only its own slice of the index
-            args = (sources, self.columns, self.width, mine, lo, self.owner[lo:hi], self.row[lo:hi])
-            meta = BlockMetadata(num_rows=hi - lo, size_bytes=(hi - lo) * 4 * self.width * len(self.columns),
-                                 input_files=None, exec_stats=None)
-            tasks.append(ReadTask(lambda a=args: _read_blocks(*a), meta, schema=self.schema,
-                                  per_task_row_limit=per_task_row_limit))
-        return tasks
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_index": None}  # each process builds its own (cheap next to shipping it)
 
+    def index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset index (N,), row number within that dataset's split (N,)) of every sample."""
+        if self._index is None:
+            owner, sample = blend_index(self.weights, self.num_samples)
+            row = np.empty(self.num_samples, np.int64)
+            for d, split in enumerate(self.splits):
+                sel = owner == d
+                row[sel] = epoch_rows(split.rows, sample[sel], self.seed, d)
+            self._index = owner, row
+        return self._index
 
-def _read_blocks(sources, columns, width, blocks, base, owner, row) -> Iterator[pa.Table]:
-    """Runs in a Ray task: gather each block's rows from the shards' memory-mapped row matrices."""
-    for lo, hi in blocks:
-        own, rows = owner[lo - base:hi - base], row[lo - base:hi - base]
+    def read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Samples lo..hi-1 (clipped to the stream): {column: int32 (n, width)}."""
+        owner, row = self.index()
+        own, rows = owner[lo:hi], row[lo:hi]
         out = {}
-        for c in columns:
-            ids = np.empty((hi - lo, width), np.int32)  # (rows of the block, seq_len + 1)
+        for c in self.columns:
+            ids = np.empty((len(rows), self.width), np.int32)  # (rows, seq_len + 1)
             for d in np.unique(own):
                 sel = np.flatnonzero(own == d)
-                files, starts = sources[d]
-                f = np.searchsorted(starts, rows[sel], side="right") - 1
+                split = self.splits[d]
+                f = np.searchsorted(split.starts, rows[sel], side="right") - 1
                 for i in np.unique(f):
                     at = sel[f == i]
-                    ids[at] = row_matrix(files[i], c, width)[rows[at] - starts[i]]
-            offsets = pa.array(np.arange(0, (hi - lo + 1) * width, width, dtype=np.int32))
-            out[c] = pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1)))
-        yield pa.table(out)
+                    ids[at] = row_matrix(split.files[i], c, self.width)[rows[at] - split.starts[i]]
+            out[c] = ids
+        return out
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -238,7 +226,7 @@ def open_datasets(cfg: TrainDataConfig, train_samples: int | None = None) -> Dat
         if m["seq_len"] != m0["seq_len"]:
             raise UserError(f"{first} and {root} have different seq_len ({m0['seq_len']} vs {m['seq_len']})")
     weights = [spec.weight for spec in cfg.datasets]
-    splits = {s: [_open_split(r, m, s) for r, m in zip(roots, manifests)] for s in SPLITS}
+    splits = {s: [open_split(r, m, s) for r, m in zip(roots, manifests)] for s in SPLITS}
     for s in SPLITS:
         cols = {x.columns for x in splits[s] if x.rows}
         if len(cols) > 1:
@@ -248,22 +236,18 @@ def open_datasets(cfg: TrainDataConfig, train_samples: int | None = None) -> Dat
         if not x.rows:
             raise UserError(f"{root}: the train split is empty")
 
-    DataContext.get_current().execution_options.preserve_order = True
-
     train_rows = sum(x.rows for x in splits["train"])
 
-    def blended(split: str, samples: int | None = None) -> ray.data.Dataset | None:
+    def blended(split: str, samples: int | None = None) -> BlendedRows | None:
         keep = [(x, w) for x, w in zip(splits[split], weights) if x.rows]
         if not keep:
             return None
+        for x, _ in keep:  # convert once here, before any worker reads
+            for f in x.files:
+                for c in x.columns:
+                    ensure_matrix(f, c, x.width)
         rows = sum(x.rows for x, _ in keep)
-        source = BlendedDatasource([x for x, _ in keep], [w for _, w in keep], cfg.seed, max(rows, samples or 0))
-        ds = ray.data.read_datasource(source)
-        ds.context.execution_options.preserve_order = True
-        # Read by the training loop, whose step lines are the progress: a bar per worker would
-        # redraw over them, and its updates cost the worker CPU time every step.
-        ds.context.enable_progress_bars = False
-        return ds
+        return BlendedRows([x for x, _ in keep], [w for _, w in keep], cfg.seed, max(rows, samples or 0))
 
     return DatasetBundle(
         train=blended("train", train_samples),

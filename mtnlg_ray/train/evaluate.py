@@ -1,58 +1,36 @@
 """Evaluation on the validation stream: the rows every rank keeps, and the token-weighted loss.
 
-`load_eval_set` reads the first `train.eval_batches` micro-batches (or the whole split) once
-(`EvalSet`: in the background, from the start of the training function);
+`load_eval_set` reads the first `train.eval_batches` micro-batches (or the whole split) once;
 `evaluate` runs them on every rank (dp rank r takes batches r, r+dp, ...) and returns the loss in
 nats per token, the perplexity and bits per byte. Fine-tuning's baseline uses the same rows.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
+from mtnlg_ray.data.dataset import BlendedRows
 from mtnlg_ray.train.batching import inputs_targets, pad_rows
 from mtnlg_ray.train.stream import iter_batches
 
 
-def load_eval_set(shard, micro_batch: int, batches: int | str) -> list[dict[str, torch.Tensor]]:
+def load_eval_set(rows: BlendedRows | None, micro_batch: int, batches: int | str) -> list[dict[str, torch.Tensor]]:
     """The first `batches` micro-batches of the validation stream ("all": the whole split), kept in
     memory (the same on every rank). With "all" the last, partial micro-batch is padded to full size
     with rows counted nowhere (labels -100), so every forward has one shape (pipelines need it)."""
-    out = []
-    if shard is None:
-        return out
+    if rows is None:
+        return []
     whole = batches == "all"
-    for batch in iter_batches(shard, micro_batch, drop_last=not whole):
-        out.append(batch)
-        if len(out) == batches:
-            break
+    out = list(itertools.islice(iter_batches(rows, micro_batch, drop_last=not whole), None if whole else batches))
     if out and len(out[-1]["input_ids"]) < micro_batch:
         ids = out[-1]["input_ids"]
         inp, lab = pad_rows(ids, out[-1].get("labels", ids), micro_batch - len(ids))
         out[-1] = {"input_ids": inp, "labels": lab}
     return out
-
-
-class EvalSet:
-    """`load_eval_set` run in a background thread from construction; `rows()` waits for its result.
-
-    Reading the split is a Ray Data execution that takes seconds to start on a small machine (its
-    executor, a read task's worker process); begun before the model is built and the train stream
-    opened, it overlaps both instead of delaying the first step. A read error is raised by `rows()`."""
-
-    def __init__(self, shard, micro_batch: int, batches: int | str):
-        self._future = None
-        if shard is not None:
-            pool = ThreadPoolExecutor(1, thread_name_prefix="eval-set")
-            self._future = pool.submit(load_eval_set, shard, micro_batch, batches)
-            pool.shutdown(wait=False)  # the read goes on; the thread ends with it
-
-    def rows(self) -> list[dict[str, torch.Tensor]]:
-        return [] if self._future is None else self._future.result()  # the future keeps its result
 
 
 def world_mean(values: list[float], device: torch.device) -> list[float]:

@@ -2,6 +2,7 @@
 
     job   <- config["job"] (re-validated: PretrainJob or FinetuneJob, by config["kind"])
     run   <- config["run"] (re-validated: config.WorkerRunConfig, what the driver settled)
+    data  <- config["data"]: {"train": BlendedRows, "val": BlendedRows | None} (data/dataset.py)
     model <- parallelize(GPT on meta, mesh from job.parallel); AdamW per part
     state <- the newest valid checkpoint (model, optimizer, step, data position, RNG), if any
     each step: G = the global batch (ramp-up: Megatron's schedule), whatever the worker count
@@ -10,12 +11,12 @@
                lr from tokens consumed; clip; AdamW; metrics; eval; checkpoint; ray.train.report
 
 Threads: a worker computes with `scaling.threads_per_worker` torch threads, by default the CPUs
-of its node shared among the training workers on it, at the driver's priority (`claim_cores`); Ray's CPU reservation
-(`cpus_per_worker`) only schedules, so Ray Data keeps CPUs to run its read tasks.
+of its node shared among the training workers on it, at the driver's priority (`claim_cores`); Ray's CPU
+reservation (`cpus_per_worker`) only schedules.
 
 Data: every rank reads the SAME stream: every row of the run, each epoch in a fresh seeded
-permutation (data/dataset.py). The train dataset is handed to every worker unsplit
-(`DataConfig(datasets_to_split=[])`, order preserved), and each step takes the next G rows of it;
+permutation (data/dataset.py), read by position from memory-mapped row matrices in the worker
+itself (no Ray Data during training), and each step takes the next G rows of it;
 the position is counted in rows, so G need not be a multiple of anything. `batching.deal` cuts
 them, in order and as evenly as possible, into k micro-steps x dp slots, and dp rank r trains on
 its slots; the ranks of one tp/pp group (same dp rank) get the same rows. So the rows of step s
@@ -52,7 +53,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
@@ -67,7 +67,7 @@ from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.model.lora import apply_lora
 from mtnlg_ray.parallel import build_mesh, parallelize
 from mtnlg_ray.train.batching import accumulate, deal
-from mtnlg_ray.train.evaluate import EvalSet, evaluate, world_mean
+from mtnlg_ray.train.evaluate import evaluate, load_eval_set, world_mean
 from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops,
                                      token_byte_lengths)
 from mtnlg_ray.train.optim import Optimizers
@@ -144,15 +144,10 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     threads = claim_cores(job, run.niceness)
-    # The workers' own read pipelines would each draw progress bars over the driver's output;
-    # training progress is the per-step metrics line instead.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
     tc, seq_len = job.train, run.seq_len
     peak = peak_flops_total(job, device)  # first: nothing else of this run uses the cores yet
-    # read while the model is built and the train stream starts (evaluate.py)
-    eval_set = EvalSet(ray.train.get_dataset_shard("val") if run.has_val else None, tc.micro_batch_size,
-                       tc.eval_batches)
+    eval_set = load_eval_set(config["data"]["val"], tc.micro_batch_size, tc.eval_batches)
     dims, model, optimizers = setup_model(job, model_cfg, device)
     optim = in_tokens(job.optim, tc, seq_len)  # warmup / decay given in steps -> tokens
     mb, dp = tc.micro_batch_size, dims.dp
@@ -162,7 +157,7 @@ def train_loop(config: dict) -> None:
     if metrics_log is not None:  # TensorBoard / MLflow / W&B, fed what metrics.jsonl gets (trackers.py)
         metrics_log.trackers = open_trackers(job, config["kind"], run.metrics_dir, state.step)
     torch.manual_seed(tc.seed + 1000 * dims.dp_rank + dims.pp_rank + 7919 * state.step)  # dropout; same over tp
-    stream = TokenStream(ray.train.get_dataset_shard("train"), state.consumed_samples)
+    stream = TokenStream(config["data"]["train"], state.consumed_samples)
     token_bytes = torch.from_numpy(token_byte_lengths(Tokenizer(run.tokenizer_path)))
 
     total_tokens = planned_tokens(tc, seq_len)
@@ -175,8 +170,8 @@ def train_loop(config: dict) -> None:
     window = {"tokens": 0, "time": 0.0, "wait": 0.0}
     every = job.checkpoint.interval
 
-    if tc.eval_at_start and state.step == 0 and eval_set.rows():
-        record = {"step": 0, "tokens": 0, "time": clock(), **evaluate(model, eval_set.rows(), dims, device, token_bytes)}
+    if tc.eval_at_start and state.step == 0 and eval_set:
+        record = {"step": 0, "tokens": 0, "time": clock(), **evaluate(model, eval_set, dims, device, token_bytes)}
         if metrics_log is not None:
             metrics_log.write(record)
             _show(_progress_line(record, tc.max_steps))
@@ -212,14 +207,14 @@ def train_loop(config: dict) -> None:
                   "world_size": dims.world_size, "tokens_sha": hasher.hexdigest()[:16], "time": state.elapsed_s}
         last = state.step == tc.max_steps
         do_log = state.step % tc.log_interval == 0 or last
-        do_eval = (state.step % tc.eval_interval == 0 or last) and bool(eval_set.rows())
+        do_eval = (state.step % tc.eval_interval == 0 or last) and bool(eval_set)
         do_ckpt = (every > 0 and state.step % every == 0) or last
         if do_log:
             tps = window["tokens"] / max(window["time"], 1e-9)
             record.update(tokens_per_s=tps, mfu=fpt * tps / peak, data_wait=window["wait"] / max(window["time"], 1e-9))
             window = {"tokens": 0, "time": 0.0, "wait": 0.0}
         if do_eval:
-            record.update(evaluate(model, eval_set.rows(), dims, device, token_bytes))
+            record.update(evaluate(model, eval_set, dims, device, token_bytes))
         if metrics_log is not None:
             metrics_log.write(record)
             if do_log:

@@ -1,6 +1,6 @@
 """The one place that builds Ray Train objects: `build_trainer(job)` and `run_pretrain(job)`.
 
-    bundle   = open_datasets(job.data, planned)      Ray Data: blended, seeded, every row of the run
+    bundle   = open_datasets(job.data, planned)      blended, seeded rows: every row of the run
     trainer  = Trainer(train_loop, ...)               ScalingConfig: N or (min, max) workers, CPU/GPU each
                                                       TorchProcessGroup: gloo / nccl (train/backend.py)
                                                       RunConfig: storage_path/name, keep K, max_failures
@@ -11,9 +11,10 @@ against their tokenizer and rows, and --resume with its compatibility check (tra
 What needs the cluster is refused here, before any worker starts, with one line:
 the parallel layout for every worker count the run may get (an elastic [min, max] run may start
 with any count in the range), the micro-batch against the pipeline's chunks, the model against
-the dataset's tokenizer and sequence length, and a layout that would leave Ray Data no CPU (its
-read tasks need one; without it `fit()` hangs silently). Batch sizes need not divide by
-micro-batch x dp: the loop deals any global batch out to any number of ranks (batching.py).
+the dataset's tokenizer and sequence length. Batch sizes need not divide by micro-batch x dp: the
+loop deals any global batch out to any number of ranks (batching.py). The workers read their rows
+themselves (data/dataset.py), so they may take every CPU of the cluster: nothing else of the run
+needs one.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -47,7 +47,6 @@ from mtnlg_ray.train.storage import check_storage_path
 from mtnlg_ray.train.trackers import check_installed
 
 log = logging.getLogger(__name__)
-DATA_CPUS = 1.0  # CPUs Ray Data needs beside the workers (one read / map task at a time)
 
 
 def ensure_ray() -> None:
@@ -130,19 +129,6 @@ def worker_threads_env(job) -> dict[str, str]:
     return {} if n is None else {"OMP_NUM_THREADS": str(n)}
 
 
-def check_data_cpus(job) -> None:
-    """Refuse a layout whose workers take every CPU of the cluster: Ray Data's tasks would never run."""
-    total = ray.cluster_resources().get("CPU", 0.0)
-    need = worker_range(job)[1] * job.scaling.cpus_per_worker
-    # Workers that do not fit in the cluster as it is (e.g. GPU workers on a CPU-only head) are what
-    # makes an autoscaling cluster add nodes, whose CPUs Ray Data then gets too: only refuse a cluster
-    # that holds all the workers with less than DATA_CPUS to spare.
-    if need <= total < need + DATA_CPUS:
-        raise ConfigError(f"scaling.cpus_per_worker: {worker_range(job)[1]} workers x {job.scaling.cpus_per_worker} "
-                          f"CPU leave {total - need:g} of the cluster's {total:g} CPUs to Ray Data, which needs "
-                          f"{DATA_CPUS:g}; lower cpus_per_worker (e.g. 0.5) or num_workers")
-
-
 def run_dir_of(job) -> tuple[str, Path]:
     """(storage path for RunConfig, local directory for metrics.jsonl / plots)."""
     s = job.scaling
@@ -188,23 +174,21 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
         bundle = open_datasets(bundle.config if bundle is not None else job.data, planned)
     model_cfg = model_config(job, bundle.vocab_size, bundle.seq_len, bundle.tokenizer_path)
     check_scaling(job, model_cfg, bundle.seq_len)
-    check_data_cpus(job)
     if job.checkpoint.interval == 0:
         log.warning("checkpoint.interval: 0 saves a checkpoint only at the end of the run; a failure before "
                     "then restarts it from scratch")
     storage, metrics_dir = run_dir_of(job)
     run = WorkerRunConfig(
         model=model_cfg, seq_len=bundle.seq_len, tokenizer_path=str(Path(bundle.tokenizer_path).resolve()),
-        has_val=bundle.val is not None, train_rows=bundle.train_rows, metrics_dir=str(metrics_dir),
+        train_rows=bundle.train_rows, metrics_dir=str(metrics_dir),
         start_time=start_time, niceness=os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0,
         identity=identity(job, model_cfg.model_dump(mode="json"), bundle.manifests[0]["tokenizer_sha256"],
                           bundle.seq_len, bundle.manifests),
         resume_from=resume_from)
-    # Ray hands it over as a dict; the worker validates both halves again (loop.py)
-    config = {"kind": kind, "job": job.model_dump(mode="json"), "run": run.model_dump(mode="json")}
-    datasets = {"train": bundle.train}
-    if bundle.val is not None:
-        datasets["val"] = bundle.val
+    # Ray hands it over as a dict; the worker validates both halves again (loop.py) and reads the
+    # rows of the data streams itself (a few hundred bytes each until a worker builds its index)
+    config = {"kind": kind, "job": job.model_dump(mode="json"), "run": run.model_dump(mode="json"),
+              "data": {"train": bundle.train, "val": bundle.val}}
     run_config = RunConfig(
         name=job.scaling.name, storage_path=storage,
         checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
@@ -216,12 +200,9 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
         logging_config=LoggingConfig(log_level=logging.getLevelName(console.ray_log_level())),
         worker_runtime_env={"env_vars": worker_threads_env(job)},
     )
-    # Unsplit, in order: every worker reads the whole stream and keeps its dp slice (see loop.py).
-    data_config = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
     return Trainer(with_traceback(train_loop), train_loop_config=config,
                    backend_config=TorchProcessGroup(backend="nccl" if job.scaling.use_gpu else "gloo"),
-                   scaling_config=scaling_config(job), run_config=run_config, datasets=datasets,
-                   dataset_config=data_config)
+                   scaling_config=scaling_config(job), run_config=run_config)
 
 
 def run_of(trainer: Trainer) -> WorkerRunConfig:

@@ -1,9 +1,9 @@
-"""Blending, deterministic order, resume and refusals of data/dataset.py, on real Ray Data."""
+"""Blending, deterministic order, resume and refusals of data/dataset.py, on real shards and memory maps."""
 
 from __future__ import annotations
 
 import json
-import threading
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -38,7 +38,7 @@ def test_blend_index_shares_every_prefix(weights):
         assert (sample[owner == d] == np.arange((owner == d).sum())).all()
 
 
-def test_blend_proportions_and_repeats(ray_session, make_dataset):
+def test_blend_proportions_and_repeats(make_dataset):
     small = make_dataset("small", 1, n_train=40)
     big = make_dataset("big", 2, n_train=200, n_val=16)
     bundle = open_datasets(_cfg((small, 1.0), (big, 1.0)))
@@ -56,36 +56,24 @@ def test_blend_proportions_and_repeats(ray_session, make_dataset):
     assert bundle.tokenizer_path == small / "tokenizer.model"
 
 
-def test_order_deterministic_for_seed_and_split(ray_session, make_dataset):
+def test_order_deterministic_for_seed_and_split(make_dataset):
     a = make_dataset("a", 1, n_train=300)
     b = make_dataset("b", 2, n_train=300)
     first = _rows(open_datasets(_cfg((a, 2.0), (b, 1.0), seed=7)).train)
     assert first == _rows(open_datasets(_cfg((a, 2.0), (b, 1.0), seed=7)).train)
     assert first != _rows(open_datasets(_cfg((a, 2.0), (b, 1.0), seed=8)).train)
 
-    def consume_both():
-        """Both ranks of streaming_split(2, equal=True), read concurrently as Train workers do."""
-        out = [None, None]
-        ds = open_datasets(_cfg((a, 2.0), (b, 1.0), seed=7)).train
-        its = ds.streaming_split(2, equal=True)
-
-        def run(i):
-            out[i] = [tuple(r[:2]) for bt in iter_batches(its[i], 16) for r in bt["input_ids"].tolist()]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        return out
-
-    one, two = consume_both(), consume_both()
-    assert one == two
-    assert len(one[0]) == len(one[1]) > 0
-    assert not Counter(one[0] + one[1]) - Counter(first)  # the ranks share out the rows of one pass
+    # what a worker reads: the stream travels pickled (without its index) and gives the same rows
+    ds = open_datasets(_cfg((a, 2.0), (b, 1.0), seed=7)).train
+    ds.read(0, 5)
+    shipped = pickle.loads(pickle.dumps(ds))
+    assert shipped._index is None and len(pickle.dumps(ds)) < 4096
+    assert _rows(shipped) == first
+    # any window of the stream is the same rows as the whole read (resume at any sample)
+    assert [tuple(r[:2]) for r in shipped.read(17, 53)["input_ids"].tolist()] == first[17:53]
 
 
-def test_iter_batches_resume_and_drop_last(ray_session, make_dataset):
+def test_iter_batches_resume_and_drop_last(make_dataset):
     ds = open_datasets(_cfg((make_dataset("a", 1, n_train=100), 1.0))).train
     full = list(iter_batches(ds, 16))
     assert len(full) == 100 // 16  # last 4 rows dropped
@@ -97,7 +85,7 @@ def test_iter_batches_resume_and_drop_last(ray_session, make_dataset):
         assert torch.equal(x["input_ids"], y["input_ids"])
 
 
-def test_labels_column_carried_through(ray_session, make_dataset):
+def test_labels_column_carried_through(make_dataset):
     ds = open_datasets(_cfg((make_dataset("sft", 1, n_train=32, labels=True), 1.0))).train
     batch = next(iter_batches(ds, 8))
     assert set(batch) == {"input_ids", "labels"}
@@ -135,8 +123,8 @@ def test_refuses_unfinished_and_inconsistent_dirs(make_dataset, tmp_path):
         open_datasets(_cfg((e, 1.0), (f, 1.0)))
 
 
-def test_many_small_row_groups_in_one_block(ray_session, make_dataset):
-    """A read block touching more than 64 row groups (here 1-row groups, two datasets) reads every row."""
+def test_many_small_row_groups_in_one_read(make_dataset):
+    """A read touching more than 64 row groups (here 1-row groups, two datasets) reads every row."""
     a = make_dataset("a", 1, n_train=150, rows_per_file=50, row_group_size=1)
     b = make_dataset("b", 2, n_train=90, rows_per_file=30, row_group_size=2)
     rows = _rows(open_datasets(_cfg((a, 1.0), (b, 1.0))).train)
@@ -155,7 +143,7 @@ def test_blend_index_is_prefix_stable():
         assert (short[0] == long[0][:777]).all() and (short[1] == long[1][:777]).all()
 
 
-def test_every_epoch_is_a_fresh_global_permutation(ray_session, make_dataset):
+def test_every_epoch_is_a_fresh_global_permutation(make_dataset):
     """Each epoch visits all rows in the seeded permutation of all of them (Megatron's shuffle index),
     across files and row groups, and the next epoch's order is another one."""
     n = 200
@@ -171,7 +159,7 @@ def test_every_epoch_is_a_fresh_global_permutation(ray_session, make_dataset):
     assert [r for _, r in _rows(open_datasets(_cfg((ds, 1.0), seed=5)).train)] == epochs[0]
 
 
-def test_a_batch_draws_from_many_documents_as_a_uniform_permutation(ray_session, make_dataset):
+def test_a_batch_draws_from_many_documents_as_a_uniform_permutation(make_dataset):
     """Long documents are stored as runs of consecutive rows; a batch must still mix the corpus.
 
     Rows 10k..10k+9 stand for one 10-row document (20 documents). For a uniform permutation the

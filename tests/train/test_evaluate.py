@@ -1,32 +1,20 @@
-"""train/evaluate.py: the eval set read in the background equals the one read in place."""
+"""train/evaluate.py: the eval set is the first micro-batches of the validation stream, the last one padded."""
 
 from __future__ import annotations
 
-import pytest
-import ray
 import torch
 
-from mtnlg_ray.train.evaluate import EvalSet, load_eval_set
+from mtnlg_ray.config import DatasetConfig, TrainDataConfig
+from mtnlg_ray.data.dataset import open_datasets
+from mtnlg_ray.train.evaluate import load_eval_set
 
 
-def rows_dataset(n: int, width: int = 9):
-    return ray.data.from_items([{"input_ids": list(range(i, i + width))} for i in range(n)])
-
-
-def test_eval_set_reads_in_the_background_what_load_eval_set_reads(ray_session):
-    ds = rows_dataset(23)
-    ahead = EvalSet(ds, 4, 3)
-    in_place = load_eval_set(ds, 4, 3)
-    assert len(ahead.rows()) == 3 and ahead.rows() is ahead.rows()  # read once
-    for a, b in zip(ahead.rows(), in_place):
-        assert torch.equal(a["input_ids"], b["input_ids"])
-    whole = EvalSet(ds, 4, "all").rows()  # 23 rows: 5 full micro-batches and one padded to 4
+def test_eval_set_takes_micro_batches_and_pads_the_whole_split(make_dataset):
+    val = open_datasets(TrainDataConfig(datasets=[DatasetConfig(path=str(make_dataset("v", 1, 8, n_val=23)))])).val
+    ids = torch.from_numpy(val.read(0, 23)["input_ids"]).long()
+    first = load_eval_set(val, 4, 3)
+    assert len(first) == 3 and all(torch.equal(b["input_ids"], ids[4 * i:4 * i + 4]) for i, b in enumerate(first))
+    whole = load_eval_set(val, 4, "all")  # 23 rows: 5 full micro-batches and one padded to 4
     assert len(whole) == 6 and whole[-1]["input_ids"].shape == (4, 9)
-    assert EvalSet(None, 4, 3).rows() == []
-
-
-def test_eval_set_read_error_surfaces_at_first_use(ray_session):
-    bad = ray.data.from_items([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2]}])  # ragged rows
-    pending = EvalSet(bad, 2, 1)
-    with pytest.raises(ValueError, match="reshape"):
-        pending.rows()
+    assert torch.equal(whole[-1]["input_ids"][:3], ids[20:]) and (whole[-1]["labels"][3] == -100).all()
+    assert load_eval_set(None, 4, 3) == []

@@ -64,7 +64,7 @@ class FakeTrainer:
 
     def __init__(self, run_dir: Path, error=None):
         run = WorkerRunConfig(model=ModelConfig(preset="debug", vocab_size=512), seq_len=64, tokenizer_path="t.model",
-                              has_val=False, train_rows=64, metrics_dir=str(run_dir), start_time=time.time())
+                              train_rows=64, metrics_dir=str(run_dir), start_time=time.time())
         self.train_loop_config = {"run": run.model_dump(mode="json"), "job": {"train": {"max_steps": 6}}}
         self.error = error
 

@@ -1,5 +1,5 @@
 """`mtnlg eval` (train/heldout.py): on a file of documents, the number training's validation gives on
-the rows preprocessing packs from those documents (its TokenizePack, Ray Data, load_eval_set, evaluate)."""
+the rows preprocessing packs from those documents (its TokenizePack, the blended stream, load_eval_set, evaluate)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from mtnlg_ray.checkpoint import native
 from mtnlg_ray.cli import main
 from mtnlg_ray.config import ModelConfig, ParallelConfig
+from mtnlg_ray.data.dataset import BlendedRows, open_split
 from mtnlg_ray.data.shards import TokenizePack
 from mtnlg_ray.model.gpt import GPT
 from mtnlg_ray.parallel import parallelize
@@ -28,23 +29,23 @@ FILES = ("bisect.py", "fnmatch.py", "colorsys.py")  # about 100 rows of 65 token
 
 def training_validation(ckpt, tok, docs: list[str], out: Path) -> tuple[dict, int]:
     """(val metrics, rows) as a training run computes them: preprocessing's packing (one batch of
-    documents: its tail fills no row and is dropped) into a val shard, read by Ray Data, evaluated
-    by the trainer's evaluate on the model built by parallelize."""
-    import ray
-
+    documents: its tail fills no row and is dropped) into val shards, read as the workers read them,
+    evaluated by the trainer's evaluate on the model built by parallelize."""
     from mtnlg_ray.api import from_pretrained
 
     table = TokenizePack(tok.path.read_bytes(), SEQ_LEN)(pa.table({"text": docs, "split": ["val"] * len(docs)}))
-    out.mkdir()
+    (out / "val").mkdir(parents=True)
     for i, shard in enumerate(table["shard"].to_pylist()):
-        (out / f"part-{i:05d}.parquet").write_bytes(shard)
-    eval_set = load_eval_set(ray.data.read_parquet(str(out)), 4, "all")
+        (out / "val" / f"part-{i:05d}.parquet").write_bytes(shard)
+    rows = sum(table["rows"].to_pylist())
+    split = open_split(out, {"seq_len": SEQ_LEN, "splits": {"val": {"rows": rows}}}, "val")
+    eval_set = load_eval_set(BlendedRows([split], [1.0], 0, rows), 4, "all")
     model_cfg = ModelConfig(preset="debug", vocab_size=tok.vocab_size, max_seq_len=SEQ_LEN)
     dims = build_mesh(ParallelConfig(), 1, "cpu")
     state = from_pretrained(ckpt)[1].state_dict()
     model = parallelize(model_cfg, dims, ParallelConfig(), torch.device("cpu"), init_state=state)
     metrics = evaluate(model, eval_set, dims, torch.device("cpu"), torch.from_numpy(token_byte_lengths(tok)))
-    return metrics, sum(table["rows"].to_pylist())
+    return metrics, rows
 
 
 @pytest.fixture(scope="module")

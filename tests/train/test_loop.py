@@ -116,9 +116,11 @@ def test_corrupted_latest_checkpoint_is_skipped(resumed, reference, pretrain_dat
 
 
 def test_elastic_run_survives_a_killed_worker(reference, pretrain_data, storage):
+    """Two workers holding every CPU of the session's Ray: they read their rows themselves, so
+    nothing else of the run waits for a CPU (when Ray Data streamed the rows, this hung)."""
     kill_at = 7
-    steps, events = pretrain(pretrain_data, storage, "elastic",
-                             train={"kill_at_step": kill_at}, scaling={"num_workers": [1, 2], "max_failures": 1})
+    steps, events = pretrain(pretrain_data, storage, "elastic", train={"kill_at_step": kill_at},
+                             scaling={"num_workers": [1, 2], "max_failures": 1, "cpus_per_worker": 2.0})
     run = storage / "elastic"
     assert (run / f".killed_at_step_{kill_at}").is_file()
     assert [e["from_step"] for e in events if e["event"] == "resume"] == [5]  # the checkpoint before the kill

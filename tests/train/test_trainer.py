@@ -22,8 +22,10 @@ def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
     assert rc.name == "built" and rc.storage_path == str(tmp_path / "runs")
     assert rc.checkpoint_config.num_to_keep == 3 and rc.failure_config.max_failures == 2
     cfg, run = trainer.train_loop_config, run_of(trainer)  # the worker's two halves, typed
-    assert cfg["kind"] == "pretrain" and run.model.vocab_size == 512 and run.seq_len == 64 and run.has_val
+    assert cfg["kind"] == "pretrain" and run.model.vocab_size == 512 and run.seq_len == 64
     assert validate(PretrainJob, cfg["job"]).train.global_batch_size == 8
+    # the workers read the rows themselves: no Ray Data datasets, the streams in the config
+    assert not trainer.datasets and len(cfg["data"]["train"]) >= 8 * 6 and cfg["data"]["val"] is not None
     assert trainer.backend_config.backend == "gloo"
     # the session's Ray has no dashboard: no placement-group cleaner (it could never reach the state API)
     kinds = {type(c).__name__ for c in trainer._create_default_callbacks()}
@@ -40,7 +42,6 @@ def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
      r"train.micro_batch_size: 4 does not split into parallel.pp_microbatches=3 equal pipeline chunks"),
     ({"model": {"vocab_size": 1000}}, r"model.vocab_size: the model has vocab_size 1000 but the dataset's tokenizer .* has 512"),
     ({"model": {"max_seq_len": 32}}, r"model.max_seq_len: 32 is shorter than the dataset's rows \(seq_len 64\)"),
-    ({"scaling": {"num_workers": 4, "cpus_per_worker": 1.0}, "train": {"micro_batch_size": 2}}, r"leave 0 of the cluster's 4 CPUs to Ray Data"),
 ])
 def test_refuses_before_launching(ray_session, pretrain_data, tmp_path, sections, message):
     scaling = {"num_workers": 2, **sections.pop("scaling", {})}
