@@ -174,12 +174,20 @@ class BlendedRows:
         self.columns = splits[0].columns
         self.width = splits[0].width
         self._index: tuple[np.ndarray, np.ndarray] | None = None  # (owner (N,), row (N,)), built on first read
+        self._maps: dict[tuple[int, int, str], np.ndarray] = {}  # (dataset, file, column) -> its row matrix
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_index": None}  # each process builds its own (cheap next to shipping it)
+        # each process builds its own index and opens its own maps (cheap next to shipping them)
+        return {**self.__dict__, "_index": None, "_maps": {}}
+
+    def _matrix(self, d: int, i: int, column: str) -> np.ndarray:
+        key = (d, i, column)
+        if key not in self._maps:
+            self._maps[key] = row_matrix(self.splits[d].files[i], column, self.width)
+        return self._maps[key]
 
     def index(self) -> tuple[np.ndarray, np.ndarray]:
         """(dataset index (N,), row number within that dataset's split (N,)) of every sample."""
@@ -201,11 +209,11 @@ class BlendedRows:
             ids = np.empty((len(rows), self.width), np.int32)  # (rows, seq_len + 1)
             for d in np.unique(own):
                 sel = np.flatnonzero(own == d)
-                split = self.splits[d]
-                f = np.searchsorted(split.starts, rows[sel], side="right") - 1
+                starts = self.splits[d].starts
+                f = np.searchsorted(starts, rows[sel], side="right") - 1
                 for i in np.unique(f):
                     at = sel[f == i]
-                    ids[at] = row_matrix(split.files[i], c, self.width)[rows[at] - split.starts[i]]
+                    ids[at] = self._matrix(int(d), int(i), c)[rows[at] - starts[i]]
             out[c] = ids
         return out
 
