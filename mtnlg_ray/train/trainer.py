@@ -28,6 +28,7 @@ from pathlib import Path
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -39,6 +40,7 @@ from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.parallel.mesh import check_layout, resolve_dims
 from mtnlg_ray.train.backend import TorchProcessGroup
 from mtnlg_ray.train.failures import RunMonitor, fit_and_report, starting_step, with_traceback
+from mtnlg_ray.train.local_ray import scaling_policy
 from mtnlg_ray.train.plot import plot_run
 from mtnlg_ray.train.preflight import Start, model_config, plan_pretrain
 from mtnlg_ray.train.resume import identity
@@ -141,7 +143,11 @@ def run_dir_of(job) -> tuple[str, Path]:
 
 
 class Trainer(DataParallelTrainer):
-    """Ray Train's trainer, without its placement-group cleaner on a cluster that has no dashboard.
+    """Ray Train's trainer, without its placement-group cleaner on a cluster that has no dashboard,
+    without the autoscaling request of a fixed-size run on a Ray this process started
+    (train/local_ray.py), and without the Ray Data callback: the workers read their rows
+    themselves (data/dataset.py), and the callback would start a dataset-manager actor for no
+    dataset (a process, and about 140 wake-ups a second beside the training threads).
 
     The cleaner (an actor, Ray 2.60) asks the state API every second whether the controller is
     alive, to remove the placement group of one that died. The state API is served by the
@@ -152,10 +158,15 @@ class Trainer(DataParallelTrainer):
     Ray stops and the placement group goes with it."""
 
     def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        if ray._private.worker.get_dashboard_url():
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+        dashboard = bool(ray._private.worker.get_dashboard_url())
+        return [c for c in super()._create_default_callbacks()
+                if not (isinstance(c, PlacementGroupCleanerCallback) and not dashboard)
+                and not (isinstance(c, DatasetsCallback) and not self.datasets)]
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        # on a Ray started here, a fixed-size run asks no autoscaler for nodes (train/local_ray.py)
+        controller_init_kwargs["scaling_policy"] = scaling_policy(controller_init_kwargs["scaling_policy"])
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
 def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,

@@ -30,6 +30,7 @@ def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
     # the session's Ray has no dashboard: no placement-group cleaner (it could never reach the state API)
     kinds = {type(c).__name__ for c in trainer._create_default_callbacks()}
     assert "BackendSetupCallback" in kinds and "PlacementGroupCleanerCallback" not in kinds
+    assert "DatasetsCallback" not in kinds  # no Ray Data datasets: no dataset-manager actor
 
 
 @pytest.mark.parametrize("sections, message", [
