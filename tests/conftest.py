@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sysconfig
 from pathlib import Path
 
 import pyarrow as pa
@@ -46,9 +47,6 @@ def port() -> int:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A 512-piece SentencePiece model trained on a few stdlib sources (seconds)."""
-    import sysconfig
-    from pathlib import Path
-
     from mtnlg_ray.data.tokenizer import train_tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -59,13 +57,7 @@ def tiny_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cluster_pretrain_data(tmp_path_factory, tiny_tokenizer):
     """A small pretraining dataset dir (64-token rows of a few stdlib sources) for the cluster and job tests."""
-    import shutil
-    import sysconfig
-    from pathlib import Path
-
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from mtnlg_ray.data.shards import write_manifest
 
