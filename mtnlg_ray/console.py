@@ -48,6 +48,11 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_P
 # training; without it, nothing collects Ray's and Ray Train's metrics either (NO_DASHBOARD_ENV).
 dashboard = False
 NO_DASHBOARD_ENV = {"RAY_enable_metrics_collection": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+# A local Ray for training starts no idle workers for the driver's first tasks: Ray prestarts one
+# per CPU with the job's runtime environment, but Ray Train's controller and workers each carry one
+# of their own (their environment variables), so Ray starts fresh processes for them and the
+# prestarted ones only import Ray beside the start-up and then wake ~140 times a second each.
+NO_PRESTART_ENV = {"RAY_prestart_worker_first_driver": "0"}
 
 
 class ConsoleHandler(logging.StreamHandler):
@@ -85,16 +90,18 @@ def ray_log_level() -> int:
     return logging.INFO if verbose() else logging.WARNING
 
 
-def ray_init_args(address: str | None = None) -> dict:
+def ray_init_args(address: str | None = None, prestart: bool = True) -> dict:
     """`ray.init` keyword arguments: Ray's own INFO start-up lines only when verbose. A Ray this
     process starts (`address` "local") runs `quiet_worker` (verbose: `pin_address`) in each of its
     workers, has the dashboard only with `--dashboard` (`dashboard`), and polls training workers
-    every 0.5 s (LOCAL_RAY_ENV). (A cluster's job may carry a runtime_env of its own, which a
-    second one in ray.init would conflict with, and a cluster keeps its own settings.)"""
+    every 0.5 s (LOCAL_RAY_ENV); with `prestart=False` (training) it starts no idle workers
+    (NO_PRESTART_ENV). (A cluster's job may carry a runtime_env of its own, which a second one in
+    ray.init would conflict with, and a cluster keeps its own settings.)"""
     args = {"logging_level": ray_log_level()}
     if address == "local":
         args["include_dashboard"] = dashboard
-        for key, value in {**LOCAL_RAY_ENV, **({} if dashboard else NO_DASHBOARD_ENV)}.items():
+        env = {**LOCAL_RAY_ENV, **({} if dashboard else NO_DASHBOARD_ENV), **({} if prestart else NO_PRESTART_ENV)}
+        for key, value in env.items():
             os.environ.setdefault(key, value)  # the processes of the Ray started here inherit it
         hook = "pin_address" if verbose() else "quiet_worker"
         args["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.{hook}"}

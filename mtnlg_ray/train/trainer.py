@@ -55,7 +55,7 @@ def ensure_ray() -> None:
     """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, **console.ray_init_args(address))
+        ray.init(address=address, **console.ray_init_args(address, prestart=False))
     console.quiet_ray_data()
 
 
