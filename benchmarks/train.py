@@ -98,7 +98,7 @@ def start_ray() -> None:
     import ray
 
     address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=False, **console.ray_init_args(address))
+    ray.init(address=address, log_to_driver=False, **console.ray_init_args(address, prestart=False))
     console.quiet_ray_data()
 
 
