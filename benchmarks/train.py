@@ -243,7 +243,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2000, help="steps of the nanoGPT-shape runs")
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of ours on the nanoGPT shape, each between two bare runs (the machine's speed drifts)")
-    ap.add_argument("--quickstart-steps", type=int, default=40, help="steps of the quickstart-shape runs")
+    ap.add_argument("--quickstart-steps", type=int, default=200, help="steps of the quickstart-shape runs")
     ap.add_argument("--skip-nanogpt", action="store_true")
     ap.add_argument("--skip-quickstart", action="store_true")
     args = ap.parse_args()
