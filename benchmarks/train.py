@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_loop import train as bare_train  # noqa: E402
 
-from mtnlg_ray import console  # noqa: E402
 from mtnlg_ray.config import ModelConfig, PretrainJob, load_job, validate  # noqa: E402
 from mtnlg_ray.model.gpt import lm_loss  # noqa: E402
 from mtnlg_ray.train.metrics import flops_per_token, measure_matmul_flops, read_metrics  # noqa: E402
@@ -95,11 +93,9 @@ def pretrain_job(model: dict, data: Path, storage: Path, name: str, workers: int
 
 def start_ray() -> None:
     """RAY_ADDRESS's cluster, else a local Ray as `mtnlg pretrain` starts it; the workers' step lines stay in their logs."""
-    import ray
+    from mtnlg_ray.train.trainer import ensure_ray
 
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=False, **console.ray_init_args(address, prestart=False))
-    console.quiet_ray_data()
+    ensure_ray(log_to_driver=False)
 
 
 def logged_rate(run: Path) -> tuple[float, float, float]:

@@ -174,7 +174,7 @@ class BlendedRows:
         self.columns = splits[0].columns
         self.width = splits[0].width
         self._index: tuple[np.ndarray, np.ndarray] | None = None  # (owner (N,), row (N,)), built on first read
-        self._maps: dict[tuple[int, int, str], np.ndarray] = {}  # (dataset, file, column) -> its row matrix
+        self._maps: dict[tuple[int, int, str], np.ndarray] = {}  # (dataset, file, column) -> its open row matrix
 
     def __len__(self) -> int:
         return self.num_samples

@@ -30,8 +30,6 @@ import pyarrow.parquet as pq
 
 from mtnlg_ray.errors import UserError
 
-_MAPS: dict[Path, np.ndarray] = {}  # matrix path -> its open memory map, per process
-
 
 def cache_path(shard: str | Path, column: str) -> Path:
     """Where the row matrix of `column` of `shard` is kept (see the module docstring)."""
@@ -75,8 +73,6 @@ def ensure_matrix(shard: str | Path, column: str, width: int) -> Path:
 
 
 def row_matrix(shard: str | Path, column: str, width: int) -> np.ndarray:
-    """(rows, width) int32, read-only memory map of `column` of `shard` (converted on first use)."""
-    path = ensure_matrix(shard, column, width)
-    if path not in _MAPS:
-        _MAPS[path] = np.load(path, mmap_mode="r")
-    return _MAPS[path]
+    """(rows, width) int32, read-only memory map of `column` of `shard` (converted on first use).
+    Finding the matrix costs a `stat` of the shard: a reader keeps the map (BlendedRows does)."""
+    return np.load(ensure_matrix(shard, column, width), mmap_mode="r")

@@ -51,11 +51,12 @@ from mtnlg_ray.train.trackers import check_installed
 log = logging.getLogger(__name__)
 
 
-def ensure_ray() -> None:
-    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+def ensure_ray(log_to_driver: bool = True) -> None:
+    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local Ray for
+    training. `log_to_driver=False` leaves the workers' lines in their log files."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, **console.ray_init_args(address, prestart=False))
+        ray.init(address=address, log_to_driver=log_to_driver, **console.ray_init_args(address, prestart=False))
     console.quiet_ray_data()
 
 
