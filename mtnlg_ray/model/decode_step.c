@@ -118,30 +118,37 @@ static inline __m256 load8(const void *w, int I8, int64_t off) {
     return _mm256_loadu_ps((const float *)w + off);
 }
 
-/* row-major kinds: dots[r][b] = W[o + r] . X[b] for R weight rows and NB batch rows, in registers */
+/* row-major kinds: dots[r][b] = W[o + r] . X[b] for R weight rows and NB batch rows, in registers.
+ * A batch row's 8 floats are loaded right before their R FMAs, so R x NB accumulators + R weights +
+ * one x fit the 16 ymm registers up to 2 x 6 (a 5- or 6-row step is one pass over the weights, not
+ * a 4-row pass plus a 1- or 2-row one whose few accumulator chains wait on FMA latency). */
+enum { MAX_NB = 6 };
 static inline __attribute__((always_inline)) void rows_tile(const void *w, int I8, int64_t in, int64_t o,
                                                             const float *X, int64_t ldx, int R, int NB,
-                                                            float dots[4][4]) {
-    __m256 acc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
+                                                            float dots[4][MAX_NB]) {
+    __m256 acc[4][MAX_NB];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 6") for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
     for (int64_t i = 0; i < in; i += 8) {
-        __m256 xv[4];
-        for (int b = 0; b < NB; b++) xv[b] = _mm256_loadu_ps(X + b * ldx + i);
-        for (int r = 0; r < R; r++) {
-            __m256 wv = load8(w, I8, (o + r) * in + i);
-            for (int b = 0; b < NB; b++) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+        __m256 wv[4];
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) wv[r] = load8(w, I8, (o + r) * in + i);
+        _Pragma("GCC unroll 6") for (int b = 0; b < NB; b++) {
+            __m256 xv = _mm256_loadu_ps(X + b * ldx + i);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[r][b] = _mm256_fmadd_ps(wv[r], xv, acc[r][b]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) dots[r][b] = hsum(acc[r][b]);
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 6") for (int b = 0; b < NB; b++) dots[r][b] = hsum(acc[r][b]);
 }
 
 #define TILE(I8, R, NB) case R * 10 + NB: rows_tile(m->w, I8, m->in, o, X, ldx, R, NB, dots); break;
 #define TILES(I8) TILE(I8, 4, 1) TILE(I8, 4, 2) TILE(I8, 4, 3) TILE(I8, 4, 4) TILE(I8, 2, 1) TILE(I8, 2, 2) \
-    TILE(I8, 2, 3) TILE(I8, 2, 4) TILE(I8, 1, 1) TILE(I8, 1, 2) TILE(I8, 1, 3) TILE(I8, 1, 4)
-/* R in {1, 2, 4} weight rows x NB in 1..4 batch rows, each its own unrolled kernel */
-static void rows_tile_any(const Mat *m, int64_t o, const float *X, int64_t ldx, int R, int NB, float dots[4][4]) {
+    TILE(I8, 2, 3) TILE(I8, 2, 4) TILE(I8, 2, 5) TILE(I8, 2, 6) TILE(I8, 1, 1) TILE(I8, 1, 2) TILE(I8, 1, 3) \
+    TILE(I8, 1, 4) TILE(I8, 1, 5) TILE(I8, 1, 6)
+/* R in {1, 2, 4} weight rows x NB batch rows (1..4 with 4 weight rows, 1..6 with 1 or 2), each its
+ * own unrolled kernel */
+static void rows_tile_any(const Mat *m, int64_t o, const float *X, int64_t ldx, int R, int NB,
+                          float dots[4][MAX_NB]) {
     if (m->kind == I8_ROWS)
         switch (R * 10 + NB) { TILES(1) }
     else
@@ -158,12 +165,14 @@ static void product(const Mat *m, const float *X, int64_t ldx, int64_t B, float 
     if (lo >= hi) return;
     /* weight tiles outermost: a tile is read from memory once and from cache for every batch tile */
     int R = B <= 2 ? 4 : 2; /* weight rows per tile: 4 streams for one row, registers for more */
+    /* batch tiles as even as MAX_NB allows (7 rows: 4 + 3, not 6 + 1) */
+    int64_t tiles = (B + MAX_NB - 1) / MAX_NB, per = (B + tiles - 1) / tiles;
     for (int64_t o = lo; o < hi;) {
         int r_n = hi - o < R ? (int)(hi - o) : R;
         if (r_n == 3) r_n = 2; /* tiles of 4, 2 or 1 rows */
-        for (int64_t b0 = 0; b0 < B; b0 += 4) {
-            int nb = B - b0 < 4 ? (int)(B - b0) : 4;
-            float dots[4][4];
+        for (int64_t b0 = 0; b0 < B; b0 += per) {
+            int nb = B - b0 < per ? (int)(B - b0) : (int)per;
+            float dots[4][MAX_NB];
             rows_tile_any(m, o, X + b0 * ldx, ldx, r_n, nb, dots);
             for (int r = 0; r < r_n; r++)
                 for (int b = 0; b < nb; b++) {

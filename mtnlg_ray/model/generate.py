@@ -33,6 +33,16 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Index of the largest logit along the last dimension (the first one on ties, a NaN above all,
+    as torch.argmax): (..., V) -> int64 (...). A CPU float32 tensor goes through numpy, whose
+    vectorized argmax takes 3-7 us for 5 rows of a 4,096-token vocabulary against torch's 28 us; a
+    decode step of a small model is ~300 us, and greedy decoding takes one argmax per step."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.as_tensor(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -42,7 +52,7 @@ def sample_next(
 ) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V). temperature 0 = greedy (argmax)."""
     if temperature <= 0:
-        return logits.argmax(-1)
+        return argmax_rows(logits)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from mtnlg_ray.config.serve import SpeculativeConfig
-from mtnlg_ray.model.generate import cached_forward, filter_logits
+from mtnlg_ray.model.generate import argmax_rows, cached_forward, filter_logits
 from mtnlg_ray.model.kv_cache import KVCache
 
 
@@ -87,7 +87,7 @@ def verify(logits: torch.Tensor, draft: list[int], temperature: float = 0.0, top
     """Tokens kept from one row: logits (len(draft) + 1, V) at the last token and each draft. Sampling
     as `generate.sample_next` (temperature, top-k, top-p, no penalties); temperature 0 is greedy."""
     if temperature <= 0:
-        targets = logits.argmax(-1).tolist()
+        targets = argmax_rows(logits).tolist()
         n = accepted_prefix(draft, targets)
         return draft[:n] + [targets[n]]
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)  # (len(draft) + 1, V)

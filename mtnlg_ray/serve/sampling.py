@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from mtnlg_ray.model.generate import filter_logits
+from mtnlg_ray.model.generate import argmax_rows, filter_logits
 from mtnlg_ray.serve.structured import GrammarCompiler, GrammarSpec, mask_rows
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM)
@@ -121,7 +121,7 @@ class RequestSampler:
         """One token id from a penalized row (V,): argmax at temperature 0, else a seeded draw."""
         probs = None if self.params.greedy else self.probs(logits)
         if probs is None:
-            return int(logits.argmax())
+            return int(argmax_rows(logits))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def observe(self, token: int) -> None:
@@ -153,7 +153,7 @@ def sample_batch(logits: torch.Tensor, samplers: list[RequestSampler]):
     if constrained:
         scores = logits.clone()  # `logits` stays the model's, for logprobs
         mask_rows(scores, constrained, [samplers[i].constraint for i in constrained])
-    tokens = scores.argmax(-1).tolist()
+    tokens = argmax_rows(scores).tolist()
     for i, s in enumerate(samplers):
         if s.params.penalized or not s.params.greedy:
             row = s.penalize(scores[i]) if s.params.penalized else scores[i]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from mtnlg_ray.model.generate import argmax_rows
 from mtnlg_ray.model.speculative import accept_or_resample, accepted_prefix
 from mtnlg_ray.serve.sampling import RequestSampler, top_logprobs
 
@@ -30,7 +31,7 @@ def verify_row(logits: torch.Tensor, draft: list[int], sampler: RequestSampler) 
         if t == len(draft):
             token = sampler.draw(row)  # every draft was accepted: one more token from the model
         elif p.greedy or (probs := sampler.probs(row)) is None:
-            token = int(row.argmax())
+            token = int(argmax_rows(row))
         else:
             token = accept_or_resample(probs, draft[t], sampler.generator)
         sampler.observe(token)
@@ -46,7 +47,7 @@ def verify_rows(logits: torch.Tensor, drafts: list[list[int]], samplers: list[Re
     logits (B, T, V) real-vocabulary columns; row i's drafts sit at positions 1 .. len(drafts[i]).
     """
     logits = logits.float()
-    greedy = logits.argmax(-1).tolist()  # (B, T)
+    greedy = argmax_rows(logits).tolist()  # (B, T)
     kept_rows, entry_rows = [], []
     for i, (draft, s) in enumerate(zip(drafts, samplers)):
         if s.params.greedy and not s.params.penalized:

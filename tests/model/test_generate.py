@@ -3,7 +3,7 @@
 import torch
 
 from mtnlg_ray.config import ModelConfig
-from mtnlg_ray.model.generate import filter_logits, sample_next
+from mtnlg_ray.model.generate import argmax_rows, filter_logits, sample_next
 from mtnlg_ray.model.gpt import GPT
 
 
@@ -19,6 +19,17 @@ def test_seeded_sampling_is_reproducible():
     c = m.generate(prompt, 20, temperature=1.0, top_p=0.9, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert int(a.max()) < 100  # padded vocabulary rows are never sampled
+
+
+def test_argmax_rows_is_torch_argmax():
+    # numpy's argmax on CPU float32: the same index as torch's on ties (the first) and NaN (above all),
+    # for views, one row and a batch of positions
+    x = torch.randn(3, 5, 100)
+    x[0, 1, 7] = float("nan")
+    x[1, 2, 3] = x[1, 2, 9] = 1e9
+    for t in (x, x[:, :, :50], x[1, 2], x.double(), x.requires_grad_(True)[0]):
+        got = argmax_rows(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(-1))
 
 
 def test_filter_logits():

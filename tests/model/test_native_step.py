@@ -59,7 +59,7 @@ def test_builds_here_with_weights_in_one_huge_page_buffer():
                                           ([4] * 16, None)])
 def test_native_equals_torch_plan(kw, lengths, rows):
     # one row; rows 0..B-1 at one length (generate); rows of different lengths in scattered slots
-    # (the engine); the most rows the native step takes. Every kernel tile shape (1-4 batch rows) runs.
+    # (the engine); the most rows the native step takes. Every kernel tile width (1, 3, 4, 5 and 6 batch rows) runs.
     m = model(**kw)
     (a, cache_a), (b, cache_b) = steps(m, True, lengths, rows), steps(m, False, lengths, rows)
     assert a.shape == b.shape == (len(lengths), 6, m.config.padded_vocab_size)
