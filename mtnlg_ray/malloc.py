@@ -15,11 +15,12 @@ page faults of a bare loop and trained nanoGPT's CPU shape ~20% slower.
 
 A Ray Train worker also trains in a thread of its own, which glibc gives an arena of its own: heaps
 of at most 64 MiB that are unmapped as soon as they are entirely free, whatever the trim setting.
-A step whose activations spill into a second heap of that arena creates and unmaps it every step:
-the worker still took ~18,000 page faults a second on nanoGPT's CPU shape (a bare loop ~2,400).
-With one arena for the process (ONE_ARENA_ENV: glibc reads it when the process starts, so it is
-an environment variable of the worker) the same run took ~25 a second and stepped ~5% faster
-(alternating 600-step runs).
+Steps whose activations spill into a second heap of that arena map and unmap it over and over
+(several times a second, by strace): the worker still took ~18,000 page faults a second on
+nanoGPT's CPU shape (a bare loop ~2,400). With one arena for the process (ONE_ARENA_ENV: glibc
+reads it when the process starts, so it is an environment variable of the worker) the same run
+took ~25 a second and stepped ~6% faster (seven alternating pairs of 600-step runs,
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
