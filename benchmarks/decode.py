@@ -1,8 +1,9 @@
 """Decode speed: ours (fp32 and int8) vs CTranslate2 (float32 and int8) on the same weights.
 
 A random GPT-2 from `transformers` is saved once per shape and vocabulary; ours loads it through
-the public `mtnlg_ray.from_pretrained` and decodes with `model.generate` (the decode plan the
-serving engine's steps run too, model/decode_layout.py); CTranslate2 4.x converts the same
+the public `mtnlg_ray.from_pretrained` and decodes with `model.generate` and with the serving
+engine (serve/engine.py: each prompt a request, stepped until all are done, prefix cache off);
+both run the same decode plan (model/decode_layout.py). CTranslate2 4.x converts the same
 directory with its `TransformersConverter`. Greedy, no early stop, a 32-token prompt, 128 new
 tokens; best of `--repeats` runs after a warm-up. Ours uses `--threads` torch threads and
 CTranslate2 the same number of intra-op threads. Also: the int8 mode's logit error against fp32
@@ -28,6 +29,8 @@ from transformers.utils import logging as hf_logging
 
 import mtnlg_ray
 from mtnlg_ray.model.kv_cache import KVCache
+from mtnlg_ray.serve.engine import Engine
+from mtnlg_ray.serve.sampling import SamplingParams
 
 SHAPES = {"6x384": dict(n_layer=6, n_embd=384, n_head=6), "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12)}
 VOCABS = {"8k": 8192, "50k": 50257}
@@ -62,6 +65,17 @@ def ct2_generate(gen, prompt: torch.Tensor, n: int) -> list[list[int]]:
     tokens = [[f"t{i}" for i in row] for row in prompt.tolist()]
     res = gen.generate_batch(tokens, max_length=n, min_length=n, include_prompt_in_result=False, sampling_topk=1)
     return [r.sequences_ids[0] for r in res]
+
+
+def engine_generate(model, prompt: torch.Tensor, n: int) -> list[list[int]]:
+    """Greedy tokens of the serving engine: every prompt row a request of n tokens, stepped until done."""
+    engine = Engine(model, max_slots=len(prompt), max_context=prompt.shape[1] + n, prefix_cache_blocks=0)
+    ids = [engine.add(row, SamplingParams(max_tokens=n, temperature=0.0)) for row in prompt.tolist()]
+    tokens = {rid: [] for rid in ids}
+    while engine.has_work:
+        for out in engine.step():
+            tokens[out.request_id].append(out.token_id)
+    return [tokens[rid] for rid in ids]
 
 
 def timed(fns: dict, repeats: int = 3) -> dict:
@@ -112,8 +126,11 @@ def run_case(hf_dir: str, hf, vocab: int, batch: int, args) -> dict:
     n = args.new_tokens
     mine = ours.generate(prompt, n)[:, args.prompt:].tolist()
     agree = sum(a == b for r, s in zip(mine, ct2_generate(gens["float32"], prompt, n)) for a, b in zip(r, s))
+    if engine_generate(ours, prompt, n) != mine:
+        raise SystemExit("the serving engine's greedy tokens differ from generate's")
     fns = {
         "ours": lambda: ours.generate(prompt, n),
+        "ours engine": lambda: engine_generate(ours, prompt, n),
         "ours int8": lambda: ours8.generate(prompt, n),
         "ct2": lambda: ct2_generate(gens["float32"], prompt, n),
         "ct2 int8": lambda: ct2_generate(gens["int8"], prompt, n),
@@ -165,11 +182,12 @@ def main() -> None:
     print(f"\nDecode throughput, {args.prompt}-token prompt, {args.new_tokens} new tokens, greedy, "
           f"{args.threads} threads (CTranslate2: intra_threads={args.threads}), CPU, tokens/s; higher is better\n")
     extra = " transformers | ours full recompute |" if args.transformers else ""
-    print("| model | vocab | batch | ours fp32 | CT2 float32 | ours / CT2 fp32 | ours int8 | CT2 int8 | "
-          "ours int8 / CT2 int8 | same greedy tokens as CT2 |" + extra)
-    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if extra else ""))
+    print("| model | vocab | batch | ours fp32 | engine fp32 | CT2 float32 | ours / CT2 fp32 | engine / CT2 fp32 | "
+          "ours int8 | CT2 int8 | ours int8 / CT2 int8 | same greedy tokens as CT2 |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if extra else ""))
     for shape, vname, batch, r in rows:
-        line = (f"| {shape} | {vname} | {batch} | {r['ours']:.0f} | {r['ct2']:.0f} | {r['ours'] / r['ct2']:.2f}x | "
+        line = (f"| {shape} | {vname} | {batch} | {r['ours']:.0f} | {r['ours engine']:.0f} | {r['ct2']:.0f} | "
+                f"{r['ours'] / r['ct2']:.2f}x | {r['ours engine'] / r['ct2']:.2f}x | "
                 f"{r['ours int8']:.0f} | {r['ct2 int8']:.0f} | {r['ours int8'] / r['ct2 int8']:.2f}x | "
                 f"{r['same tokens as ct2']:.0%} |")
         if extra:

@@ -157,12 +157,52 @@ static void rows_tile_any(const Mat *m, int64_t o, const float *X, int64_t ldx, 
 #undef TILES
 #undef TILE
 
+/* one batch row against weight row o with 4 accumulators: the row is read as one sequential stream.
+ * For one batch row and weight rows of at most SHORT_ROW_BYTES this streams faster than the
+ * 4-row tiles, whose 4 interleaved streams of a row each the prefetchers follow less well (6 x 384
+ * model, batch 1: 1.3-1.4x the steps per second in float32, 1.5x in int8); for longer rows the
+ * tiles are as fast or faster. */
+enum { SHORT_ROW_BYTES = 2048 };
+static inline __attribute__((always_inline)) float row_dot(const void *w, int I8, int64_t in, int64_t o,
+                                                           const float *x) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int64_t base = o * in;
+    int64_t i = 0;
+    for (; i + 32 <= in; i += 32) {
+        a0 = _mm256_fmadd_ps(load8(w, I8, base + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(load8(w, I8, base + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(w, I8, base + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(w, I8, base + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i < in; i += 8) a0 = _mm256_fmadd_ps(load8(w, I8, base + i), _mm256_loadu_ps(x + i), a0);
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
 enum { STORE = 0, ADD = 1, GELU = 2 }; /* Y = XW^T + b, Y += XW^T + b, Y = gelu(XW^T + b) */
+
+/* bias, then GELU, over columns [lo, hi) of Y's B rows */
+static void epilogue(const Mat *m, float *Y, int64_t ldy, int64_t B, int64_t lo, int64_t hi, int mode) {
+    for (int64_t b = 0; b < B; b++) {
+        float *y = Y + b * ldy;
+        if (m->bias)
+            for (int64_t o = lo; o < hi; o++) y[o] += m->bias[o];
+        if (mode == GELU) gelu(y + lo, hi - lo);
+    }
+}
 
 /* columns [lo, hi) of Y for X (B, in) with row stride ldx, Y with row stride ldy */
 static void product(const Mat *m, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy,
                     int64_t lo, int64_t hi, int mode) {
     if (lo >= hi) return;
+    if (B == 1 && m->in * (m->kind == I8_ROWS ? 1 : 4) <= SHORT_ROW_BYTES) {
+        for (int64_t o = lo; o < hi; o++) {
+            float s = m->kind == I8_ROWS ? row_dot(m->w, 1, m->in, o, X) : row_dot(m->w, 0, m->in, o, X);
+            if (m->scale) s *= m->scale[o];
+            Y[o] = mode == ADD ? Y[o] + s : s;
+        }
+        epilogue(m, Y, ldy, B, lo, hi, mode);
+        return;
+    }
     /* weight tiles outermost: a tile is read from memory once and from cache for every batch tile */
     int R = B <= 2 ? 4 : 2; /* weight rows per tile: 4 streams for one row, registers for more */
     /* batch tiles as even as MAX_NB allows (7 rows: 4 + 3, not 6 + 1) */
@@ -183,12 +223,7 @@ static void product(const Mat *m, const float *X, int64_t ldx, int64_t B, float 
         }
         o += r_n;
     }
-    for (int64_t b = 0; b < B; b++) { /* bias, then GELU, over this thread's columns */
-        float *y = Y + b * ldy;
-        if (m->bias)
-            for (int64_t o = lo; o < hi; o++) y[o] += m->bias[o];
-        if (mode == GELU) gelu(y + lo, hi - lo);
-    }
+    epilogue(m, Y, ldy, B, lo, hi, mode);
 }
 
 /* this thread's share [lo, hi) of n outputs, in multiples of `align` */

@@ -54,7 +54,8 @@ def test_builds_here_with_weights_in_one_huge_page_buffer():
 
 
 @pytest.mark.parametrize("kw", [{}, {"position": "rotary", "bias": False}, {"tie_embeddings": False},
-                                {"d_model": 128, "n_heads": 2, "vocab_size": 1000}])
+                                {"d_model": 128, "n_heads": 2, "vocab_size": 1000},
+                                {"d_model": 256, "n_heads": 4}])  # MLP rows of 4 KiB: one batch row takes the tiles
 @pytest.mark.parametrize("lengths,rows", [([7], None), ([5, 5, 5], None), ([3, 9, 6, 12, 1], [5, 0, 2, 3, 19]),
                                           ([4] * 16, None)])
 def test_native_equals_torch_plan(kw, lengths, rows):
@@ -96,7 +97,8 @@ def test_more_rows_than_native_takes_run_the_torch_plan():
 
 
 @torch.no_grad()
-def test_int8_is_the_float_model_with_dequantized_weights():
+@pytest.mark.parametrize("rows", [[1, 0], [1]])  # one batch row: the sequential row kernel
+def test_int8_is_the_float_model_with_dequantized_weights(rows):
     # int8 weights times float32 activations: the float model whose Linears and head hold scale * Q
     m, ref = model(), model()
     ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())  # untied: the embedding stays
@@ -112,10 +114,10 @@ def test_int8_is_the_float_model_with_dequantized_weights():
     cache = KVCache.for_model(ref, 4, 64)
     for r, n in ((1, 5), (0, 8)):  # the same float prefill for both
         ref(torch.randint(0, 300, (1, n), generator=g), cache, [r])
-    ids = [torch.randint(0, 300, (2, 1), generator=g) for _ in range(6)]
+    ids = [torch.randint(0, 300, (len(rows), 1), generator=g) for _ in range(6)]
     caches = [cache, KVCache.for_model(ref, 4, 64)]
     caches[1].k.copy_(cache.k), caches[1].v.copy_(cache.v), caches[1].lengths.copy_(cache.lengths)
-    a, b = (torch.cat([net(i, c, [1, 0]) for i in ids], 1) for net, c in ((m, caches[0]), (ref, caches[1])))
+    a, b = (torch.cat([net(i, c, rows) for i in ids], 1) for net, c in ((m, caches[0]), (ref, caches[1])))
     torch.testing.assert_close(a, b, atol=TOL, rtol=0)
 
 
