@@ -23,7 +23,11 @@ with `QueueFull`. `abort` frees a row immediately.
 
 `Engine` is synchronous and single-threaded (tests and the terminal drive `step()` by hand; a serving
 replica's engine process, engine_process.py, steps it in a loop). It trusts its requests: the engine
-client (engine_client.py) validates them. It knows nothing of tokenizers: stop strings need a
+client (engine_client.py) validates them. The model's weights stay as they are while the engine has
+running requests: as within one `generate` call, its forwards call the model's decode plan
+(model/decode_layout.py) directly, and the plan's staleness check runs once when the engine starts
+work after being idle, not before every forward (~100 us a step right after a step has streamed the
+weights through the caches, 4-5% of a small model's decode step). It knows nothing of tokenizers: stop strings need a
 `decode(ids) -> str` callable, structured outputs a `grammars` compiler (structured.py). Building
 one changes nothing outside it: the LM head's decode layout (`model.generate.use_decode_layout`)
 and the process's malloc settings (`malloc.py`) are the caller's steps.
@@ -40,6 +44,7 @@ from typing import Callable
 import torch
 
 from mtnlg_ray.config.serve import SpeculativeConfig
+from mtnlg_ray.model.decode_layout import DecodePlan, current_plan
 from mtnlg_ray.model.kv_cache import KVCache
 from mtnlg_ray.model.multi_lora import LoraBank
 from mtnlg_ray.model.speculative import NgramProposer, draft_batch
@@ -135,6 +140,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self._ids = itertools.count()
+        self._plan: DecodePlan | None = None  # the decode plan this busy period's forwards run (None: model())
 
     @property
     def capacity(self) -> int:
@@ -195,6 +201,8 @@ class Engine:
         """Admit into free rows (prefill), decode the running rows together; outputs of this step."""
         outs: list[Output] = []
         stats = StepStats()
+        if not self.running:  # idle until now: the weights may have changed since the last request
+            self._plan = current_plan(self.model) if getattr(self.model, "decode_plan", None) is not None else None
         decoding = [self.running[s] for s in sorted(self.running)]  # admitted in earlier steps, by row
         admitted = []
         while self.waiting and self.free:
@@ -246,6 +254,8 @@ class Engine:
         """The model over `ids` (B, T), row i continuing `reqs[i]`'s cache row with its LoRA adapter."""
         if self.loras is not None:
             self.loras.set_rows([r.lora for r in reqs])
+        if self._plan is not None:
+            return self._plan(self.model, ids, self.cache, rows, last_only)
         return self.model(ids, kv_cache=self.cache, rows=rows, last_only=last_only)
 
     def _rows(self, reqs: list[Request]) -> torch.Tensor | None:

@@ -200,3 +200,23 @@ def test_prompts_of_one_length_share_a_prefill(tiny):
     for rid, prompt in zip(rids, same + [other]):
         assert got[rid] == generate(model, [prompt], 6)[0][len(prompt):]
     assert first.finish_reason == "length" and len(first.prompt_logprobs) == 8 and first.prompt_logprobs[0] is None
+
+
+def test_runs_the_decode_plan_and_picks_up_weights_changed_while_idle(tiny_checkpoint):
+    # The engine's forwards call the decode plan directly while it has work; weights changed between
+    # requests (the engine idle) are checked for at the next request, as a new generate call does.
+    from mtnlg_ray import from_pretrained
+
+    tok, model = from_pretrained(tiny_checkpoint)  # its own copy: the weights change below
+    generate(model, [[1, 2, 3]], 1)  # gives the model its decode plan
+    engine = Engine(model, max_slots=2)
+    prompt = prompts_of(tok, ["def f(x):\n    return"])[0]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    before, _ = run_until_done(engine, {0: [(0, prompt, params)]})
+    assert engine._plan is model.decode_plan is not None
+    with torch.no_grad():
+        for block in model.blocks.values():
+            block.mlp.down_proj.weight.mul_(-3.0)  # in place: the plan's copies are stale now
+    after, _ = run_until_done(engine, {0: [(0, prompt, params)]})
+    assert after[0] == generate(model, [prompt], 12)[0][len(prompt):]
+    assert after[0] != before[0]
