@@ -373,20 +373,38 @@ def wait_for_success(http, since: float, within: float = 30) -> float:
     raise AssertionError(f"no successful request within {within} s")
 
 
-def stream_and_kill(url, pid: int, body: dict, n: int = 8) -> list:
-    """Start n streams, kill `pid` once each has its first chunk; the streams' results (none may hang)."""
-    firsts = [threading.Event() for _ in range(n)]
+def stream_and_kill(server, pid: int, body: dict, n: int = 8) -> list:
+    """Start n streams on an idle replica, kill `pid` once each has its first chunk; the results of
+    the streams it held (none may hang).
+
+    The streams start together, but Serve's proxy and router admit them over a few hundred ms, as
+    long as a whole 240-token stream of the tiny model can take: a stream that already ended complete
+    (every token, [DONE]) was not held. Most must have been."""
+    deadline = time.time() + 15
+    while time.time() < deadline and replica_info(server)["in_flight"]:
+        time.sleep(0.05)
+    firsts, start = [threading.Event() for _ in range(n)], threading.Barrier(n)
+
+    def stream(first):
+        start.wait()
+        return stream_completion(server["url"], body, first)
+
     with ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(stream_completion, url, body, firsts[i]) for i in range(n)]
+        futures = [pool.submit(stream, firsts[i]) for i in range(n)]
         assert all(e.wait(60) for e in firsts)
         os.kill(pid, signal.SIGKILL)
-        return [f.result(timeout=60) for f in futures]
+        results = [f.result(timeout=60) for f in futures]
+    complete = [events for outcome, events in results if outcome == "done"]
+    assert all(len(events) == body["max_tokens"] + 1 for events in complete)  # chunks, then [DONE]
+    held = [(outcome, events) for outcome, events in results if outcome != "done"]
+    assert len(held) >= n // 2, [(outcome, len(events)) for outcome, events in results]
+    return held
 
 
 def test_dead_engine_process_ends_its_replica_at_once(server, http):
     info = replica_info(server)
     body = {"model": "mtnlg", "prompt": "def main():", "max_tokens": 240, "ignore_eos": True}
-    results = stream_and_kill(server["url"], info["engine_pid"], body)  # the replica's engine process
+    results = stream_and_kill(server, info["engine_pid"], body)  # the replica's engine process
     killed = time.time()
     health = http.get("/health")  # answered by the dying replica, or for it by Serve's proxy
     for outcome, events in results:  # the replica itself ends them: an error event, then [DONE]
@@ -410,7 +428,7 @@ def test_killed_replica_is_replaced_and_its_streams_end(server, http):
     url = server["url"]
     info = replica_info(server)
     body = {"model": "mtnlg", "prompt": "def main():", "max_tokens": 240, "ignore_eos": True}
-    results = stream_and_kill(url, info["pid"], body)  # the replica process (of this test's deployment)
+    results = stream_and_kill(server, info["pid"], body)  # the replica process (of this test's deployment)
     killed = time.time()
     # Every stream the dead replica held ends with a final error event, then [DONE] (proxy.py's
     # middleware in Serve's proxy), after the text it had streamed: never a broken connection.
