@@ -133,9 +133,9 @@ def measure(model, prompts: list[list[int]], params: SamplingParams, threads: in
         engine_run(engine, prompts[0][:32], SamplingParams(max_tokens=8, temperature=0.0))
     drafts[:] = 0, 0
     totals = {(path, name): [0, 0.0] for path in ("engine", "generate()") for name in engines}
+    order = list(engines.items())  # on first for even prompts, off first for odd ones
     for i, prompt in enumerate(prompts):
         p = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, seed=i)
-        order = list(engines.items())  # on first for even prompts, off first for odd ones
         for name, engine in (order if i % 2 == 0 else order[::-1]):
             for path, (n, s) in (("engine", engine_run(engine, prompt, p)),
                                  ("generate()", generate_run(model, prompt, p, SPEC if name == "on" else None))):

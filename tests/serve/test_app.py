@@ -81,6 +81,13 @@ def replica_info(server) -> dict:
     return serve.get_app_handle(server["app"]).replica_info.remote().result(timeout_s=30)
 
 
+def wait_idle(server, within: float = 15) -> None:
+    """Wait (at most `within` s) until the replica holds no request in flight."""
+    deadline = time.time() + within
+    while time.time() < deadline and replica_info(server)["in_flight"]:
+        time.sleep(0.05)
+
+
 def sse(lines) -> list:
     """Parsed `data:` events of an SSE body ('[DONE]' kept as the string)."""
     out = []
@@ -322,9 +329,7 @@ def test_client_disconnect_frees_the_rows(server, http):
             assert next(lines).startswith("data: ")
             info = replica_info(server)
             assert info["running"] == TEST_ARGS["max_batch_slots"]
-    deadline = time.time() + 15
-    while time.time() < deadline and replica_info(server)["in_flight"]:
-        time.sleep(0.05)
+    wait_idle(server)
     info = replica_info(server)
     assert info["running"] == 0 and info["free_rows"] == TEST_ARGS["max_batch_slots"] and info["in_flight"] == 0
     assert metric(http, "mtnlg:request_success_total", finished_reason="abort") - aborted >= 8
@@ -380,9 +385,7 @@ def stream_and_kill(server, pid: int, body: dict, n: int = 8) -> list:
     The streams start together, but Serve's proxy and router admit them over a few hundred ms, as
     long as a whole 240-token stream of the tiny model can take: a stream that already ended complete
     (every token, [DONE]) was not held. Most must have been."""
-    deadline = time.time() + 15
-    while time.time() < deadline and replica_info(server)["in_flight"]:
-        time.sleep(0.05)
+    wait_idle(server)
     firsts, start = [threading.Event() for _ in range(n)], threading.Barrier(n)
 
     def stream(first):
