@@ -20,8 +20,9 @@ concurrency 1 the two paths also alternate request by request.
     python benchmarks/serve.py --speculative       # bare engine and generate(): n-gram speculative decoding
                                                    # on vs off, repetitive and not (speculative.py)
 
-Targets: output tok/s at concurrency 16 >= 4x concurrency 1; HTTP/Serve TTFT overhead at
-concurrency 1 < 30 ms over the bare engine.
+Besides the table it prints the output tok/s at the highest concurrency over the lowest (bounded by
+what a decode step of that many rows costs against a step of one) and the TTFT that HTTP and Serve
+add at the lowest concurrency over the bare engine.
 """
 
 from __future__ import annotations
@@ -246,10 +247,9 @@ def report(http: dict, bare: dict, per_round: list[float], args) -> None:
     lo, hi = min(http), max(http)
     scale = http[hi]["tok_s"] / http[lo]["tok_s"]
     overhead = (http[lo]["ttft"][0] - bare[lo]["ttft"][0]) * 1e3
-    print(f"\noutput tok/s, HTTP, concurrency {hi} / {lo}: {scale:.2f}x   (target >= 4x: "
-          f"{'met' if scale >= 4 else 'NOT met'}); per round: {', '.join(f'{r:.2f}x' for r in per_round)}")
-    print(f"TTFT overhead of HTTP + Serve at concurrency {lo} (median, over the bare engine): {overhead:.1f} ms   "
-          f"(target < 30 ms: {'met' if overhead < 30 else 'NOT met'})")
+    print(f"\noutput tok/s, HTTP, concurrency {hi} / {lo}: {scale:.2f}x; per round: "
+          f"{', '.join(f'{r:.2f}x' for r in per_round)}")
+    print(f"TTFT overhead of HTTP + Serve at concurrency {lo} (median, over the bare engine): {overhead:.1f} ms")
     for c in http:
         print(f"  concurrency {c:>2}: HTTP / bare output tok/s = {http[c]['tok_s'] / bare[c]['tok_s']:.2f}")
 
