@@ -202,9 +202,9 @@ def quickstart_part(work: Path, steps: int, peak: float, device: str) -> list[st
     bare = (before + after) / 2
     print(f"\nquickstart shape: GPT {cfg.n_layers}x{cfg.d_model}, {seq}-token rows, vocab {vocab}, global batch {batch} "
           f"(micro {micro}), {steps} steps, {fpt / 1e6:.1f} MFLOP/token")
+    where = "one GPU, bf16" if cuda else "all cores"
     rows = ["| run | tokens/s | vs bare | MFU |", "|---|---:|---:|---:|",
-            f"| bare PyTorch loop ({'one GPU, bf16' if cuda else 'all cores'}), mean of the runs before and after "
-            f"| {bare:,.0f} | 1.00x | "
+            f"| bare PyTorch loop ({where}), mean of the runs before and after | {bare:,.0f} | 1.00x | "
             f"{fpt * bare / peak:.1%} |"]
     rows += [f"| {name} | {tps:,.0f} | {tps / bare:.2f}x | {fpt * tps / peak:.1%} |" for name, tps in results]
     print("\n".join(rows))

@@ -32,15 +32,15 @@ LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
 # errors (a worker would otherwise warn once that progress bars are off; the driver, where
 # quiet_ray_data runs, shows warnings).
 QUIET_RAY_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "ERROR"}
-# A local Ray (one machine, often a laptop), set in the environment its processes inherit: no
+# Settings of a local Ray (one machine, often a laptop) started here, in the environment its
+# processes inherit. Every periodic wake-up of a Ray process preempts a training thread on a machine
+# whose cores all train, and an OpenMP step waits for its slowest thread: Ray's log monitor globs
+# its log directory 10 times a second (here: once a second, new workers' lines still reach the
+# console within a second) and the raylet checks for garbage 10 times a second (here: 1). No
 # preemption watcher (an autoscaler drains cloud nodes, never this one). Ray Train's controller
 # keeps its default poll of the workers every 2 s (a worker's report or its end waits for the next
 # poll): each poll runs an actor method in the training worker beside the training thread, and
 # polling every 0.5 s cost 10% of the nanoGPT shape's tokens/s (docs/benchmarks.md).
-# Settings of a Ray started here. Every periodic wake-up of a Ray process preempts a training thread
-# on a machine whose cores all train, and an OpenMP step waits for its slowest thread: Ray's log
-# monitor globs its log directory 10 times a second (here: once a second, new workers' lines still
-# reach the console within a second) and the raylet checks for garbage 10 times a second (here: 1).
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                  "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1",
                  "RAY_raylet_check_gc_period_milliseconds": "1000", "RAY_kill_idle_workers_interval_ms": "1000"}
