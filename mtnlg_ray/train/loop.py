@@ -35,9 +35,10 @@ token-weighted mean over the G rows. What a worker count must satisfy is only st
 tp x pp layout divides it): `trainer.check_scaling` checks every count of the range.
 
 Every rank calls `ray.train.report` at the same steps (it is a barrier): each evaluation and each
-checkpoint. Not at every log line: Ray Train V2 queues one report per worker and the controller
-takes it when it polls, so reports closer together than its poll interval stall the loop (about
-1 s each); rank 0 writes metrics.jsonl and the step lines itself.
+checkpoint, then wakes the controller to take it (train/controller.py). Not at every log line:
+each report is a barrier across the workers and a poll of each worker by the controller, which
+its main thread runs beside the training thread; rank 0 writes metrics.jsonl and the step lines
+itself.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from mtnlg_ray.malloc import keep_freed_memory
 from mtnlg_ray.model.lora import apply_lora
 from mtnlg_ray.parallel import build_mesh, parallelize
 from mtnlg_ray.train.batching import accumulate, deal
+from mtnlg_ray.train.controller import wake_controller
 from mtnlg_ray.train.evaluate import evaluate, load_eval_set, world_mean
 from mtnlg_ray.train.metrics import (METRICS_FILE, MetricsLog, flops_per_token, measure_matmul_flops,
                                      token_byte_lengths)
@@ -176,6 +178,7 @@ def train_loop(config: dict) -> None:
             metrics_log.write(record)
             _show(_progress_line(record, tc.max_steps))
         ray.train.report(record)
+        wake_controller()
 
     while state.step < tc.max_steps:
         batch_size = global_batch_at(state.consumed_samples, tc.global_batch_size, tc.rampup)
@@ -219,7 +222,7 @@ def train_loop(config: dict) -> None:
             metrics_log.write(record)
             if do_log:
                 _show(_progress_line(record, tc.max_steps))
-        if do_eval or do_ckpt:  # not every log line: a report waits for the controller's poll (~1 s)
+        if do_eval or do_ckpt:  # not every log line: a report is a barrier and a poll (module doc)
             report(record, state, do_ckpt, model, optimizers, config_json, run, metrics_log)
         if tc.kill_at_step == state.step and rank == 0:
             _kill_once(Path(run.metrics_dir), state.step)
@@ -253,6 +256,7 @@ def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimi
     """ray.train.report on every rank; with a checkpoint, each rank's shard goes with it."""
     if not with_checkpoint:
         ray.train.report(record)
+        wake_controller()  # the controller takes the report now, not at its next poll
         return
     trainer_state = {**asdict(state), "tokens": state.consumed_samples * run.seq_len,
                      "micro_batch_size": config_json["job"]["train"]["micro_batch_size"], "time": time.time(),
@@ -264,6 +268,7 @@ def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimi
     try:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
                          checkpoint_dir_name=checkpoint_dir_name(state.step))
+        wake_controller()
     finally:
         shutil.rmtree(local, ignore_errors=True)
 

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 import ray.train
+from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE, get_env_vars_to_propagate
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from mtnlg_ray import console
@@ -40,6 +43,7 @@ from mtnlg_ray.errors import ConfigError, UserError
 from mtnlg_ray.malloc import ONE_ARENA_ENV
 from mtnlg_ray.parallel.mesh import check_layout, resolve_dims
 from mtnlg_ray.train.backend import TorchProcessGroup
+from mtnlg_ray.train.controller import PromptController, wake_controller
 from mtnlg_ray.train.failures import RunMonitor, fit_and_report, starting_step, with_traceback
 from mtnlg_ray.train.local_ray import scaling_policy
 from mtnlg_ray.train.plot import plot_run
@@ -115,10 +119,14 @@ def node_threads(workers_on_node: int) -> int:
 
 def train_loop(config: dict) -> None:
     """Ray Train's function per worker: loop.train_loop, imported there. The driver never needs
-    the loop's model, parallelism and checkpoint code (DTensor, pipelining, DCP: 1-2 s to import)."""
+    the loop's model, parallelism and checkpoint code (DTensor, pipelining, DCP: 1-2 s to import).
+    Its end, returned or raised, wakes the controller (train/controller.py)."""
     from mtnlg_ray.train.loop import train_loop as run_loop
 
-    run_loop(config)
+    try:
+        run_loop(config)
+    finally:
+        wake_controller(final=True)
 
 
 def worker_threads_env(job) -> dict[str, str]:
@@ -166,9 +174,19 @@ class Trainer(DataParallelTrainer):
                 and not (isinstance(c, DatasetsCallback) and not self.datasets)]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        # on a Ray started here, a fixed-size run asks no autoscaler for nodes (train/local_ray.py)
+        # DataParallelTrainer's, with a controller that polls when a worker wakes it
+        # (train/controller.py) and, on a Ray started here, a fixed-size run that asks no
+        # autoscaler for nodes (train/local_ray.py)
         controller_init_kwargs["scaling_policy"] = scaling_policy(controller_init_kwargs["scaling_policy"])
-        return super()._initialize_and_run_controller(**controller_init_kwargs)
+        env_vars = get_env_vars_to_propagate()
+        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+        node = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}  # beside the driver
+        actor_cls = ray.remote(num_cpus=0, label_selector=node, runtime_env={"env_vars": env_vars})(PromptController)
+        controller = actor_cls.remote(**controller_init_kwargs)
+        if threading.current_thread() is threading.main_thread():  # Ctrl-C aborts the run (not under Tune)
+            self._register_sigint_handler(controller)
+        ray.get(controller.run.remote())
+        return ray.get(controller.get_result.remote())
 
 
 def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
