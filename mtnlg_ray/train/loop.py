@@ -80,6 +80,7 @@ from mtnlg_ray.train.trainer import node_threads
 
 log = logging.getLogger(__name__)
 JOBS = {"pretrain": PretrainJob, "finetune": FinetuneJob}
+GIL_SWITCH_S = 0.1  # sys.setswitchinterval of a training worker (claim_cores)
 
 
 @dataclass
@@ -112,9 +113,16 @@ def claim_cores(job, niceness: int) -> int:
     CPUs this process may run on shared among the training workers of its node (Ray sets one
     thread per reserved CPU, so a 0.5-CPU worker would leave the rest of the machine idle). Ray
     also starts workers at niceness 15, below every other process of the machine; a training
-    worker is the job itself, so it takes the driver's niceness back when the OS allows it."""
+    worker is the job itself, so it takes the driver's niceness back when the OS allows it.
+
+    The training thread shares the GIL with the worker's main thread, where Ray checks for
+    signals every 10 ms and runs the controller's polls. With Python's 5-ms switch interval that
+    thread forces the GIL away from the training thread in the middle of its Python work; with
+    GIL_SWITCH_S it waits for the next torch op, which releases the GIL (600-step runs of
+    nanoGPT's CPU shape, six rounds in turns: 1.06x the tokens/s, docs/benchmarks.md)."""
     n = job.scaling.threads_per_worker or node_threads(ray.train.get_context().get_local_world_size())
     torch.set_num_threads(n)
+    sys.setswitchinterval(GIL_SWITCH_S)
     keep_freed_memory()  # reuse the heap step after step instead of faulting in fresh pages (malloc.py)
     # Linux nices threads one by one: every thread of the worker (torch's pool included) is set.
     tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
