@@ -38,6 +38,7 @@ import time
 import traceback
 from pathlib import Path
 
+import ray
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
 from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback, WorkerCallback
 
@@ -48,6 +49,7 @@ from mtnlg_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 ERROR_LOG = "error.log"
+WORKER_LINES_S = 0.5  # seconds for the workers' last console lines to reach the driver (await_worker_lines)
 TRACEBACK_ATTR = "mtnlg_traceback"  # set on a worker's exception by `keep_traceback`
 PACKAGE = "mtnlg_ray"
 FRAME = re.compile(r'File "([^"]+)", line (\d+), in ')
@@ -184,6 +186,7 @@ def fit_and_report(trainer):
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
+        await_worker_lines()
         found = failures(err)
         path = append_error_log(run_dir, "training failed", found)
         if console.verbose():
@@ -194,12 +197,23 @@ def fit_and_report(trainer):
         after = f" after {_count(n, 'restart')}" if n else ""
         raise TrainingFailed(f"training failed{after}: {root.who()} {root.summary()}{more}; traceback: {path}",
                              getattr(root.exc, "exit_code", 1)) from None
+    await_worker_lines()
     n = len(restarts_since(run_dir, start))
     step = (result.metrics or {}).get("step")
     log.info("trained to step %s/%d in %.0f s; %s", step if step is not None else "?", max_steps,
              time.time() - start, f"{_count(n, 'restart')} after a failure (tracebacks: {run_dir / ERROR_LOG})"
              if n else "no restarts")
     return result
+
+
+def await_worker_lines() -> None:
+    """Let the workers' last console lines reach this driver before its own closing line. Ray
+    forwards them through its log monitor, which reads the workers' log files every 0.1 s, while
+    `fit()` returns as soon as the train function has ended (train/controller.py). Nothing to wait
+    for when the driver does not print the workers' output (ray.init(log_to_driver=False))."""
+    printer = getattr(ray._private.worker.global_worker, "logger_thread", None)
+    if printer is not None and printer.is_alive():
+        time.sleep(WORKER_LINES_S)
 
 
 def _count(n: int, what: str) -> str:
