@@ -153,11 +153,12 @@ def run_dir_of(job) -> tuple[str, Path]:
 
 
 class Trainer(DataParallelTrainer):
-    """Ray Train's trainer, without its placement-group cleaner on a cluster that has no dashboard,
-    without the autoscaling request of a fixed-size run on a Ray this process started
-    (train/local_ray.py), and without the Ray Data callback: the workers read their rows
-    themselves (data/dataset.py), and the callback would start a dataset-manager actor for no
-    dataset (a process, and about 140 wake-ups a second beside the training threads).
+    """Ray Train's trainer, with a controller that its workers wake (train/controller.py), without
+    its placement-group cleaner on a cluster that has no dashboard, without the autoscaling
+    request of a fixed-size run on a Ray this process started (train/local_ray.py), and without
+    the Ray Data callback: the workers read their rows themselves (data/dataset.py), and the
+    callback would start a dataset-manager actor for no dataset (a process, and about 140 wake-ups
+    a second beside the training threads).
 
     The cleaner (an actor, Ray 2.60) asks the state API every second whether the controller is
     alive, to remove the placement group of one that died. The state API is served by the
