@@ -2,9 +2,9 @@
 
 Ray Train 2.60's controller learns what its workers did (a report, the end of the train function,
 an error) only when it polls them, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S seconds (2 by
-default). So a finished run waited up to two polls before `fit()` returned (2.7 s from the last
-step of a 100-step run of nanoGPT's CPU shape; 0.3 s when polling every 0.1 s), and a report's
-checkpoint was registered up to a poll late. Polling more often costs the training itself: each
+default). So under Ray's controller a finished run waits for the next polls before `fit()`
+returns (2.7 s from the last step of a 100-step run of nanoGPT's CPU shape; 0.3 s when polling
+every 0.1 s), and a report's checkpoint is registered up to a poll late. Polling more often costs the training itself: each
 poll is an actor call that the worker's main thread executes beside the training thread
 (docs/benchmarks.md: 0.81x of the bare loop's tokens/s polling every 0.5 s, 0.90x every 2 s).
 
