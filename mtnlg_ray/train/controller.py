@@ -4,9 +4,10 @@ Ray Train 2.60's controller learns what its workers did (a report, the end of th
 an error) only when it polls them, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S seconds (2 by
 default). So under Ray's controller a finished run waits for the next polls before `fit()`
 returns (2.7 s from the last step of a 100-step run of nanoGPT's CPU shape; 0.3 s when polling
-every 0.1 s), and a report's checkpoint is registered up to a poll late. Polling more often costs the training itself: each
-poll is an actor call that the worker's main thread executes beside the training thread
-(docs/benchmarks.md: 0.81x of the bare loop's tokens/s polling every 0.5 s, 0.90x every 2 s).
+every 0.1 s), and a report's checkpoint is registered up to a poll late. Polling more often costs
+the training itself: each poll is an actor call that the worker's main thread executes beside
+the training thread (docs/benchmarks.md: 0.81x of the bare loop's tokens/s polling every 0.5 s,
+0.90x every 2 s).
 
 Here a worker tells the controller when there is something to collect, and the controller polls
 then rather than at its next tick: right after a report (the result is queued when
@@ -35,21 +36,17 @@ class PromptController(TrainController):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._woken: asyncio.Event | None = None  # made in the actor's event loop, on first use
+        self._woken = asyncio.Event()  # set by `wake`; binds to the actor's event loop on first wait
         self._fast_until = 0.0  # time.monotonic() until which polls come every FINAL_POLL_S
 
     async def wake(self, final: bool = False) -> None:
         """A worker has a report queued, or (`final`) its train function has returned or raised."""
         if final:
             self._fast_until = time.monotonic() + FINAL_WINDOW_S
-        if self._woken is None:
-            self._woken = asyncio.Event()
         self._woken.set()
 
     async def _poll_workers(self):
         # TrainController._poll_workers, with its sleep cut short by a wake-up
-        if self._woken is None:
-            self._woken = asyncio.Event()
         now = time.monotonic()
         interval = FINAL_POLL_S if now < self._fast_until else self._health_check_interval_s
         remaining = interval - (now - self._latest_poll_time)

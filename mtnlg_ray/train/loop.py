@@ -185,8 +185,7 @@ def train_loop(config: dict) -> None:
         if metrics_log is not None:
             metrics_log.write(record)
             _show(_progress_line(record, tc.max_steps))
-        ray.train.report(record)
-        wake_controller()
+        report(record, state, False, model, optimizers, config_json, run, metrics_log)
 
     while state.step < tc.max_steps:
         batch_size = global_batch_at(state.consumed_samples, tc.global_batch_size, tc.rampup)
@@ -261,11 +260,18 @@ def _progress_line(r: dict, max_steps: int) -> str:
 
 def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimizers, config_json: dict,
            run: WorkerRunConfig, metrics_log: MetricsLog | None) -> None:
-    """ray.train.report on every rank; with a checkpoint, each rank's shard goes with it."""
-    if not with_checkpoint:
+    """ray.train.report on every rank; with a checkpoint, each rank's shard goes with it. Then the
+    controller is woken to take it now, not at its next poll (train/controller.py)."""
+    if with_checkpoint:
+        _report_checkpoint(record, state, model, optimizers, config_json, run, metrics_log)
+    else:
         ray.train.report(record)
-        wake_controller()  # the controller takes the report now, not at its next poll
-        return
+    wake_controller()
+
+
+def _report_checkpoint(record: dict, state: TrainState, model, optimizers, config_json: dict,
+                       run: WorkerRunConfig, metrics_log: MetricsLog | None) -> None:
+    """ray.train.report with this rank's shard (and rank 0's metrics.jsonl) as the checkpoint."""
     trainer_state = {**asdict(state), "tokens": state.consumed_samples * run.seq_len,
                      "micro_batch_size": config_json["job"]["train"]["micro_batch_size"], "time": time.time(),
                      "run_start": run.start_time, "identity": run.identity}
@@ -276,7 +282,6 @@ def report(record: dict, state: TrainState, with_checkpoint: bool, model, optimi
     try:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
                          checkpoint_dir_name=checkpoint_dir_name(state.step))
-        wake_controller()
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
