@@ -114,11 +114,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--eval-interval", type=int, default=250)
     ap.add_argument("--eval-iters", type=int, default=20)
+    ap.add_argument("--model", type=json.loads, help="a whole ModelConfig as JSON, instead of the three shape flags")
     ap.add_argument("--out", type=Path, help="write the final weights here (safetensors) and a .json beside them")
     args = ap.parse_args()
     manifest = json.loads((args.data / "manifest.json").read_text())
-    cfg = ModelConfig(n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model,
-                      max_seq_len=manifest["seq_len"], vocab_size=manifest["vocab_size"], dropout=0.0)
+    shape = args.model or {"n_layers": args.n_layers, "n_heads": args.n_heads, "d_model": args.d_model, "dropout": 0.0}
+    cfg = ModelConfig(**{**shape, "max_seq_len": manifest["seq_len"], "vocab_size": manifest["vocab_size"]})
     model, stats = train(args.data, cfg, args.batch, args.steps, args.lr, args.min_lr, args.warmup,
                          eval_interval=args.eval_interval, eval_iters=args.eval_iters)
     print(json.dumps(stats))

@@ -8,7 +8,7 @@
 Part 1, nanoGPT's CPU configuration (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3
 cosine to 1e-4 over the run, warmup 100, AdamW beta2 0.99, evaluation every 250 steps) on a
 character-level corpus of stdlib sources: the bare loop (benchmarks/bare_loop.py, random windows,
-its own process) and the `mtnlg pretrain` command (one Ray Train worker, its own process: Ray
+its own process, started with the allocator a Ray Train worker gets: jemalloc, mtnlg_ray/malloc.py) and the `mtnlg pretrain` command (one Ray Train worker, its own process: Ray
 start, data pipeline, evaluations and checkpoints included) are each timed from process start to
 exit; their final weights (the last run of each) are then evaluated here on the whole validation
 split with the same code. The speed of a shared virtual machine drifts by 10-20% over minutes, so
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_loop import train as bare_train  # noqa: E402
 
 from mtnlg_ray.config import ModelConfig, PretrainJob, load_job, validate  # noqa: E402
+from mtnlg_ray.malloc import worker_env  # noqa: E402
 from mtnlg_ray.model.gpt import lm_loss  # noqa: E402
 from mtnlg_ray.train.metrics import flops_per_token, measure_matmul_flops, read_metrics  # noqa: E402
 
@@ -57,12 +59,18 @@ def preprocess(out: Path, sets: list[str]) -> Path:
     return out
 
 
-def timed(cmd: list[str], log: Path) -> float:
+def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
     """Wall seconds of a command from spawn to exit (its output goes to `log`)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
     return time.perf_counter() - t0
+
+
+def bare_env() -> dict[str, str]:
+    """The bare loop's environment: this one with the allocator a Ray Train worker gets (jemalloc
+    preloaded, malloc.py), so that both sides run on the same malloc."""
+    return {**os.environ, **worker_env()}
 
 
 @torch.no_grad()
@@ -117,7 +125,7 @@ def nanogpt_part(work: Path, steps: int, peak: float, rounds: int = 1) -> list[s
     def run_bare(i: int) -> tuple[float, float]:
         """(wall s, tokens/s) of one bare run, its weights in bare_out."""
         wall = timed([sys.executable, str(ROOT / "benchmarks/bare_loop.py"), "--data", str(data), "--steps", str(steps),
-                      "--out", str(bare_out)], work / f"bare{i}.log")
+                      "--out", str(bare_out)], work / f"bare{i}.log", bare_env())
         return wall, json.loads(bare_out.with_suffix(".json").read_text())["tokens_per_s"]
 
     optim = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "decay_steps": steps, "beta2": 0.99, "weight_decay": 0.1}
@@ -181,8 +189,14 @@ def quickstart_part(work: Path, steps: int, peak: float, device: str) -> list[st
     cuda = device == "cuda"
 
     def run_bare() -> float:
-        return bare_train(data, cfg, batch, steps, eval_interval=10**9, device=device,
-                          dtype=torch.bfloat16 if cuda else torch.float32)[1]["tokens_per_s"]
+        if cuda:
+            return bare_train(data, cfg, batch, steps, eval_interval=10**9, device=device,
+                              dtype=torch.bfloat16)[1]["tokens_per_s"]
+        log = work / "bare_quickstart.log"  # its own process, to start with the workers' allocator
+        timed([sys.executable, str(ROOT / "benchmarks/bare_loop.py"), "--data", str(data), "--steps", str(steps),
+               "--batch", str(batch), "--eval-interval", str(10**9), "--model", cfg.model_dump_json(exclude_none=True)],
+              log, bare_env())
+        return json.loads(log.read_text().strip().splitlines()[-1])["tokens_per_s"]
 
     before = run_bare()
     start_ray()

@@ -64,7 +64,7 @@ from mtnlg_ray.checkpoint.source import open_source
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, WorkerRunConfig, validate
 from mtnlg_ray.data.tokenizer import Tokenizer
 from mtnlg_ray.errors import UserError
-from mtnlg_ray.malloc import keep_freed_memory
+from mtnlg_ray.malloc import allocator, keep_freed_memory
 from mtnlg_ray.model.lora import apply_lora
 from mtnlg_ray.parallel import build_mesh, parallelize
 from mtnlg_ray.train.batching import accumulate, deal
@@ -123,7 +123,7 @@ def claim_cores(job, niceness: int) -> int:
     n = job.scaling.threads_per_worker or node_threads(ray.train.get_context().get_local_world_size())
     torch.set_num_threads(n)
     sys.setswitchinterval(GIL_SWITCH_S)
-    keep_freed_memory()  # reuse the heap step after step instead of faulting in fresh pages (malloc.py)
+    keep_freed_memory()  # glibc (no jemalloc preloaded): reuse the heap instead of faulting in fresh pages (malloc.py)
     # Linux nices threads one by one: every thread of the worker (torch's pool included) is set.
     tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
     for tid in tasks:
@@ -175,6 +175,7 @@ def train_loop(config: dict) -> None:
     if metrics_log is not None and state.step == 0:
         metrics_log.write({"event": "start", "threads_per_worker": threads, "world_size": dims.world_size,
                            "niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None,
+                           "allocator": allocator(),
                            "peak_flops": peak, "time": clock()})
     config_json = {"model": model_cfg.model_dump(mode="json"), "kind": config["kind"], "job": config["job"]}
     window = {"tokens": 0, "time": 0.0, "wait": 0.0}

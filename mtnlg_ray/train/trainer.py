@@ -35,12 +35,11 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE, get_env_vars_to_propagate
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from mtnlg_ray import console
+from mtnlg_ray import console, malloc
 from mtnlg_ray.checkpoint.remote import is_uri
 from mtnlg_ray.config import FinetuneJob, ModelConfig, PretrainJob, WorkerRunConfig
 from mtnlg_ray.data.dataset import open_datasets
 from mtnlg_ray.errors import ConfigError, UserError
-from mtnlg_ray.malloc import ONE_ARENA_ENV
 from mtnlg_ray.parallel.mesh import check_layout, resolve_dims
 from mtnlg_ray.train.backend import TorchProcessGroup
 from mtnlg_ray.train.controller import PromptController, wake_controller
@@ -230,8 +229,8 @@ def build_trainer(job: PretrainJob | FinetuneJob, bundle=None, callbacks=None,
                                                   starting_step(job, resume_from))],
         # Ray Train's own INFO lines (worker group start, one per report) only with -v
         logging_config=LoggingConfig(log_level=logging.getLevelName(console.ray_log_level())),
-        # the thread count OpenMP starts with, and one malloc arena (malloc.py)
-        worker_runtime_env={"env_vars": {**worker_threads_env(job), **ONE_ARENA_ENV}},
+        # the thread count OpenMP starts with, and jemalloc as the allocator (malloc.py)
+        worker_runtime_env={"env_vars": {**worker_threads_env(job), **malloc.worker_env()}},
     )
     return Trainer(with_traceback(train_loop), train_loop_config=config,
                    backend_config=TorchProcessGroup(backend="nccl" if job.scaling.use_gpu else "gloo"),

@@ -174,11 +174,13 @@ def test_evaluation_threads_time_and_final_only_checkpoint(ray_session, pretrain
 
 def test_default_threads_use_the_nodes_cores(reference, storage):
     """One worker on this node computes with all of its cores (Ray alone would give it one), at the
-    driver's priority (Ray starts workers at niceness 15) where the OS lets it raise its priority."""
+    driver's priority (Ray starts workers at niceness 15) where the OS lets it raise its priority,
+    with jemalloc as its allocator (malloc.py)."""
     import os
 
     _, events = read_metrics(storage / "reference")
     (start,) = [e for e in events if e["event"] == "start"]
     assert start["threads_per_worker"] == len(os.sched_getaffinity(0))
+    assert start["allocator"] == "jemalloc"
     if os.geteuid() == 0:  # root may lower niceness; others keep Ray's
         assert start["niceness"] == os.getpriority(os.PRIO_PROCESS, 0)

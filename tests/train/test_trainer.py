@@ -27,9 +27,10 @@ def test_builds_scaling_and_run_config(ray_session, pretrain_data, tmp_path):
     # the workers read the rows themselves: no Ray Data datasets, the streams in the config
     assert not trainer.datasets and len(cfg["data"]["train"]) >= 8 * 6 and cfg["data"]["val"] is not None
     assert trainer.backend_config.backend == "gloo"
-    # workers start with their OpenMP thread count and one malloc arena (malloc.py)
+    # workers start with their OpenMP thread count and Ray's jemalloc preloaded (malloc.py)
     env = rc.worker_runtime_env["env_vars"]
-    assert env["MALLOC_ARENA_MAX"] == "1" and int(env["OMP_NUM_THREADS"]) >= 1
+    assert env["LD_PRELOAD"].endswith("ray/core/libjemalloc.so") and Path(env["LD_PRELOAD"]).is_file()
+    assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1" and int(env["OMP_NUM_THREADS"]) >= 1
     # the session's Ray has no dashboard: no placement-group cleaner (it could never reach the state API)
     kinds = {type(c).__name__ for c in trainer._create_default_callbacks()}
     assert "BackendSetupCallback" in kinds and "PlacementGroupCleanerCallback" not in kinds
