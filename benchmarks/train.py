@@ -8,14 +8,16 @@
 Part 1, nanoGPT's CPU configuration (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3
 cosine to 1e-4 over the run, warmup 100, AdamW beta2 0.99, evaluation every 250 steps) on a
 character-level corpus of stdlib sources: the bare loop (benchmarks/bare_loop.py, random windows,
-its own process, started with the allocator a Ray Train worker gets: jemalloc, mtnlg_ray/malloc.py) and the `mtnlg pretrain` command (one Ray Train worker, its own process: Ray
-start, data pipeline, evaluations and checkpoints included) are each timed from process start to
-exit; their final weights (the last run of each) are then evaluated here on the whole validation
-split with the same code. The speed of a shared virtual machine drifts by 10-20% over minutes, so
+its own process, started with the allocator a Ray Train worker gets: jemalloc, mtnlg_ray/malloc.py)
+and the `mtnlg pretrain` command (one Ray Train worker, its own process: Ray start, data pipeline,
+evaluations and checkpoints included) are each timed from process start to exit; their final
+weights (the last run of each) are then evaluated here on the whole validation split with the
+same code. The speed of a shared virtual machine drifts by 10-20% over minutes, so
 the runs alternate: bare, ours, bare (`--rounds R`: R runs of ours, each between two bare runs).
 The table gives the means; each round's ratio against the two bare runs around it is printed too.
-Part 2, the quickstart's model and data: tokens/s of the bare loop, one Ray Train worker (eager,
-and with `train.compile: true`: Inductor per block), and two workers sharding with FSDP2.
+Part 2, the quickstart's model and data: tokens/s of the bare loop (again in its own process with
+the workers' allocator), one Ray Train worker (eager, and with `train.compile: true`: Inductor per
+block), and two workers sharding with FSDP2.
 Tokens/s of the Ray runs are the mean of their logged intervals after the first (the first
 includes start-up); the bare loop's exclude its first step and its evaluations. MFU is against
 the measured matmul peak of all the cores (or GPUs) training uses.

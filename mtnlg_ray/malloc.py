@@ -16,7 +16,8 @@ A training worker preloads jemalloc instead (`worker_env`: the copy Ray ships in
 `torch.backends.xeon.run_cpu --enable-jemalloc`). Measured on a Ray Train worker
 (docs/benchmarks.md):
 - the quickstart's logits (16 x 256 x 4,096 float32, 64 MiB) and their gradients are above glibc's
-  32 MiB ceiling: ~180,000 page faults a second with glibc, ~3 with jemalloc, and 1.25x the steps;
+  32 MiB ceiling: ~180,000 page faults a second with glibc, ~3 with jemalloc, and 1.25x the
+  tokens/s (one 400-step run each);
 - glibc with one arena for the process (MALLOC_ARENA_MAX=1, which stopped the training thread's
   own arena unmapping and mapping its heaps again every step) makes the two OpenMP threads queue
   on that arena's lock: MKL's sgemm inside flash attention's backward opens a nested OpenMP team
