@@ -58,6 +58,7 @@ def test_worker_jemalloc_reuses_blocks_above_glibcs_ceiling():
     assert name == "jemalloc" and sum(jemalloc[-4:]) < 1000, jemalloc
 
 
+@linux
 def test_worker_env_keeps_the_drivers_preload():
     env = worker_env({"LD_PRELOAD": "/opt/profiler.so"})
     assert env["LD_PRELOAD"].split()[1:] == ["/opt/profiler.so"]
