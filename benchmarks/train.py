@@ -69,10 +69,11 @@ def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float
     return time.perf_counter() - t0
 
 
-def bare_env() -> dict[str, str]:
-    """The bare loop's environment: this one with the allocator a Ray Train worker gets (jemalloc
-    preloaded, malloc.py), so that both sides run on the same malloc."""
-    return {**os.environ, **worker_env()}
+def run_bare_loop(data: Path, steps: int, log: Path, *args: str) -> float:
+    """Wall seconds of benchmarks/bare_loop.py in its own process (output to `log`), started with the
+    allocator a Ray Train worker gets (jemalloc preloaded, malloc.py): both sides on the same malloc."""
+    return timed([sys.executable, str(ROOT / "benchmarks/bare_loop.py"), "--data", str(data), "--steps", str(steps),
+                  *args], log, {**os.environ, **worker_env()})
 
 
 @torch.no_grad()
@@ -126,8 +127,7 @@ def nanogpt_part(work: Path, steps: int, peak: float, rounds: int = 1) -> list[s
 
     def run_bare(i: int) -> tuple[float, float]:
         """(wall s, tokens/s) of one bare run, its weights in bare_out."""
-        wall = timed([sys.executable, str(ROOT / "benchmarks/bare_loop.py"), "--data", str(data), "--steps", str(steps),
-                      "--out", str(bare_out)], work / f"bare{i}.log", bare_env())
+        wall = run_bare_loop(data, steps, work / f"bare{i}.log", "--out", str(bare_out))
         return wall, json.loads(bare_out.with_suffix(".json").read_text())["tokens_per_s"]
 
     optim = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "decay_steps": steps, "beta2": 0.99, "weight_decay": 0.1}
@@ -195,9 +195,8 @@ def quickstart_part(work: Path, steps: int, peak: float, device: str) -> list[st
             return bare_train(data, cfg, batch, steps, eval_interval=10**9, device=device,
                               dtype=torch.bfloat16)[1]["tokens_per_s"]
         log = work / "bare_quickstart.log"  # its own process, to start with the workers' allocator
-        timed([sys.executable, str(ROOT / "benchmarks/bare_loop.py"), "--data", str(data), "--steps", str(steps),
-               "--batch", str(batch), "--eval-interval", str(10**9), "--model", cfg.model_dump_json(exclude_none=True)],
-              log, bare_env())
+        run_bare_loop(data, steps, log, "--batch", str(batch), "--eval-interval", str(10**9),
+                      "--model", cfg.model_dump_json(exclude_none=True))
         return json.loads(log.read_text().strip().splitlines()[-1])["tokens_per_s"]
 
     before = run_bare()
